@@ -1,0 +1,67 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - virtualenv, package, a broker, then the demo
+#   make test   - the same plus test dependencies, then the whole suite
+# Developer extras: make lint, make tox, make docs, make bench, make soak.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+VPY := $(BIN)/python
+COMPAT_VERSION := 3.0.2
+COMPAT_DIR := build/compat
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: demo test unit compat lint tox docs bench soak broker clean venv
+
+$(VENV)/.core: pyproject.toml setup.py
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "Python 3.10 or newer is needed (PYTHON=$(PYTHON))" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.core
+	$(VPY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.dev
+
+broker:
+	@PYTHON=$(PYTHON) scripts/ensure-broker.sh
+
+demo: $(VENV)/.core broker
+	$(VPY) examples/demo.py
+
+test: $(VENV)/.dev broker unit compat
+
+unit: $(VENV)/.dev broker
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# 3.0.2's own test suite, downloaded at test time and run unmodified against
+# this library (except the tests that patch 3.0.2's private modules).
+compat: $(VENV)/.dev broker
+	rm -rf $(COMPAT_DIR) && mkdir -p $(COMPAT_DIR)/wheel
+	$(VPY) -m pip download -q --no-deps --dest $(COMPAT_DIR)/wheel domain-event-broker==$(COMPAT_VERSION)
+	$(VPY) scripts/prepare_compat.py $(COMPAT_DIR)/wheel $(COMPAT_DIR)
+	cd $(COMPAT_DIR) && ../../$(VPY) -m pytest -c pytest.ini deb302_tests
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+docs: $(VENV)/.dev
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs build/docs
+
+tox: $(VENV)/.dev broker
+	$(BIN)/tox
+
+bench: $(VENV)/.core broker
+	$(VPY) benchmarks/run_all.py
+
+soak: $(VENV)/.dev broker
+	$(VPY) -m pytest -m soak -p no:timeout tests/soak $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build .tox .mypy_cache .pytest_cache .ruff_cache *.egg-info

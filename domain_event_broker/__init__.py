@@ -1,0 +1,52 @@
+"""Send and receive domain events via RabbitMQ.
+
+The public API is what this module exports (see ``__all__``); the
+submodules are implementation details, apart from the ``transport`` and
+``replay`` modules kept for code written against 3.0.2.
+"""
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
+
+from ._config import UNSET, configure, reset_defaults
+from .errors import (
+    AuthenticationError,
+    BrokerError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    ConsumerCancelledError,
+    DeadLetterQueueNotFoundError,
+    DomainEventBrokerError,
+    MalformedEventError,
+    PublishError,
+    PublishTimeoutError,
+)
+from .events import DomainEvent
+from .publish import Publisher, publish_domain_event
+
+try:
+    __version__ = version("domain-event-broker")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "UNSET",
+    "AuthenticationError",
+    "BrokerError",
+    "BrokerUnavailableError",
+    "ConfigurationError",
+    "ConsumerCancelledError",
+    "DeadLetterQueueNotFoundError",
+    "DomainEvent",
+    "DomainEventBrokerError",
+    "MalformedEventError",
+    "PublishError",
+    "PublishTimeoutError",
+    "Publisher",
+    "__version__",
+    "configure",
+    "publish_domain_event",
+    "reset_defaults",
+]

@@ -1,0 +1,132 @@
+"""Opening connections: bounded, jittered retries over a cluster's nodes.
+
+This is the one place where pika's connection errors are translated.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Final
+
+import pika
+import pika.exceptions
+
+from ._config import BrokerConfig
+from .errors import AuthenticationError, BrokerUnavailableError, is_auth_error
+
+log = logging.getLogger(__name__)
+
+#: First pause between two rounds of connection attempts (seconds).
+INITIAL_BACKOFF: Final = 0.1
+#: Longest pause between two rounds of connection attempts (seconds).
+MAX_BACKOFF: Final = 5.0
+
+#: What pika raises when a connection or channel cannot be used (any more).
+CONNECTION_ERRORS: Final = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.AMQPChannelError,
+    pika.exceptions.StreamLostError,
+    pika.exceptions.ConnectionWrongStateError,
+    pika.exceptions.ChannelWrongStateError,
+    ConnectionError,
+    OSError,
+)
+
+
+def backoff_delays(initial: float = INITIAL_BACKOFF, maximum: float = MAX_BACKOFF) -> "Backoff":
+    """A fresh jittered exponential backoff."""
+    return Backoff(initial, maximum)
+
+
+class Backoff:
+    """Exponential backoff with full jitter, capped at ``maximum``."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self._next = initial
+        self._maximum = maximum
+
+    def next(self) -> float:
+        delay = random.uniform(self._next / 2, self._next)
+        self._next = min(self._next * 2, self._maximum)
+        return delay
+
+
+def connect(
+    config: BrokerConfig,
+    connection_name: str,
+    *,
+    timeout: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> pika.BlockingConnection:
+    """Open a blocking connection to the first node of ``config`` that answers.
+
+    Rounds over all URLs are repeated with jittered exponential backoff until
+    ``timeout`` (default: ``config.timeout``) has passed.
+
+    Args:
+        config: the resolved broker settings.
+        connection_name: shown in the management UI and ``rabbitmqctl``.
+        timeout: overall deadline in seconds.
+        should_stop: polled between attempts; when it returns true, give up.
+
+    Raises:
+        AuthenticationError: credentials or vhost refused (not retried).
+        BrokerUnavailableError: no node answered in time; chains pika's error.
+    """
+    deadline = time.monotonic() + (config.timeout if timeout is None else timeout)
+    backoff = backoff_delays()
+    last_error: BaseException | None = None
+    attempts = 0
+    while True:
+        time_left = deadline - time.monotonic()
+        for params in config.parameters(connection_name, time_left):
+            attempts += 1
+            try:
+                return pika.BlockingConnection(params)
+            except CONNECTION_ERRORS as exc:
+                if is_auth_error(exc) or _auth_in_chain(exc):
+                    raise AuthenticationError(
+                        f"the broker at {config.display} refused the credentials or "
+                        f"virtual host ({type(exc).__name__})"
+                    ) from exc
+                last_error = exc
+                log.debug("Connecting to %s failed: %r", params.host, exc)
+        pause = backoff.next()
+        if time.monotonic() + pause >= deadline or (should_stop is not None and should_stop()):
+            raise BrokerUnavailableError(
+                f"could not connect to the broker at {config.display} after {attempts} "
+                f"attempt(s): {_describe(last_error)}"
+            ) from last_error
+        time.sleep(pause)
+
+
+def _auth_in_chain(exc: BaseException) -> bool:
+    # pika wraps the real cause in AMQPConnectionError(args=(inner,)).
+    for arg in getattr(exc, "args", ()):
+        if isinstance(arg, BaseException) and is_auth_error(arg):
+            return True
+    return False
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no attempt made"
+    inner = [arg for arg in exc.args if isinstance(arg, BaseException)]
+    if inner:
+        exc = inner[0]
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def close_quietly(connection: pika.BlockingConnection | None) -> None:
+    """Close ``connection`` if it is open, ignoring errors (it may be dead)."""
+    if connection is None:
+        return
+    try:
+        if connection.is_open:
+            connection.close()
+    except Exception:  # noqa: BLE001  # closing a broken connection may raise anything
+        log.debug("Ignoring an error while closing a connection", exc_info=True)

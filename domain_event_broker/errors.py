@@ -1,0 +1,128 @@
+"""Exceptions raised by domain-event-broker.
+
+Every error the library raises on its own account derives from
+:class:`DomainEventBrokerError`, so one ``except`` clause catches them all.
+Errors caused by pika chain the original exception (``raise ... from exc``),
+so its details stay available in ``__cause__``.
+
+Hierarchy::
+
+    DomainEventBrokerError
+    ├── ConfigurationError          (also ValueError) bad URL or option
+    ├── MalformedEventError         (also ValueError) body is not a domain event
+    ├── BrokerError                 anything that went wrong talking to RabbitMQ
+    │   ├── BrokerUnavailableError  no node answered within the deadline
+    │   ├── AuthenticationError     credentials or vhost refused: not retried
+    │   ├── PublishError            the broker did not confirm a publish
+    │   │   └── PublishTimeoutError no confirm in time (e.g. a resource alarm)
+    │   └── ConsumerCancelledError  the broker cancelled a consumer for good
+    └── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
+
+Translation from pika's exceptions happens in one place,
+:func:`translate_pika_error`.
+"""
+
+from __future__ import annotations
+
+import pika.exceptions
+
+__all__ = [
+    "AuthenticationError",
+    "BrokerError",
+    "BrokerUnavailableError",
+    "ConfigurationError",
+    "ConsumerCancelledError",
+    "DeadLetterQueueNotFoundError",
+    "DomainEventBrokerError",
+    "MalformedEventError",
+    "PublishError",
+    "PublishTimeoutError",
+]
+
+
+class DomainEventBrokerError(Exception):
+    """Root of every exception raised by this library."""
+
+
+class ConfigurationError(DomainEventBrokerError, ValueError):
+    """A connection setting or option is invalid (e.g. a malformed AMQP URL)."""
+
+
+class MalformedEventError(DomainEventBrokerError, ValueError):
+    """A message body could not be decoded into a :class:`DomainEvent`."""
+
+
+class BrokerError(DomainEventBrokerError):
+    """Talking to the broker failed."""
+
+
+class BrokerUnavailableError(BrokerError):
+    """No broker node could be reached, or the connection was lost, within
+    the configured deadline."""
+
+
+class AuthenticationError(BrokerError):
+    """The broker refused the credentials or the virtual host.
+
+    Not retried: retrying cannot fix a wrong password.
+    """
+
+
+class PublishError(BrokerError):
+    """The broker did not confirm a published message (nack or unroutable)."""
+
+
+class PublishTimeoutError(PublishError):
+    """The broker did not confirm a publish in time, typically because a
+    resource alarm blocks publishers."""
+
+
+class ConsumerCancelledError(BrokerError):
+    """The broker cancelled a consumer and it could not be restored."""
+
+
+class DeadLetterQueueNotFoundError(DomainEventBrokerError):
+    """Replay was asked for a handler that has no dead-letter queue."""
+
+
+#: pika errors that mean "retrying cannot help".
+_AUTH_ERRORS = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.ProbableAccessDeniedError,
+    pika.exceptions.AuthenticationError,
+)
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a refusal of credentials or vhost access."""
+    if isinstance(exc, _AUTH_ERRORS):
+        return True
+    if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
+        # 403 ACCESS_REFUSED, 530 NOT_ALLOWED (e.g. unknown vhost)
+        return exc.reply_code in (403, 530)
+    return False
+
+
+def translate_pika_error(exc: BaseException, context: str) -> DomainEventBrokerError:
+    """Map a pika exception to this library's hierarchy.
+
+    Args:
+        exc: the exception pika raised.
+        context: a short description of what was being done, without secrets.
+
+    Returns:
+        The library error to raise, ``from exc``.
+    """
+    if isinstance(exc, DomainEventBrokerError):
+        return exc
+    if is_auth_error(exc):
+        return AuthenticationError(f"{context}: access refused by the broker ({exc!r})")
+    if isinstance(exc, pika.exceptions.NackError):
+        return PublishError(f"{context}: the broker refused (nacked) the message")
+    if isinstance(exc, pika.exceptions.UnroutableError):
+        return PublishError(f"{context}: the message could not be routed")
+    if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):
+        return PublishTimeoutError(
+            f"{context}: the broker blocked the connection (resource alarm) for too long"
+        )
+    return BrokerUnavailableError(f"{context}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,139 @@
+"""The :class:`DomainEvent` value object and its JSON wire format."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import MalformedEventError
+
+__all__ = ["DomainEvent"]
+
+#: The keys of the JSON body, in the order 3.0.2 writes them.
+WIRE_KEYS = ("routing_key", "data", "domain_object_id", "uuid_string", "timestamp")
+
+#: AMQP limits a routing key (a short string) to 255 bytes.
+MAX_ROUTING_KEY_BYTES = 255
+
+
+def validate_routing_key(routing_key: object) -> str:
+    """Return ``routing_key`` if it can be published, else raise ``ValueError``."""
+    if not isinstance(routing_key, str):
+        raise ValueError(f"routing_key must be a str, not {type(routing_key).__name__}")
+    if not routing_key:
+        raise ValueError("routing_key must not be empty")
+    if len(routing_key.encode("utf-8")) > MAX_ROUTING_KEY_BYTES:
+        raise ValueError(f"routing_key is longer than {MAX_ROUTING_KEY_BYTES} bytes in UTF-8")
+    return routing_key
+
+
+class DomainEvent:
+    """A fact that happened in one domain, such as ``user.registered``.
+
+    Args:
+        routing_key: ``<domain>.<event_type>``, e.g. ``user.registered``.
+        data: the event's payload; must be JSON-serializable.
+        domain_object_id: optional identifier of the domain object concerned.
+        uuid_string: the event's unique id; a new UUID4 when left out.
+        timestamp: Unix seconds (UTC); now when left out.
+        retries: how many times the receiving handler already asked to retry
+            this event (set by the subscriber).
+        redelivered: whether the broker delivered this event before (set by
+            the subscriber; the handler may have seen it already).
+        **kwargs: unknown keys from a newer writer's JSON body; ignored.
+
+    Two events are equal when their :attr:`event_data` are equal.
+    """
+
+    def __init__(
+        self,
+        routing_key: str = "",
+        data: Any = None,
+        domain_object_id: str | None = None,
+        uuid_string: str | None = None,
+        timestamp: float | None = None,
+        retries: int = 0,
+        *,
+        redelivered: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.routing_key = routing_key
+        self.data: Any = {} if data is None else data
+        self.domain_object_id = domain_object_id
+        self.uuid_string: str = str(uuid.uuid4()) if uuid_string is None else uuid_string
+        self.timestamp: float = time.time() if timestamp is None else timestamp
+        self.retries = retries
+        self.redelivered = redelivered
+
+    @property
+    def event_data(self) -> dict[str, Any]:
+        """The event as the dict that goes on the wire (3.0.2's keys and order)."""
+        return {key: getattr(self, key) for key in WIRE_KEYS}
+
+    @property
+    def datetime(self) -> datetime:
+        """:attr:`timestamp` as a timezone-aware UTC datetime.
+
+        .. versionadded:: 4.0
+        """
+        return datetime.fromtimestamp(self.timestamp, tz=timezone.utc)
+
+    def to_json(self) -> str:
+        """Serialize the event to its JSON wire format (byte-compatible with 3.0.2).
+
+        Raises:
+            TypeError: ``data`` (or another field) is not JSON-serializable.
+
+        .. versionadded:: 4.0
+        """
+        try:
+            return json.dumps(self.event_data)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"domain event {self.routing_key!r} is not JSON-serializable: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, json_data: str | bytes | bytearray) -> DomainEvent:
+        """Create a DomainEvent from its JSON wire format.
+
+        Unknown keys are ignored, so that a newer writer may add some.
+
+        Raises:
+            MalformedEventError: the input is not UTF-8 JSON, not an object,
+                or has no string ``routing_key``; also a ``ValueError``.
+        """
+        try:
+            decoded = json.loads(json_data)
+        except (UnicodeDecodeError, ValueError, TypeError) as exc:
+            raise MalformedEventError(f"not a JSON document: {exc}") from exc
+        if not isinstance(decoded, dict):
+            raise MalformedEventError(f"expected a JSON object, got {type(decoded).__name__}")
+        routing_key = decoded.get("routing_key")
+        if not isinstance(routing_key, str):
+            raise MalformedEventError("the JSON object has no string 'routing_key'")
+        timestamp = decoded.get("timestamp")
+        if timestamp is not None and (
+            isinstance(timestamp, bool) or not isinstance(timestamp, (int, float))
+        ):
+            raise MalformedEventError("'timestamp' must be a number")
+        uuid_string = decoded.get("uuid_string")
+        if uuid_string is not None and not isinstance(uuid_string, str):
+            raise MalformedEventError("'uuid_string' must be a string")
+        known = {key: decoded[key] for key in WIRE_KEYS if key in decoded}
+        return cls(**known)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DomainEvent):
+            return NotImplemented
+        return self.event_data == other.event_data
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        return (
+            f"DomainEvent(routing_key={self.routing_key!r}, uuid_string={self.uuid_string!r}, "
+            f"domain_object_id={self.domain_object_id!r}, timestamp={self.timestamp!r}, "
+            f"retries={self.retries!r})"
+        )

@@ -1,0 +1,385 @@
+"""Publishing domain events with publisher confirms over a reused connection."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Final
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from . import _config
+from ._config import UNSET, BrokerConfig, ConnectionSettings, _Unset
+from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
+from ._names import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE
+from .errors import (
+    AuthenticationError,
+    BrokerUnavailableError,
+    PublishError,
+    translate_pika_error,
+)
+from .events import DomainEvent, validate_routing_key
+
+__all__ = ["Publisher", "publish_domain_event"]
+
+log = logging.getLogger(__name__)
+
+#: delivery_mode for messages that survive a broker restart.
+PERSISTENT: Final = 2
+
+#: Channel errors that retrying will not fix (access refused, not found,
+#: precondition failed): raised at once.
+_FATAL_CHANNEL_CODES: Final = frozenset({403, 404, 406})
+
+#: Connections left behind by a parent process: never touched, never closed
+#: (closing would write on the parent's socket), only kept from the GC.
+_abandoned: list[object] = []
+
+_live_publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
+
+
+class Publisher:
+    """Publishes messages to a topic exchange over one long-lived connection.
+
+    The connection opens on first use, is shared by all threads using this
+    publisher (calls are serialized), is reopened after a loss, and is never
+    reused by a forked child process. Every publish waits for the broker's
+    confirm.
+
+    Args:
+        connection_settings: an AMQP URL, a list of URLs of one cluster,
+            ``None`` for no broker (publishing sends nothing), or left out for
+            the configured default.
+        exchange: the exchange to publish to (declared durable on connect).
+        exchange_type: its type.
+        timeout: seconds one publish may take, reconnecting included, before
+            a :class:`~domain_event_broker.BrokerError` is raised (default 30,
+            see :func:`~domain_event_broker.configure`).
+
+    Use it as a context manager, or call :meth:`close` when done.
+    """
+
+    def __init__(
+        self,
+        connection_settings: ConnectionSettings = UNSET,
+        exchange: str = DEFAULT_EXCHANGE,
+        exchange_type: str = DEFAULT_EXCHANGE_TYPE,
+        *,
+        timeout: float | _Unset = UNSET,
+    ) -> None:
+        self._config: BrokerConfig | None = _config.resolve(connection_settings, timeout)
+        self.exchange = exchange
+        self.exchange_type = exchange_type
+        self._lock = threading.RLock()
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._pid = os.getpid()
+        _live_publishers.add(self)
+
+    def __repr__(self) -> str:
+        where = "no broker" if self._config is None else self._config.display
+        return f"<Publisher {where} exchange={self.exchange!r}>"
+
+    # -- 3.0.2 compatibility: lazily connecting pika objects ---------------
+
+    @property
+    def connection_settings(self) -> str | None:
+        """The broker URLs (password hidden), or ``None`` when disabled."""
+        return None if self._config is None else self._config.display
+
+    @property
+    def connection(self) -> pika.BlockingConnection | None:
+        """The underlying pika connection (opened if needed); ``None`` when
+        the broker is disabled. Not thread-safe: prefer :meth:`publish`."""
+        with self._lock:
+            self._ensure_open()
+            return self._connection
+
+    @property
+    def channel(self) -> BlockingChannel | None:
+        """The underlying pika channel (opened if needed); ``None`` when the
+        broker is disabled. Not thread-safe: prefer :meth:`publish`."""
+        with self._lock:
+            self._ensure_open()
+            return self._channel
+
+    def connect(self) -> None:
+        """Open the connection now instead of on first publish.
+
+        Raises:
+            BrokerError: the broker could not be reached in time.
+        """
+        with self._lock:
+            self._ensure_open()
+
+    # -- publishing ----------------------------------------------------------
+
+    def publish(
+        self,
+        message: str | bytes,
+        routing_key: str | None = None,
+        *,
+        properties: pika.BasicProperties | None = None,
+    ) -> None:
+        """Publish a raw message persistently and wait for the broker's confirm.
+
+        Args:
+            message: the body; ``str`` is encoded as UTF-8.
+            routing_key: the routing key.
+            properties: AMQP properties; default: persistent delivery.
+
+        Raises:
+            ValueError: the routing key is empty, not a str or too long.
+            BrokerError: no confirm within the timeout (see the error tree).
+        """
+        routing_key = validate_routing_key(routing_key)
+        body = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+        if properties is None:
+            properties = pika.BasicProperties(delivery_mode=PERSISTENT)
+        if self._config is None:
+            log.debug("No broker configured: not publishing %s", routing_key)
+            return
+        self._publish(body, routing_key, properties)
+
+    def publish_event(
+        self, event: DomainEvent, *, headers: Mapping[str, Any] | None = None
+    ) -> DomainEvent:
+        """Publish ``event`` in the 3.0.2 wire format and wait for the confirm.
+
+        Args:
+            event: the event to publish.
+            headers: optional AMQP headers to send along.
+
+        Returns:
+            ``event``.
+
+        Raises:
+            ValueError: the routing key is invalid.
+            TypeError: the event's data is not JSON-serializable.
+            BrokerError: no confirm within the timeout.
+
+        .. versionadded:: 4.0
+        """
+        validate_routing_key(event.routing_key)
+        return self._publish_event(event, event.to_json().encode("utf-8"), headers)
+
+    def _publish_event(
+        self, event: DomainEvent, body: bytes, headers: Mapping[str, Any] | None = None
+    ) -> DomainEvent:
+        if self._config is None:
+            log.debug("No broker configured: not publishing %r", event)
+            return event
+        properties = pika.BasicProperties(
+            delivery_mode=PERSISTENT,
+            content_type="application/json",
+            message_id=event.uuid_string,
+            timestamp=int(event.timestamp),
+            headers=dict(headers) if headers else None,
+        )
+        self._publish(body, event.routing_key, properties)
+        return event
+
+    def _publish(self, body: bytes, routing_key: str, properties: pika.BasicProperties) -> None:
+        assert self._config is not None
+        deadline = time.monotonic() + self._config.timeout
+        backoff = backoff_delays()
+        with self._lock:
+            while True:
+                try:
+                    self._ensure_open(deadline - time.monotonic())
+                    assert self._channel is not None
+                    self._channel.basic_publish(
+                        exchange=self.exchange,
+                        routing_key=routing_key,
+                        body=body,
+                        properties=properties,
+                    )
+                    return
+                except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
+                    raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
+                except pika.exceptions.ConnectionBlockedTimeout as exc:
+                    self._reset()
+                    raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
+                except pika.exceptions.ChannelClosedByBroker as exc:
+                    self._reset()
+                    if exc.reply_code in _FATAL_CHANNEL_CODES:
+                        raise PublishError(
+                            f"publishing {routing_key!r} to exchange {self.exchange!r}: "
+                            f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"
+                        ) from exc
+                    last: BaseException = exc
+                except (AuthenticationError, BrokerUnavailableError):
+                    raise
+                except CONNECTION_ERRORS as exc:
+                    self._reset()
+                    last = exc
+                pause = backoff.next()
+                if time.monotonic() + pause >= deadline:
+                    raise BrokerUnavailableError(
+                        f"publishing {routing_key!r} to {self._config.display} failed within "
+                        f"{self._config.timeout:g}s: {type(last).__name__}: {last}"
+                    ) from last
+                log.debug("Publishing %s failed (%r), retrying in %.2fs", routing_key, last, pause)
+                time.sleep(pause)
+
+    # -- connection management ------------------------------------------------
+
+    def _ensure_open(self, time_left: float | None = None) -> None:
+        """Open connection and channel if needed. Caller holds the lock."""
+        if self._config is None:
+            return
+        if self._pid != os.getpid():
+            self._forget_after_fork()
+        if self._channel is not None and self._channel.is_open:
+            return
+        self._reset()
+        if time_left is not None and time_left <= 0:
+            raise BrokerUnavailableError(f"no time left to connect to {self._config.display}")
+        connection = connect(
+            self._config,
+            f"domain-event-broker publisher (pid {os.getpid()})",
+            timeout=time_left,
+        )
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.exchange_declare(
+                exchange=self.exchange,
+                exchange_type=self.exchange_type,
+                durable=True,
+                auto_delete=False,
+            )
+        except CONNECTION_ERRORS as exc:
+            close_quietly(connection)
+            raise translate_pika_error(exc, f"declaring exchange {self.exchange!r}") from exc
+        self._connection = connection
+        self._channel = channel
+        log.debug("Publisher connected to %s", self._config.display)
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's connection without using it."""
+        if self._connection is not None:
+            _abandoned.append(self._connection)
+        self._connection = None
+        self._channel = None
+        self._pid = os.getpid()
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.RLock()
+        self._forget_after_fork()
+
+    def _reset(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        close_quietly(connection)
+
+    def close(self) -> None:
+        """Close the connection. The publisher reconnects if used again."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._forget_after_fork()
+            self._reset()
+
+    disconnect = close
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# -- the shared publishers behind publish_domain_event ------------------------
+
+_shared: dict[BrokerConfig, Publisher] = {}
+_shared_lock = threading.Lock()
+
+
+def _shared_publisher(config: BrokerConfig) -> Publisher:
+    publisher = _shared.get(config)
+    if publisher is None:
+        with _shared_lock:
+            publisher = _shared.get(config)
+            if publisher is None:
+                publisher = Publisher(list(config.urls), timeout=config.timeout)
+                _shared[config] = publisher
+    return publisher
+
+
+def close_shared_publishers() -> None:
+    """Close the connections that :func:`publish_domain_event` keeps open."""
+    with _shared_lock:
+        publishers = list(_shared.values())
+        _shared.clear()
+    for publisher in publishers:
+        publisher.close()
+
+
+def _reinit_after_fork() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    for publisher in list(_live_publishers):
+        publisher._after_fork_in_child()
+
+
+atexit.register(close_shared_publishers)
+os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+def publish_domain_event(
+    routing_key: str,
+    data: Any,
+    domain_object_id: str | None = None,
+    uuid_string: str | None = None,
+    timestamp: float | None = None,
+    connection_settings: ConnectionSettings = UNSET,
+) -> DomainEvent:
+    """Publish a domain event and wait until the broker confirmed it.
+
+    The connection is opened on first use and reused by later calls (per
+    process and per broker), from any number of threads.
+
+    Args:
+        routing_key: ``<domain>.<event_type>``, e.g. ``user.registered``.
+        data: the payload; must be JSON-serializable.
+        domain_object_id: optional identifier of the domain object.
+        uuid_string: the event's id; a new UUID4 when left out.
+        timestamp: Unix seconds (UTC); now when left out.
+        connection_settings: an AMQP URL or list of URLs; ``None`` sends
+            nothing; left out: the configured default.
+
+    Returns:
+        The published :class:`DomainEvent`.
+
+    Raises:
+        ValueError: the routing key is empty, not a str, or over 255 bytes.
+        TypeError: ``data`` is not JSON-serializable.
+        ConfigurationError: the URL is malformed.
+        BrokerError: the broker did not confirm within the timeout.
+    """
+    validate_routing_key(routing_key)
+    event = DomainEvent(
+        routing_key=routing_key,
+        data=data,
+        domain_object_id=domain_object_id,
+        uuid_string=uuid_string,
+        timestamp=timestamp,
+    )
+    body = event.to_json().encode("utf-8")  # raises TypeError before any I/O
+    config = _config.resolve(connection_settings)
+    if config is None:
+        return event
+    return _shared_publisher(config)._publish_event(event, body)
+

@@ -1,0 +1,8 @@
+"""Compatibility module: 3.0.2 code imports ``domain_event_broker.transport``.
+
+New code should import from ``domain_event_broker`` directly.
+"""
+
+from .publish import Publisher, publish_domain_event
+
+__all__ = ["Publisher", "publish_domain_event"]
