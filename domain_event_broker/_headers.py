@@ -1,0 +1,80 @@
+"""AMQP headers this library owns, and helpers to copy message properties."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import pika
+
+#: How many times the handler already asked to retry this event.
+RETRY_COUNT: Final = "x-retry-count"
+#: Written on every dead letter.
+EXCEPTION_TYPE: Final = "x-exception-type"
+EXCEPTION_MESSAGE: Final = "x-exception-message"
+EXCEPTION_TRACEBACK: Final = "x-exception-traceback"
+FAILED_HANDLER: Final = "x-failed-handler"
+FAILED_AT: Final = "x-failed-at"
+
+#: Longest traceback (characters) kept in a dead letter's headers.
+MAX_TRACEBACK_CHARS: Final = 8_000
+#: Longest exception message (characters) kept in a dead letter's headers.
+MAX_MESSAGE_CHARS: Final = 1_000
+
+#: Headers RabbitMQ adds when it dead-letters; dropped when republishing
+#: (before 4.0.1 RabbitMQ may drop messages it sees cycling with them).
+_DEATH_HEADERS: Final = ("x-death", "x-first-death-", "x-last-death-")
+
+
+def without_death_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``headers`` without RabbitMQ's dead-lettering bookkeeping."""
+    if not headers:
+        return {}
+    return {
+        key: value
+        for key, value in headers.items()
+        if key != "x-death" and not key.startswith(_DEATH_HEADERS[1:])
+    }
+
+
+def retry_count(headers: dict[str, Any] | None) -> int:
+    """The library's retry count from ``headers`` (0 when absent or invalid)."""
+    if not headers:
+        return 0
+    value = headers.get(RETRY_COUNT, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return value
+
+
+def copy_properties(
+    properties: pika.BasicProperties | None, headers: dict[str, Any]
+) -> pika.BasicProperties:
+    """A copy of ``properties`` (every field kept) with ``headers`` instead.
+
+    A message that had no properties at all becomes persistent.
+    """
+    if properties is None:
+        return pika.BasicProperties(delivery_mode=2, headers=headers or None)
+    return pika.BasicProperties(
+        content_type=properties.content_type,
+        content_encoding=properties.content_encoding,
+        headers=headers or None,
+        delivery_mode=properties.delivery_mode,
+        priority=properties.priority,
+        correlation_id=properties.correlation_id,
+        reply_to=properties.reply_to,
+        expiration=properties.expiration,
+        message_id=properties.message_id,
+        timestamp=properties.timestamp,
+        type=properties.type,
+        user_id=properties.user_id,
+        app_id=properties.app_id,
+        cluster_id=properties.cluster_id,
+    )
+
+
+def truncate(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, keeping the end (the most recent frames)."""
+    if len(text) <= limit:
+        return text
+    return "...[truncated]\n" + text[-(limit - 15) :]

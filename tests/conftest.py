@@ -1,0 +1,109 @@
+"""Fixtures for tests against the real RabbitMQ broker.
+
+Tests skip locally when no broker answers, and fail in CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pika
+import pika.exceptions
+import pytest
+
+from domain_event_broker import reset_defaults
+
+from .helpers import BROKER_URL, raw_connection
+
+
+def _broker_answers() -> bool:
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    except pika.exceptions.AMQPError:
+        return False
+    connection.close()
+    return True
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    """The URL of the running test broker."""
+    if not _broker_answers():
+        if os.environ.get("CI"):
+            pytest.fail(f"no RabbitMQ broker answers at {BROKER_URL}")
+        pytest.skip(f"no RabbitMQ broker answers at {BROKER_URL}")
+    return BROKER_URL
+
+
+@pytest.fixture(autouse=True)
+def _reset_library_defaults() -> Iterator[None]:
+    reset_defaults()
+    yield
+    reset_defaults()
+
+
+@pytest.fixture
+def channel(broker_url: str) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
+    """A raw pika channel to the test broker, for setting up and checking."""
+    connection = raw_connection()
+    yield connection.channel()
+    if connection.is_open:
+        connection.close()
+
+
+class Names:
+    """Unique names for one test; everything derived from them is deleted after it."""
+
+    def __init__(self) -> None:
+        self.queues: list[str] = []
+        self.exchanges: list[str] = []
+
+    def new(self, prefix: str = "test") -> str:
+        """A fresh handler name; its queues and exchanges are cleaned up."""
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self.queues.append(name)
+        return name
+
+    def cleanup(self) -> None:
+        connection = raw_connection()
+        try:
+            channel = connection.channel()
+            # Delete every queue and exchange derived from our names.
+            for name in self.queues:
+                for queue in [name, f"{name}-dl", *_delay_queues(name)]:
+                    channel.queue_delete(queue)
+                for exchange in [f"{name}-retry", f"{name}-dlx", *_delay_queues(name)]:
+                    channel.exchange_delete(exchange)
+            for exchange in self.exchanges:
+                channel.exchange_delete(exchange)
+        finally:
+            connection.close()
+
+
+def _delay_queues(name: str) -> list[str]:
+    # Delay queues are named name-delay-<ms>; the broker cannot list by prefix
+    # over AMQP, so ask rabbitmqctl when it is available (it is on the test machine).
+    import shutil
+    import subprocess
+
+    if shutil.which("rabbitmqctl") is None:
+        return []
+    result = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "--no-table-headers"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    prefix = f"{name}-delay-"
+    return [line.strip() for line in result.stdout.splitlines() if line.strip().startswith(prefix)]
+
+
+@pytest.fixture
+def names(broker_url: str) -> Iterator[Names]:
+    """Unique handler names for this test, cleaned up afterwards."""
+    registry = Names()
+    yield registry
+    registry.cleanup()

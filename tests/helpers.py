@@ -1,0 +1,87 @@
+"""Helpers shared by the test suite (no fixtures here: see conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import pika
+import pika.exceptions
+
+BROKER_URL = os.environ.get("DOMAIN_EVENT_BROKER", "amqp://guest:guest@localhost:5672/%2F")
+
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, message: str = ""
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+        time.sleep(interval)
+
+
+def raw_connection() -> pika.BlockingConnection:
+    return pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+
+
+def queue_size(name: str) -> int | None:
+    """Messages ready in queue ``name``, or None when it does not exist."""
+    connection = raw_connection()
+    try:
+        channel = connection.channel()
+        try:
+            return int(channel.queue_declare(name, passive=True).method.message_count)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return None
+            raise
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def queue_exists(name: str) -> bool:
+    return queue_size(name) is not None
+
+
+def exchange_exists(name: str) -> bool:
+    connection = raw_connection()
+    try:
+        channel = connection.channel()
+        try:
+            channel.exchange_declare(name, passive=True)
+            return True
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return False
+            raise
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def get_messages(
+    name: str, limit: int = 1000
+) -> list[tuple[pika.spec.Basic.GetOk, pika.BasicProperties, bytes]]:
+    """Take (and acknowledge) up to ``limit`` messages from queue ``name``."""
+    connection = raw_connection()
+    messages = []
+    try:
+        channel = connection.channel()
+        while len(messages) < limit:
+            method, properties, body = channel.basic_get(name, auto_ack=True)
+            if method is None:
+                break
+            messages.append((method, properties, body))
+    finally:
+        connection.close()
+    return messages
