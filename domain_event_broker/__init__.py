@@ -23,6 +23,7 @@ from .errors import (
 )
 from .events import DomainEvent
 from .publish import Publisher, publish_domain_event
+from .subscribe import Retry, Subscriber
 
 try:
     __version__ = version("domain-event-broker")
@@ -45,6 +46,8 @@ __all__ = [
     "PublishError",
     "PublishTimeoutError",
     "Publisher",
+    "Retry",
+    "Subscriber",
     "__version__",
     "configure",
     "publish_domain_event",

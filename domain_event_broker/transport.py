@@ -4,5 +4,6 @@ New code should import from ``domain_event_broker`` directly.
 """
 
 from .publish import Publisher, publish_domain_event
+from .subscribe import Retry, Subscriber
 
-__all__ = ["Publisher", "publish_domain_event"]
+__all__ = ["Publisher", "Retry", "Subscriber", "publish_domain_event"]
