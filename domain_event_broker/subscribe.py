@@ -177,6 +177,7 @@ class Subscriber:
         self._outcomes_lock = threading.Lock()
         self._drain_scheduled = False
         self._busy = False
+        self._draining = False
         self._worker: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -267,6 +268,8 @@ class Subscriber:
             raise translate_pika_error(exc, f"declaring the queues of {name!r}") from exc
         except BaseException:
             self._registrations.remove(registration)
+            if self._channel is None or not self._channel.is_open:
+                self._drop_connection()
             raise
 
     def _validate(
@@ -424,6 +427,7 @@ class Subscriber:
         deadline = None if not timeout else time.monotonic() + timeout
         self._consuming = True
         self._stop_requested = False
+        self._draining = False
         self._wakeup.clear()
         self._io_thread = threading.current_thread()
         previous_handlers = self._install_signal_handlers()
@@ -597,12 +601,13 @@ class Subscriber:
                 channel.basic_cancel(tag)
             self._consumer_tags.clear()
             # Events received but not started go back to the queue on close.
-            self._generation += 1
+            with self._outcomes_lock:
+                self._draining = True
             while not self._worker_idle():
                 assert self._connection is not None
                 self._connection.process_data_events(time_limit=POLL_INTERVAL)
-                self._drain_outcomes(any_generation=True)
-            self._drain_outcomes(any_generation=True)
+                self._drain_outcomes()
+            self._drain_outcomes()
         except CONNECTION_ERRORS as exc:
             log.warning("Lost the connection while stopping (%s); unacknowledged events "
                         "will be redelivered", exc)
@@ -634,7 +639,7 @@ class Subscriber:
                 return
             assert isinstance(item, _Delivery)
             with self._outcomes_lock:
-                if item.generation != self._generation:
+                if item.generation != self._generation or self._draining or self._stop_requested:
                     continue  # its channel is gone; the broker redelivers it
                 self._busy = True
             try:
@@ -745,7 +750,7 @@ class Subscriber:
 
     # -- carrying out outcomes (I/O thread) -----------------------------------------
 
-    def _drain_outcomes(self, any_generation: bool = False) -> None:
+    def _drain_outcomes(self) -> None:
         with self._outcomes_lock:
             outcomes = list(self._outcomes)
             self._outcomes.clear()
@@ -759,9 +764,7 @@ class Subscriber:
         last_plain_ack = 0
         for outcome in outcomes:
             delivery = outcome.delivery
-            if delivery.generation != current and not (
-                any_generation and delivery.generation == current - 1
-            ):
+            if delivery.generation != current:
                 continue  # stale delivery tag from a previous channel
             if outcome.action == "ack":
                 last_plain_ack = delivery.delivery_tag

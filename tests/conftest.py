@@ -70,35 +70,17 @@ class Names:
         connection = raw_connection()
         try:
             channel = connection.channel()
-            # Delete every queue and exchange derived from our names.
+            # Delay queues (name-delay-<ms>) expire by themselves 10 s after
+            # their last message, and their auto-delete exchanges with them.
             for name in self.queues:
-                for queue in [name, f"{name}-dl", *_delay_queues(name)]:
+                for queue in [name, f"{name}-dl"]:
                     channel.queue_delete(queue)
-                for exchange in [f"{name}-retry", f"{name}-dlx", *_delay_queues(name)]:
+                for exchange in [f"{name}-retry", f"{name}-dlx"]:
                     channel.exchange_delete(exchange)
             for exchange in self.exchanges:
                 channel.exchange_delete(exchange)
         finally:
             connection.close()
-
-
-def _delay_queues(name: str) -> list[str]:
-    # Delay queues are named name-delay-<ms>; the broker cannot list by prefix
-    # over AMQP, so ask rabbitmqctl when it is available (it is on the test machine).
-    import shutil
-    import subprocess
-
-    if shutil.which("rabbitmqctl") is None:
-        return []
-    result = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "name", "--no-table-headers"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    prefix = f"{name}-delay-"
-    return [line.strip() for line in result.stdout.splitlines() if line.strip().startswith(prefix)]
 
 
 @pytest.fixture
