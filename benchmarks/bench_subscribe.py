@@ -28,8 +28,13 @@ def fill(channel: pika.adapters.blocking_connection.BlockingChannel, key: str, c
     properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
     for i in range(count):
         body = json.dumps(
-            {"routing_key": key, "data": {"i": i}, "domain_object_id": None,
-             "uuid_string": str(uuid.uuid4()), "timestamp": time.time()}
+            {
+                "routing_key": key,
+                "data": {"i": i},
+                "domain_object_id": None,
+                "uuid_string": str(uuid.uuid4()),
+                "timestamp": time.time(),
+            }
         )
         channel.basic_publish("domain-events", key, body, properties)
 

@@ -36,7 +36,7 @@ CONNECTION_ERRORS: Final = (
 )
 
 
-def backoff_delays(initial: float = INITIAL_BACKOFF, maximum: float = MAX_BACKOFF) -> "Backoff":
+def backoff_delays(initial: float = INITIAL_BACKOFF, maximum: float = MAX_BACKOFF) -> Backoff:
     """A fresh jittered exponential backoff."""
     return Backoff(initial, maximum)
 
@@ -128,5 +128,5 @@ def close_quietly(connection: pika.BlockingConnection | None) -> None:
     try:
         if connection.is_open:
             connection.close()
-    except Exception:  # noqa: BLE001  # closing a broken connection may raise anything
+    except Exception:  # closing a broken connection may raise anything
         log.debug("Ignoring an error while closing a connection", exc_info=True)

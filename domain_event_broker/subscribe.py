@@ -58,7 +58,7 @@ POLL_INTERVAL: Final = 0.2
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
 
-class Retry(Exception):  # noqa: N818  # 3.0.2's public name
+class Retry(Exception):  # 3.0.2's public name
     """Raise in a handler to have the event delivered again after ``delay`` seconds.
 
     After ``max_retries`` retries (see :meth:`Subscriber.register`) the event
@@ -341,8 +341,12 @@ class Subscriber:
                     f"the queue first."
                 ) from exc
             raise
-        channel.exchange_declare(exchange=self.exchange, exchange_type=self.exchange_type,
-                                 durable=True, auto_delete=False)
+        channel.exchange_declare(
+            exchange=self.exchange,
+            exchange_type=self.exchange_type,
+            durable=True,
+            auto_delete=False,
+        )
         retry = _names.retry_exchange(name)
         channel.exchange_declare(exchange=retry, exchange_type=self.exchange_type)
         for key in registration.binding_keys:
@@ -462,7 +466,7 @@ class Subscriber:
             return
         try:
             connection.add_callback_threadsafe(_noop)
-        except Exception:  # noqa: BLE001  # a closed connection: the loop polls anyway
+        except Exception:  # a closed connection: the loop polls anyway
             log.debug("Could not wake the I/O thread", exc_info=True)
 
     def _install_signal_handlers(self) -> dict[int, Any]:
@@ -474,7 +478,7 @@ class Subscriber:
             self._stop_requested = True
             self._wakeup.set()
 
-        previous = {}
+        previous: dict[int, Any] = {}
         for signum in STOP_SIGNALS:
             previous[signum] = signal.signal(signum, on_signal)
         return previous
@@ -609,8 +613,11 @@ class Subscriber:
                 self._drain_outcomes()
             self._drain_outcomes()
         except CONNECTION_ERRORS as exc:
-            log.warning("Lost the connection while stopping (%s); unacknowledged events "
-                        "will be redelivered", exc)
+            log.warning(
+                "Lost the connection while stopping (%s); unacknowledged events "
+                "will be redelivered",
+                exc,
+            )
 
     def _worker_idle(self) -> bool:
         with self._outcomes_lock:
@@ -659,7 +666,7 @@ class Subscriber:
         try:
             if connection is not None:
                 connection.add_callback_threadsafe(self._drain_outcomes)
-        except Exception:  # noqa: BLE001  # closed: the I/O loop drains after each poll
+        except Exception:  # closed: the I/O loop drains after each poll
             log.debug("Could not schedule the outcome drain", exc_info=True)
 
     def _handle(self, delivery: _Delivery) -> _Outcome | None:
@@ -671,11 +678,13 @@ class Subscriber:
             event = DomainEvent.from_json(text)
         except (UnicodeDecodeError, MalformedEventError) as exc:
             error: BaseException = (
-                exc if isinstance(exc, MalformedEventError)
+                exc
+                if isinstance(exc, MalformedEventError)
                 else MalformedEventError(f"the body is not UTF-8: {exc}")
             )
-            return self._failure(delivery, error, "", retries=_headers.retry_count(headers),
-                                 malformed=True)
+            return self._failure(
+                delivery, error, "", retries=_headers.retry_count(headers), malformed=True
+            )
         event.retries = _headers.retry_count(headers)
         event.redelivered = delivery.redelivered
         try:
@@ -692,15 +701,19 @@ class Subscriber:
                     request.delay,
                 )
                 return _Outcome(delivery, "retry", delay_ms=_names.delay_ms(request.delay))
-            return self._failure(delivery, request, traceback.format_exc(),
-                                 retries=event.retries, exceeded=True)
-        except Exception as exc:
+            return self._failure(
+                delivery, request, traceback.format_exc(), retries=event.retries, exceeded=True
+            )
+        except Exception as exc:  # noqa: BLE001  # any handler error is dead-lettered
             return self._failure(delivery, exc, traceback.format_exc(), retries=event.retries)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  # SystemExit etc.: stop, keep the event
             # SystemExit or KeyboardInterrupt raised inside a handler: leave
             # the event for redelivery and stop this subscriber.
-            log.error("Handler %s raised %s; stopping; the event will be redelivered",
-                      registration.name, type(exc).__name__)
+            log.error(
+                "Handler %s raised %s; stopping; the event will be redelivered",
+                registration.name,
+                type(exc).__name__,
+            )
             self.stop_consuming()
             return None
         log.debug("Handled %s %s by %s", event.routing_key, event.uuid_string, registration.name)
@@ -726,7 +739,11 @@ class Subscriber:
         if registration.dead_letter:
             log.error(
                 "Handler %s failed on %s (routing key %s): %s: %s; dead-lettered to %s",
-                registration.name, what, delivery.routing_key, exc_type, message,
+                registration.name,
+                what,
+                delivery.routing_key,
+                exc_type,
+                message,
                 _names.dead_letter_queue(registration.name),
                 exc_info=(type(exc), exc, exc.__traceback__),
             )
@@ -743,7 +760,11 @@ class Subscriber:
             return _Outcome(delivery, "dead_letter", headers=headers)
         log.error(
             "Handler %s failed on %s (routing key %s): %s: %s; discarded (no dead-letter queue)",
-            registration.name, what, delivery.routing_key, exc_type, message,
+            registration.name,
+            what,
+            delivery.routing_key,
+            exc_type,
+            message,
             exc_info=(type(exc), exc, exc.__traceback__),
         )
         return _Outcome(delivery, "ack")
@@ -813,7 +834,9 @@ class Subscriber:
             log.error(
                 "Could not move an event of %s to its %s destination (%s); "
                 "returning it to the queue",
-                name, outcome.action, type(exc).__name__,
+                name,
+                outcome.action,
+                type(exc).__name__,
             )
             channel.basic_nack(delivery_tag=delivery.delivery_tag, requeue=True)
             return
@@ -846,4 +869,3 @@ class Subscriber:
 
 def _noop() -> None:
     """Wakes the I/O loop."""
-

@@ -38,7 +38,9 @@ def main() -> int:
     billing_fixed = False
 
     def send_welcome_email(event: DomainEvent) -> None:
-        say(f"  [{WELCOME}] welcome e-mail to {event.data['email']} (event {event.uuid_string[:8]})")
+        say(
+            f"  [{WELCOME}] welcome e-mail to {event.data['email']} (event {event.uuid_string[:8]})"
+        )
 
     def sync_crm(event: DomainEvent) -> None:
         if event.retries == 0:

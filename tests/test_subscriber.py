@@ -228,7 +228,9 @@ def test_handlers_run_one_at_a_time_in_queue_order(names: Names) -> None:
     recorder = Recorder(slow)
     subscriber = Subscriber()
     subscriber.register(recorder, name, ["order.x", "order.y"])
-    published = [publish_domain_event("order.x" if i % 2 else "order.y", {"i": i}) for i in range(50)]
+    published = [
+        publish_domain_event("order.x" if i % 2 else "order.y", {"i": i}) for i in range(50)
+    ]
     consume_until(subscriber, lambda: recorder.count() == 50)
     assert [e.data["i"] for e in recorder.events] == list(range(50))
     assert [e.uuid_string for e in recorder.events] == [e.uuid_string for e in published]
@@ -440,8 +442,15 @@ def test_dead_letter_carries_why_and_keeps_everything(names: Names) -> None:
 
     subscriber = Subscriber()
     subscriber.register(fail, name, ["dlheaders.x"], dead_letter=True)
-    body = json.dumps({"routing_key": "dlheaders.x", "data": {"a": 1}, "uuid_string": "u-1",
-                       "timestamp": 1.5, "domain_object_id": None}).encode()
+    body = json.dumps(
+        {
+            "routing_key": "dlheaders.x",
+            "data": {"a": 1},
+            "uuid_string": "u-1",
+            "timestamp": 1.5,
+            "domain_object_id": None,
+        }
+    ).encode()
     properties = pika.BasicProperties(
         delivery_mode=2,
         content_type="application/json",
@@ -456,9 +465,13 @@ def test_dead_letter_carries_why_and_keeps_everything(names: Names) -> None:
     ((method, got, got_body),) = get_messages(f"{name}-dl")
     assert got_body == body
     assert method.routing_key == "dlheaders.x"
-    assert (got.delivery_mode, got.content_type, got.message_id, got.correlation_id, got.app_id) == (
-        2, "application/json", "u-1", "corr-7", "billing"
-    )
+    assert (
+        got.delivery_mode,
+        got.content_type,
+        got.message_id,
+        got.correlation_id,
+        got.app_id,
+    ) == (2, "application/json", "u-1", "corr-7", "billing")
     headers = got.headers
     assert headers["tenant"] == "acme"
     assert "x-death" not in headers
@@ -518,7 +531,9 @@ def test_malformed_messages_never_reach_a_handler(names: Names, body: bytes) -> 
     assert recorder.events == [good]
     ((_, properties, got),) = get_messages(f"{name}-dl")
     assert got == body
-    assert properties.headers["x-exception-type"] == "domain_event_broker.errors.MalformedEventError"
+    assert (
+        properties.headers["x-exception-type"] == "domain_event_broker.errors.MalformedEventError"
+    )
 
 
 def test_malformed_without_dead_letter_does_not_stop_the_worker(names: Names) -> None:
