@@ -178,6 +178,7 @@ class Subscriber:
         self._drain_scheduled = False
         self._busy = False
         self._draining = False
+        self._forced = False
         self._worker: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -432,6 +433,7 @@ class Subscriber:
         self._consuming = True
         self._stop_requested = False
         self._draining = False
+        self._forced = False
         self._wakeup.clear()
         self._io_thread = threading.current_thread()
         previous_handlers = self._install_signal_handlers()
@@ -474,7 +476,15 @@ class Subscriber:
             return {}
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
+            if self._stop_requested:
+                # A second signal: stop now. The running event is not
+                # acknowledged; the broker delivers it again.
+                self._forced = True
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise SystemExit(128 + signum)
             # Only set flags: the I/O loop notices within POLL_INTERVAL.
+            log.info("Received signal %d: stopping after the running handler", signum)
             self._stop_requested = True
             self._wakeup.set()
 
@@ -637,7 +647,9 @@ class Subscriber:
             return
         self._generation += 1  # anything still queued is skipped
         self._work.put(_STOP_WORKER)
-        worker.join()
+        # After a forced stop the handler may be stuck: the worker thread is
+        # a daemon and must not keep the process alive.
+        worker.join(timeout=1.0 if self._forced else None)
 
     def _work_loop(self) -> None:
         while True:

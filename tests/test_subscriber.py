@@ -577,6 +577,24 @@ def test_sigterm_mid_handler_finishes_the_event_and_exits_0(names: Names, tmp_pa
     assert queue_size(name) == 0
 
 
+def test_second_sigterm_stops_at_once_and_keeps_the_event(names: Names, tmp_path: Path) -> None:
+    name = names.new("sigterm2")
+    process = start_worker(name, "sigterm2.x", tmp_path, pause=60)
+    try:
+        event = publish_domain_event("sigterm2.x", {})
+        wait_for(lambda: (tmp_path / f"started-{event.uuid_string}").exists(), timeout=20)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # let the first signal be handled before the second
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not (tmp_path / f"finished-{event.uuid_string}").exists()
+    # Not acknowledged: the event is back in the queue for the next worker.
+    wait_for(lambda: queue_size(name) == 1)
+
+
 def test_sigkill_mid_handler_redelivers_to_the_next_worker(names: Names, tmp_path: Path) -> None:
     name = names.new("sigkill")
     first = start_worker(name, "sigkill.x", tmp_path, pause=30)
