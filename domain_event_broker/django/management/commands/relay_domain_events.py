@@ -10,6 +10,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, DatabaseError
 
+from ...._config import UNSET
 from ....errors import DomainEventBrokerError
 from ...relay import DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL, OutboxRelay
 
@@ -53,10 +54,24 @@ class Command(BaseCommand):
             default=DEFAULT_POLL_INTERVAL,
             help="Seconds between two looks at an empty outbox (default: %(default)s).",
         )
+        parser.add_argument(
+            "--timeout",
+            type=_positive_float,
+            default=None,
+            help=(
+                "Seconds one publish may take, reconnecting included, before the relay "
+                "backs off and retries (default: the library's, 30). SIGTERM waits for "
+                "the publish in progress, so at most this long."
+            ),
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            relay = OutboxRelay(using=options["database"], batch_size=options["batch_size"])
+            relay = OutboxRelay(
+                using=options["database"],
+                batch_size=options["batch_size"],
+                timeout=UNSET if options["timeout"] is None else options["timeout"],
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         with relay:
