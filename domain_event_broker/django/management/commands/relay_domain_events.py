@@ -90,7 +90,9 @@ class Command(BaseCommand):
         def request_stop(signum: int, frame: FrameType | None) -> None:
             stop.set()
 
-        previous = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # else signal() raises
+            previous = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
         try:
             self.stdout.write(f"Relaying the outbox of database {relay.using!r}", ending="\n")
             self.stdout.flush()
