@@ -24,7 +24,11 @@ from ..helpers import raw_connection
 from . import settings as test_settings
 from .support import REPO_ROOT, EventQueue
 
-PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+#: The PostgreSQL server of the test machine; DEB_TEST_PG_PORT moves it (e.g. to
+#: check that its tests skip when it is down).
+PG_HOST = "127.0.0.1"
+PG_PORT = os.environ.get("DEB_TEST_PG_PORT", "5432")
+PG_DSN = f"host={PG_HOST} port={PG_PORT} user=postgres dbname=test connect_timeout=3"
 RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
 SQLITE_TEST_FILE = Path(tempfile.gettempdir()) / f"deb_django_test_{RUN_ID}.sqlite3"
 
@@ -54,8 +58,8 @@ DATABASES: dict[str, dict[str, Any]] = {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": "test",
         "USER": "postgres",
-        "HOST": "127.0.0.1",
-        "PORT": "5432",
+        "HOST": PG_HOST,
+        "PORT": PG_PORT,
         # Unique: other engineers run tests against the same server.
         "TEST": {"NAME": f"test_deb_django_{RUN_ID}"},
     },
@@ -78,7 +82,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     ]
     if not POSTGRES_ANSWERS and not os.environ.get("CI"):
         # No django_db mark: pytest-django would try to create the database.
-        postgres_marks = [pytest.mark.skip(reason="no PostgreSQL answers at 127.0.0.1:5432")]
+        postgres_marks = [pytest.mark.skip(reason=f"no PostgreSQL answers at {PG_HOST}:{PG_PORT}")]
     metafunc.parametrize(
         "db_alias",
         [
