@@ -21,10 +21,14 @@ SETTINGS_SUBSTITUTE = (
     "from types import SimpleNamespace\n"
     "settings = SimpleNamespace(BROKER='amqp://guest:guest@localhost:5672/%2F')"
 )
+# pytest-django runs 3.0.2's Django tests with 3.0.2's settings module; ``-p
+# django`` loads it even when plugin autoloading is off, and no manage.py is
+# searched for (the settings module is found through the current directory).
 PYTEST_INI = """[pytest]
-addopts = -p no:cacheprovider -ra
+addopts = -p no:cacheprovider -p django -ra
 timeout = 120
 DJANGO_SETTINGS_MODULE = deb302_tests.django.test_settings
+django_find_project = false
 """
 
 

@@ -1,0 +1,47 @@
+"""The Django app ``domain_event_broker.django`` (3.0.2's dotted path and label)."""
+
+from __future__ import annotations
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from .. import configure
+from ..errors import ConfigurationError
+
+#: The Django setting holding the broker URL, list of URLs, or ``None``.
+SETTING = "DOMAIN_EVENT_BROKER"
+
+
+class DomainEventsConfig(AppConfig):
+    """Reads the ``DOMAIN_EVENT_BROKER`` setting when Django starts.
+
+    The setting may be an AMQP URL, a list of URLs of one cluster, or
+    ``None`` to disable publishing (events are then returned and not sent).
+    Left out, or blank, the library's default applies. It is passed to
+    :func:`domain_event_broker.configure`, so the ``DOMAIN_EVENT_BROKER``
+    environment variable and explicit ``connection_settings`` arguments still
+    take precedence.
+    """
+
+    name = "domain_event_broker.django"
+    label = "domain_event_broker_django"
+    verbose_name = "Domain Events"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        """Pass the ``DOMAIN_EVENT_BROKER`` setting to :func:`configure`.
+
+        Raises:
+            ImproperlyConfigured: the setting is not a URL, a list of URLs or
+                ``None``, or a URL is malformed.
+        """
+        if not hasattr(settings, SETTING):
+            return
+        broker = getattr(settings, SETTING)
+        if isinstance(broker, str) and not broker.strip():
+            return  # 3.0.2 read '' as "the default broker"
+        try:
+            configure(broker=broker)
+        except ConfigurationError as exc:
+            raise ImproperlyConfigured(f"settings.{SETTING}: {exc}") from exc

@@ -1,0 +1,42 @@
+"""The transactional outbox table (see :mod:`domain_event_broker.django.outbox`)."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+
+class OutboxEvent(models.Model):
+    """A domain event written in the caller's transaction, waiting for the relay.
+
+    ``body`` is the exact JSON the relay publishes; ``routing_key`` and
+    ``uuid_string`` are copies for operators. ``sent_at`` is set once the
+    broker confirmed the event. Rows are relayed in ``id`` order.
+
+    .. versionadded:: 4.0
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    routing_key = models.CharField(max_length=255)
+    uuid_string = models.CharField(max_length=255)
+    body = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "domain_event_broker_outbox"
+        verbose_name = "outbox event"
+        indexes = [  # noqa: RUF012  # Django reads Meta attributes; never mutated
+            # The relay's query: pending rows in id order.
+            models.Index(
+                fields=["id"],
+                condition=models.Q(sent_at__isnull=True),
+                name="deb_outbox_pending",
+            ),
+            # Pruning: sent rows older than a cutoff.
+            models.Index(fields=["sent_at"], name="deb_outbox_sent_at"),
+        ]
+
+    def __str__(self) -> str:
+        state = "pending" if self.sent_at is None else f"sent {self.sent_at:%Y-%m-%d %H:%M:%S}"
+        return f"{self.routing_key} {self.uuid_string} ({state})"

@@ -1,0 +1,148 @@
+"""The relay_domain_events and prune_domain_events management commands."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import transaction
+from django.utils import timezone
+
+from domain_event_broker import configure
+from domain_event_broker.django.models import OutboxEvent
+from domain_event_broker.django.outbox import publish_via_outbox
+
+from ..helpers import wait_for
+from .support import DEAD_BROKER_URL, EventQueue, manage_command
+
+#: Deadline for a relay subprocess to exit after SIGTERM (seconds).
+EXIT_DEADLINE = 15
+
+
+def pending_count(db_alias: str) -> int:
+    return OutboxEvent.objects.using(db_alias).filter(sent_at__isnull=True).count()
+
+
+def write_events(db_alias: str, queue: EventQueue, count: int) -> list[str]:
+    with transaction.atomic(using=db_alias):
+        return [
+            publish_via_outbox(queue.key(), {"n": n}, using=db_alias).uuid_string
+            for n in range(count)
+        ]
+
+
+def test_once_relays_pending_events(db_alias: str, event_queue: EventQueue) -> None:
+    uuids = write_events(db_alias, event_queue, 3)
+    out = StringIO()
+    call_command("relay_domain_events", "--once", "--database", db_alias, stdout=out)
+    assert out.getvalue().strip() == "Relayed 3 domain event(s)"
+    assert [b["uuid_string"] for b in event_queue.take_until(3)] == uuids
+    assert pending_count(db_alias) == 0
+
+
+def test_once_fails_and_keeps_rows_when_the_broker_is_down(
+    db_alias: str, event_queue: EventQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOMAIN_EVENT_BROKER", DEAD_BROKER_URL)
+    configure(timeout=0.5)
+    write_events(db_alias, event_queue, 2)
+    with pytest.raises(CommandError, match="relaying the outbox failed"):
+        call_command("relay_domain_events", "--once", "--database", db_alias)
+    assert pending_count(db_alias) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--batch-size", "0"], "batch_size"), (["--database", "nope"], "no database")],
+)
+def test_bad_options_are_command_errors(args: list[str], message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        call_command("relay_domain_events", "--once", *args)
+
+
+def test_once_in_a_subprocess(
+    db_alias: str, event_queue: EventQueue, relay_env: dict[str, str]
+) -> None:
+    write_events(db_alias, event_queue, 4)
+    result = subprocess.run(
+        manage_command("relay_domain_events", "--once", "--database", db_alias),
+        env=relay_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Relayed 4 domain event(s)"
+    assert len(event_queue.take_until(4)) == 4
+    assert pending_count(db_alias) == 0
+
+
+def test_long_running_relay_stops_on_sigterm(
+    db_alias: str, event_queue: EventQueue, relay_env: dict[str, str], tmp_path: Path
+) -> None:
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        process = subprocess.Popen(
+            manage_command("relay_domain_events", "--database", db_alias, "--interval", "0.1"),
+            env=relay_env,
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        wait_for(lambda: "Relaying the outbox" in stdout.read_text(), message="relay started")
+        # Events written while it runs are relayed without a restart.
+        for _ in range(2):
+            uuids = write_events(db_alias, event_queue, 3)
+            received = event_queue.take_until(3)
+            assert [b["uuid_string"] for b in received] == uuids
+            wait_for(lambda: pending_count(db_alias) == 0, message="rows marked sent")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=EXIT_DEADLINE) == 0, stderr.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "Stopped after relaying 6 domain event(s)" in stdout.read_text()
+
+
+def test_sigterm_during_a_broker_outage(
+    db_alias: str, event_queue: EventQueue, relay_env: dict[str, str], tmp_path: Path
+) -> None:
+    write_events(db_alias, event_queue, 2)
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as err:
+        process = subprocess.Popen(
+            manage_command("relay_domain_events", "--database", db_alias, "--timeout", "0.5"),
+            env={**relay_env, "DOMAIN_EVENT_BROKER": DEAD_BROKER_URL},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        wait_for(lambda: "retrying in" in stderr.read_text(), timeout=30, message="a retry")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=EXIT_DEADLINE) == 0, stderr.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert pending_count(db_alias) == 2  # nothing marked sent
+    assert event_queue.take() == []
+
+
+def test_prune_command(db_alias: str) -> None:
+    rows = OutboxEvent.objects.using(db_alias)
+    old = timezone.now() - timedelta(days=3)
+    rows.create(routing_key="test.old", uuid_string="old", body="{}", sent_at=old)
+    rows.create(routing_key="test.pending", uuid_string="pending", body="{}")
+    out = StringIO()
+    call_command("prune_domain_events", "--days", "2", "--database", db_alias, stdout=out)
+    assert out.getvalue().strip() == "Deleted 1 sent domain event(s) older than 2 day(s)"
+    assert list(rows.values_list("uuid_string", flat=True)) == ["pending"]
+    with pytest.raises(CommandError, match="negative"):
+        call_command("prune_domain_events", "--days", "-1", "--database", db_alias)

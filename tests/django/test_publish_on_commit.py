@@ -1,0 +1,120 @@
+"""publish_on_commit against the real broker and real databases."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+from django.db import transaction
+
+from domain_event_broker import ConfigurationError, DomainEvent, configure
+from domain_event_broker.django import publish_on_commit
+
+from ..helpers import wait_for
+from .support import DEAD_BROKER_URL, EventQueue
+
+
+class RollbackError(Exception):
+    pass
+
+
+def test_no_transaction_publishes_at_once(db_alias: str, event_queue: EventQueue) -> None:
+    event = publish_on_commit(event_queue.key(), {"n": 1}, using=db_alias)
+    assert isinstance(event, DomainEvent)
+    (body,) = event_queue.take_until(1)
+    assert body["uuid_string"] == event.uuid_string
+    assert body["data"] == {"n": 1}
+
+
+def test_publishes_after_commit_only(db_alias: str, event_queue: EventQueue) -> None:
+    with transaction.atomic(using=db_alias):
+        event = publish_on_commit(event_queue.key(), {"n": 1}, "obj-1", using=db_alias)
+        # Nothing may reach the broker before the commit; the broker confirms
+        # each publish, so "not yet" is a synchronous fact here.
+        assert event_queue.take() == []
+    (body,) = event_queue.take_until(1)
+    assert body == event.event_data
+
+
+def test_rollback_publishes_nothing(db_alias: str, event_queue: EventQueue) -> None:
+    with pytest.raises(RollbackError), transaction.atomic(using=db_alias):
+        publish_on_commit(event_queue.key("rolled_back"), {}, using=db_alias)
+        raise RollbackError
+    # A later transaction must not publish it either; the marker event proves
+    # that everything published before it has arrived.
+    with transaction.atomic(using=db_alias):
+        marker = publish_on_commit(event_queue.key("marker"), {}, using=db_alias)
+    bodies = event_queue.take_until(1)
+    assert [b["uuid_string"] for b in bodies] == [marker.uuid_string]
+
+
+def test_nested_blocks_wait_for_the_outermost(db_alias: str, event_queue: EventQueue) -> None:
+    with transaction.atomic(using=db_alias):
+        with transaction.atomic(using=db_alias):
+            inner = publish_on_commit(event_queue.key("inner"), {}, using=db_alias)
+        assert event_queue.take() == []  # the savepoint was released, not committed
+        outer = publish_on_commit(event_queue.key("outer"), {}, using=db_alias)
+        assert event_queue.take() == []
+    bodies = event_queue.take_until(2)
+    assert [b["uuid_string"] for b in bodies] == [inner.uuid_string, outer.uuid_string]
+
+
+def test_savepoint_rollback_drops_only_its_events(db_alias: str, event_queue: EventQueue) -> None:
+    with transaction.atomic(using=db_alias):
+        kept = publish_on_commit(event_queue.key("kept"), {}, using=db_alias)
+        with pytest.raises(RollbackError), transaction.atomic(using=db_alias):
+            publish_on_commit(event_queue.key("dropped"), {}, using=db_alias)
+            raise RollbackError
+        after = publish_on_commit(event_queue.key("after"), {}, using=db_alias)
+    bodies = event_queue.take_until(2)
+    assert [b["uuid_string"] for b in bodies] == [kept.uuid_string, after.uuid_string]
+    assert event_queue.take() == []
+
+
+def test_data_is_captured_when_called(db_alias: str, event_queue: EventQueue) -> None:
+    data = {"state": "before"}
+    with transaction.atomic(using=db_alias):
+        publish_on_commit(event_queue.key(), data, using=db_alias)
+        data["state"] = "changed after the call"
+    (body,) = event_queue.take_until(1)
+    assert body["data"] == {"state": "before"}
+
+
+def test_failure_after_commit_is_logged_not_raised(
+    db_alias: str, event_queue: EventQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    configure(timeout=1.0)
+    caplog.set_level(logging.ERROR, logger="domain_event_broker.django")
+    uuid_string = str(uuid.uuid4())
+    with transaction.atomic(using=db_alias):
+        publish_on_commit(
+            "test.lost",
+            {},
+            uuid_string=uuid_string,
+            connection_settings=DEAD_BROKER_URL,
+            using=db_alias,
+        )
+    (record,) = [r for r in caplog.records if r.name == "domain_event_broker.django.transaction"]
+    assert record.levelno == logging.ERROR
+    assert "test.lost" in record.getMessage()
+    assert uuid_string in record.getMessage()
+    assert record.exc_info is not None
+
+
+def test_bad_input_raises_before_the_commit(db_alias: str) -> None:
+    with transaction.atomic(using=db_alias):
+        with pytest.raises(TypeError):
+            publish_on_commit("test.bad", {"not json": object()}, using=db_alias)
+        with pytest.raises(ValueError, match="routing_key"):
+            publish_on_commit("", {}, using=db_alias)
+        with pytest.raises(ConfigurationError):
+            publish_on_commit("test.bad", {}, connection_settings="http://x", using=db_alias)
+
+
+def test_disabled_broker_sends_nothing(db_alias: str, event_queue: EventQueue) -> None:
+    with transaction.atomic(using=db_alias):
+        publish_on_commit(event_queue.key("none"), {}, connection_settings=None, using=db_alias)
+        marker = publish_on_commit(event_queue.key("marker"), {}, using=db_alias)
+    bodies = wait_for(event_queue.take, message="the marker event")
+    assert [b["uuid_string"] for b in bodies] == [marker.uuid_string]
