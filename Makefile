@@ -54,8 +54,10 @@ lint: $(VENV)/.dev
 docs: $(VENV)/.dev
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs build/docs
 
+# Interpreters installed with pyenv are put on PATH so tox finds them all.
+PYENV_BINS := $(subst $(eval) ,:,$(wildcard $(HOME)/.pyenv/versions/3.1[0-9]*/bin))
 tox: $(VENV)/.dev broker
-	$(BIN)/tox
+	PATH="$(PYENV_BINS):$$PATH" $(BIN)/tox $(TOX_ARGS)
 
 bench: $(VENV)/.core broker
 	$(VPY) benchmarks/run_all.py
