@@ -16,7 +16,7 @@ django = pytest.importorskip("django")
 from django.conf import settings  # noqa: E402  # after importorskip
 from django.core.management import CommandError, call_command  # noqa: E402
 
-from domain_event_broker import DomainEvent  # noqa: E402
+from domain_event_broker import DomainEvent, replay  # noqa: E402
 
 from . import replay_django_settings  # noqa: E402
 from .conftest import Names  # noqa: E402
@@ -197,10 +197,19 @@ def test_prompt_waits_in_slices_and_keeps_the_connection_alive(
 
     monkeypatch.setattr("sys.stdin", StringIO(""))
     monkeypatch.setattr("select.select", silent_select)
+    serviced: list[None] = []
+    real_keepalive = replay._DeadLetterSession.keepalive
+
+    def counting_keepalive(session: replay._DeadLetterSession) -> None:
+        serviced.append(None)
+        real_keepalive(session)
+
+    monkeypatch.setattr(replay._DeadLetterSession, "keepalive", counting_keepalive)
 
     lines = run(handler, "--interactive")
 
     assert "(R)eplay, (D)iscard or (L)eave? Timed out. Message left in queue." in lines
     # 30 seconds in slices of at most one second, the connection serviced between.
     assert len(waits) == 30 and max(waits) <= 1.0
+    assert len(serviced) == 30
     wait_size(f"{handler}-dl", 1)
