@@ -385,13 +385,27 @@ def _callback_arguments(callback: Callable[..., Any]) -> frozenset[str]:
 
 # -- the session ----------------------------------------------------------------
 
+#: Replayed copies published per transaction, at most.
+BATCH_SIZE: Final = 100
+#: A callback slower than this (seconds), e.g. a person answering, has its
+#: answer carried out at once instead of batched.
+SLOW_CALLBACK: Final = 0.05
+
 
 class _DeadLetterSession:
-    """One connection and one confirm-mode channel to a handler's
-    dead-letter queue, for a whole run.
+    """One connection to a handler's dead-letter queue, for a whole run.
 
-    Messages taken with :meth:`get` stay unacknowledged until :meth:`ack`;
-    leaving the session returns all others to the queue, in their places.
+    Dead letters are taken with :meth:`get` on one channel and stay
+    unacknowledged until :meth:`ack` or :meth:`flush`; leaving the session
+    returns all others to the queue, in their places.
+
+    Replayed copies go out on a second, transactional channel, in batches:
+    RabbitMQ answers ``tx.commit`` only once every message of the batch is
+    routed and, when persistent, written to disk, and it sends the
+    ``basic.return`` of an unroutable (mandatory) message before that answer.
+    So a dead letter is acknowledged only after its copy is safely in the
+    handler's queue, as with publisher confirms, without waiting for the
+    disk once per message.
     """
 
     def __init__(self, name: str, config: BrokerConfig, purpose: str) -> None:
@@ -402,7 +416,10 @@ class _DeadLetterSession:
         self._purpose = purpose
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self._publisher: BlockingChannel | None = None
         self._unacked = 0
+        self._batch: list[pika.spec.Basic.GetOk] = []
+        self._returned: set[str] = set()
         self.count_at_start = 0
 
     @property
@@ -417,7 +434,6 @@ class _DeadLetterSession:
         try:
             self._channel = self._connection.channel()
             self.count_at_start = self._declare_passively()
-            self._channel.confirm_delivery()
         except BaseException:
             close_quietly(self._connection)
             raise
@@ -439,6 +455,7 @@ class _DeadLetterSession:
                 except DomainEventBrokerError:
                     log.debug("Could not return dead letters before closing", exc_info=True)
         finally:
+            # Uncommitted copies are discarded with the channel.
             close_quietly(self._connection)
 
     def _broker_error(self, exc: BaseException, doing: str) -> DomainEventBrokerError:
@@ -475,38 +492,97 @@ class _DeadLetterSession:
         self._unacked += 1
         return method, properties, body
 
+    def _publishing_channel(self) -> BlockingChannel:
+        if self._publisher is None:
+            assert self._connection is not None
+            doing = f"replaying to exchange {self.exchange!r}"
+            try:
+                channel = self._connection.channel()
+                # Fail clearly and early if the exchange is missing: a publish
+                # to it would close the channel without telling why.
+                channel.exchange_declare(self.exchange, passive=True)
+                channel.tx_select()
+                channel.add_on_return_callback(self._on_returned)
+            except CONNECTION_ERRORS as exc:
+                raise self._publish_error(exc, doing) from exc
+            self._publisher = channel
+        return self._publisher
+
+    def _on_returned(
+        self,
+        channel: BlockingChannel,
+        method: pika.spec.Basic.Return,
+        properties: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        # The retry exchange is a topic exchange: whether a copy is routable
+        # depends on its routing key only.
+        self._returned.add(method.routing_key)
+
     def republish(
         self, frame: pika.spec.Basic.GetOk, properties: pika.BasicProperties, body: bytes
     ) -> None:
-        """Publish a copy to the handler's retry exchange; wait for the confirm."""
-        assert self._channel is not None
-        routing_key = frame.routing_key
-        doing = f"replaying {routing_key!r} to exchange {self.exchange!r}"
+        """Publish a copy to the handler's retry exchange, in the current
+        batch; the dead letter is acknowledged when the batch is committed."""
+        channel = self._publishing_channel()
         try:
-            self._channel.basic_publish(
+            channel.basic_publish(
                 exchange=self.exchange,
-                routing_key=routing_key,
+                routing_key=frame.routing_key,
                 body=body,
                 properties=_replay_properties(properties),
                 mandatory=True,
             )
-        except pika.exceptions.UnroutableError as exc:
-            raise PublishError(
-                f"{doing}: no queue is bound for it (does the handler's queue {self.name!r} "
-                f"still exist?); the dead letter was left in place"
-            ) from exc
-        except pika.exceptions.NackError as exc:
-            raise PublishError(
-                f"{doing}: the broker refused the message; the dead letter was left in place"
-            ) from exc
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == _NOT_FOUND:
-                raise PublishError(
-                    f"{doing}: the exchange does not exist; the dead letter was left in place"
-                ) from exc
-            raise self._broker_error(exc, doing) from exc
         except CONNECTION_ERRORS as exc:
-            raise self._broker_error(exc, doing) from exc
+            raise self._publish_error(exc, f"replaying {frame.routing_key!r}") from exc
+        self._batch.append(frame)
+
+    @property
+    def batch_size(self) -> int:
+        """Copies published and not committed yet."""
+        return len(self._batch)
+
+    def flush(self) -> None:
+        """Commit the current batch, then acknowledge the dead letters whose
+        copies were routed.
+
+        Raises:
+            PublishError: some copies could not be routed, or the retry
+                exchange does not exist; their dead letters stay in place.
+            BrokerError: the commit failed; the batch's dead letters stay.
+        """
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        assert self._publisher is not None and self._connection is not None
+        doing = f"replaying {len(batch)} event(s) to exchange {self.exchange!r}"
+        try:
+            self._publisher.tx_commit()
+            # Dispatch the basic.return frames that came before commit-ok.
+            self._connection.process_data_events(0)
+        except CONNECTION_ERRORS as exc:
+            raise self._publish_error(exc, doing) from exc
+        returned, self._returned = self._returned, set()
+        for frame in batch:
+            if frame.routing_key not in returned:
+                self.ack(frame)
+        if returned:
+            keys = ", ".join(repr(key) for key in sorted(returned))
+            raise PublishError(
+                f"{doing}: no queue is bound for routing key(s) {keys} (does the handler's "
+                f"queue {self.name!r} still exist?); those dead letters were left in place"
+            )
+
+    def _publish_error(self, exc: BaseException, doing: str) -> DomainEventBrokerError:
+        """The library error for a failed publish or commit; the channel is
+        gone with its uncommitted copies, the dead letters stay."""
+        self._publisher = None
+        self._batch = []
+        if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == _NOT_FOUND:
+            return PublishError(
+                f"{doing}: the exchange does not exist; the dead letters were left in place"
+            )
+        return self._broker_error(exc, doing)
 
     def ack(self, frame: pika.spec.Basic.GetOk) -> None:
         """Remove a dead letter taken with :meth:`get`."""
@@ -560,36 +636,56 @@ def _run(
         # offered twice.
         total = session.count_at_start if limit is None else min(limit, session.count_at_start)
         log.info("Replaying up to %d dead letter(s) from %s", total, session.queue)
-        for _ in range(total):
-            message = session.get()
-            if message is None:
-                break
-            frame, properties, body = message
-            arguments: dict[str, Any] = {"frame": frame, "header": properties, "body": body}
-            if "event" in wanted:
-                arguments["event"] = _decode(body)
-            arguments["keepalive"] = session.keepalive
-            action = message_callback(
-                **{key: value for key, value in arguments.items() if key in wanted}
-            )
-            if action == RETRY:
-                session.republish(frame, properties, body)
-                session.ack(frame)
-                replayed += 1
-                log.info("Replayed %s to %s", frame.routing_key, session.exchange)
-            elif action == DISCARD:
-                session.ack(frame)
-                discarded += 1
-                log.info("Discarded dead letter %s", frame.routing_key)
-            elif action == LEAVE:
-                left += 1
-            else:
-                raise ValueError(
-                    f"the replay callback returned {action!r}; expected RETRY, LEAVE or "
-                    f"DISCARD (the event was left in the dead-letter queue)"
+        try:
+            for _ in range(total):
+                message = session.get()
+                if message is None:
+                    break
+                frame, properties, body = message
+                arguments: dict[str, Any] = {"frame": frame, "header": properties, "body": body}
+                if "event" in wanted:
+                    arguments["event"] = _decode(body)
+                arguments["keepalive"] = session.keepalive
+                started = time.monotonic()
+                action = message_callback(
+                    **{key: value for key, value in arguments.items() if key in wanted}
                 )
-            if on_progress is not None:
-                on_progress(ReplayResult(replayed, discarded, left), total)
+                slow = time.monotonic() - started > SLOW_CALLBACK
+                if action == RETRY:
+                    session.republish(frame, properties, body)
+                    replayed += 1
+                    log.debug("Replaying %s to %s", frame.routing_key, session.exchange)
+                    if slow or session.batch_size >= BATCH_SIZE:
+                        session.flush()
+                elif action == DISCARD:
+                    session.ack(frame)
+                    discarded += 1
+                    log.info("Discarded a dead letter %s", frame.routing_key)
+                elif action == LEAVE:
+                    left += 1
+                else:
+                    raise ValueError(
+                        f"the replay callback returned {action!r}; expected RETRY, LEAVE or "
+                        f"DISCARD (the event was left in the dead-letter queue)"
+                    )
+                if on_progress is not None:
+                    on_progress(ReplayResult(replayed, discarded, left), total)
+        except Exception as exc:
+            if not isinstance(exc, DomainEventBrokerError):
+                # Carry out what the callback answered before.
+                try:
+                    session.flush()
+                except DomainEventBrokerError:
+                    log.warning("Replaying the events answered before failed", exc_info=True)
+            raise
+        session.flush()
+        log.info(
+            "Replayed %d, discarded %d, left %d dead letter(s) of %s",
+            replayed,
+            discarded,
+            left,
+            session.queue,
+        )
         # Requeueing is asynchronous on the broker: count the queue before,
         # then add the events left, which are about to return to it.
         remaining = session.count() + session.unacked

@@ -10,6 +10,7 @@ import pytest
 
 from domain_event_broker import (
     UNSET,
+    BrokerError,
     DeadLetterQueueNotFoundError,
     DomainEvent,
     PublishError,
@@ -58,6 +59,10 @@ def size_is(queue: str, expected: int) -> bool:
 
 def wait_size(queue: str, expected: int) -> None:
     wait_for(lambda: size_is(queue, expected), message=f"{queue} to hold {expected}")
+
+
+def data_of(queue: str) -> list[object]:
+    return [DomainEvent.from_json(body).data for _, _, body in get_messages(queue)]
 
 
 def leave(**kwargs: Any) -> str:
@@ -329,10 +334,9 @@ def test_unroutable_replay_leaves_the_dead_letter(handler: str) -> None:
     connection.channel().queue_unbind(handler, f"{handler}-retry", f"{handler}.*")
     connection.close()
 
-    with pytest.raises(PublishError, match="left in place") as caught:
+    with pytest.raises(PublishError, match=f"'{handler}.happened'.* left in place"):
         replay_event(handler)
 
-    assert isinstance(caught.value.__cause__, pika.exceptions.UnroutableError)
     wait_size(f"{handler}-dl", 1)
 
 
@@ -349,6 +353,68 @@ def test_missing_retry_exchange_leaves_the_dead_letter(handler: str) -> None:
 
     assert isinstance(caught.value.__cause__, pika.exceptions.ChannelClosedByBroker)
     wait_size(f"{handler}-dl", 2)
+
+
+def test_only_unroutable_events_stay_when_a_batch_is_partly_unroutable(handler: str) -> None:
+    dead_letter_library_style(handler, make_event(handler, {"n": 0}))
+    # A dead letter whose routing key the handler is not bound to.
+    connection = raw_connection()
+    connection.channel().basic_publish(
+        "", f"{handler}-dl", make_event(handler, {"n": 1}).to_json().encode()
+    )
+    connection.close()
+    dead_letter_library_style(handler, make_event(handler, {"n": 2}))
+    wait_size(f"{handler}-dl", 3)
+
+    with pytest.raises(PublishError, match=f"'{handler}-dl'"):
+        replay_all(handler)
+
+    wait_size(handler, 2)
+    wait_size(f"{handler}-dl", 1)
+    assert data_of(handler) == [{"n": 0}, {"n": 2}]
+    assert data_of(f"{handler}-dl") == [{"n": 1}]
+
+
+def test_dead_letters_stay_when_the_batch_cannot_be_committed(handler: str) -> None:
+    for n in range(3):
+        dead_letter_library_style(handler, make_event(handler, {"n": n}))
+    wait_size(f"{handler}-dl", 3)
+    calls: list[int] = []
+
+    def retry_then_break_the_topology(event: DomainEvent | None) -> str:
+        calls.append(1)
+        if len(calls) == 2:  # the first copy is published, not committed yet
+            connection = raw_connection()
+            connection.channel().exchange_delete(f"{handler}-retry")
+            connection.close()
+        return RETRY
+
+    with pytest.raises(BrokerError):
+        replay_all(handler, retry_then_break_the_topology)
+
+    wait_size(f"{handler}-dl", 3)
+    assert queue_size(handler) == 0
+
+
+def test_more_events_than_one_batch(handler: str) -> None:
+    count = replay_module.BATCH_SIZE * 2 + 7
+    connection = raw_connection()
+    channel = connection.channel()
+    channel.confirm_delivery()
+    for n in range(count):
+        channel.basic_publish(
+            f"{handler}-dlx",
+            f"{handler}.happened",
+            make_event(handler, {"n": n}).to_json().encode(),
+            pika.BasicProperties(delivery_mode=2),
+        )
+    connection.close()
+    wait_size(f"{handler}-dl", count)
+
+    assert replay_all(handler) == 0
+
+    wait_size(handler, count)
+    assert data_of(handler) == [{"n": n} for n in range(count)]
 
 
 def test_a_handler_without_dead_letter_queue(names: Names) -> None:
