@@ -12,9 +12,10 @@ Compared with 3.0.2, a replay
 * keeps every property and header of the dead letter (a persistent event
   stays persistent), dropping only RabbitMQ's ``x-death`` bookkeeping and
   resetting the retry count, so the handler gets its retries again;
-* acknowledges a dead letter only after the broker confirmed its republished
-  copy (mandatory publishing: an unroutable copy leaves the dead letter in
-  place and raises :class:`~domain_event_broker.PublishError`);
+* acknowledges a dead letter only after the broker took responsibility for
+  its republished copy (mandatory publishing, committed in batches: an
+  unroutable copy leaves its dead letter in place and raises
+  :class:`~domain_event_broker.PublishError`);
 * never offers the same event twice in one :func:`replay_all` run.
 
 Message callbacks are called with keyword arguments only. A callback taking
@@ -240,6 +241,7 @@ class DeadLetter:
             "reason": self.reason,
             "exception_type": self.exception_type,
             "exception_message": self.exception_message,
+            "exception_traceback": self.exception_traceback,
             "failed_handler": self.failed_handler,
             "retry_count": self.retry_count,
             "event": None if self.event is None else self.event.event_data,

@@ -232,6 +232,7 @@ def test_inspect_shows_dead_letters_and_leaves_them(handler: str) -> None:
     assert shown["uuid_string"] == events[0].uuid_string
     assert shown["exception_type"] == "app.errors.PaymentFailed"
     assert shown["retry_count"] == 2
+    assert shown["exception_traceback"].startswith("Traceback (most recent call last):")
     assert shown["event"]["data"] == {"n": 0}
     assert 80 < shown["age_seconds"] < 300
     wait_size(f"{handler}-dl", 3)
