@@ -92,8 +92,17 @@ class AnswerReader:
         self._pending = b""
 
     def read_line(self, timeout: float, keepalive: Callable[[], None] | None = None) -> str | None:
-        """The next line without its line ending, ``""`` at the end of the
-        input, or ``None`` when nothing came within ``timeout`` seconds."""
+        """Wait for the next line of standard input.
+
+        Args:
+            timeout: seconds to wait, at most (counted in slices).
+            keepalive: called between slices while nothing comes, e.g. to
+                send the broker connection's heartbeats.
+
+        Returns:
+            The line without its line ending, ``""`` at the end of the
+            input, or ``None`` when nothing came within ``timeout``.
+        """
         if b"\n" in self._pending:
             return self._take_line()
         stream = sys.stdin
@@ -169,9 +178,19 @@ class InteractivePrompt:
         keepalive: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> str:
-        """Show one event, ask, and return :data:`~domain_event_broker.replay.RETRY`,
-        :data:`~domain_event_broker.replay.DISCARD` or
-        :data:`~domain_event_broker.replay.LEAVE`."""
+        """Show one event and ask what to do with it.
+
+        Args:
+            body: the dead letter's body.
+            header: its AMQP properties (for the failure reason).
+            keepalive: services the broker connection while waiting.
+            **kwargs: the other replay callback arguments (unused).
+
+        Returns:
+            :data:`~domain_event_broker.replay.RETRY`,
+            :data:`~domain_event_broker.replay.DISCARD` or
+            :data:`~domain_event_broker.replay.LEAVE`.
+        """
         self._write("Please specify action for:", "\n")
         self._write(_pretty(body), "\n")
         if self._show_reason:

@@ -68,6 +68,7 @@ __all__ = [
     "HandlerStatus",
     "QueueStatus",
     "ReplayResult",
+    "failure_reason",
     "handler_status",
     "inspect_dead_letters",
     "replay_all",
@@ -222,8 +223,15 @@ class DeadLetter:
         return failure_reason(self.properties)
 
     def age(self, now: float | None = None) -> float | None:
-        """Seconds since the event was dead-lettered (else since it was
-        published), or ``None`` when neither is known."""
+        """How long ago the event was dead-lettered.
+
+        Args:
+            now: the current time (Unix seconds); default: now.
+
+        Returns:
+            Seconds since it was dead-lettered, else since it was published,
+            or ``None`` when neither is known.
+        """
         since = self.failed_at
         if since is None and self.event is not None:
             since = self.event.timestamp
