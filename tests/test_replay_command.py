@@ -6,6 +6,7 @@ Its input is faked as in 3.0.2's own tests: ``sys.stdin`` replaced by a
 
 from __future__ import annotations
 
+import os
 from io import StringIO
 from typing import Any
 
@@ -23,15 +24,20 @@ from .conftest import Names  # noqa: E402
 from .helpers import get_messages, queue_exists, queue_size, wait_for  # noqa: E402
 from .replay_helpers import dead_letter_library_style, declare_handler, make_event  # noqa: E402
 
-if not settings.configured:
-    settings.configure(
-        **{
-            key: getattr(replay_django_settings, key)
-            for key in dir(replay_django_settings)
-            if key.isupper()
-        }
-    )
-django.setup()
+
+@pytest.fixture(scope="module", autouse=True)
+def _django() -> None:
+    """Set Django up at test time, not at import time, so that settings
+    configured by other test packages (collected first) are left alone."""
+    if not settings.configured and not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        settings.configure(
+            **{
+                key: getattr(replay_django_settings, key)
+                for key in dir(replay_django_settings)
+                if key.isupper()
+            }
+        )
+    django.setup()
 
 
 @pytest.fixture
