@@ -397,8 +397,9 @@ def _callback_arguments(callback: Callable[..., Any]) -> frozenset[str]:
 
 #: Replayed copies published per transaction, at most.
 BATCH_SIZE: Final = 100
-#: A callback slower than this (seconds), e.g. a person answering, has its
-#: answer carried out at once instead of batched.
+#: A callback slower than this (seconds), or one that takes ``keepalive``
+#: (it waits for something, e.g. a person), has each answer carried out at
+#: once instead of batched.
 SLOW_CALLBACK: Final = 0.05
 
 
@@ -639,6 +640,9 @@ def _run(
     on_progress: Callable[[ReplayResult, int], None] | None,
 ) -> ReplayResult:
     wanted = _callback_arguments(message_callback)
+    # A callback that waits (for a person, say) has each answer carried out
+    # at once, before it is asked about the next event.
+    interactive = "keepalive" in wanted
     replayed = discarded = left = 0
     with _DeadLetterSession(name, config, "replay") as session:
         # Bounded by the count at the start: events dead-lettered during the
@@ -660,7 +664,7 @@ def _run(
                 action = message_callback(
                     **{key: value for key, value in arguments.items() if key in wanted}
                 )
-                slow = time.monotonic() - started > SLOW_CALLBACK
+                slow = interactive or time.monotonic() - started > SLOW_CALLBACK
                 if action == RETRY:
                     session.republish(frame, properties, body)
                     replayed += 1

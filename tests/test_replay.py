@@ -396,6 +396,22 @@ def test_dead_letters_stay_when_the_batch_cannot_be_committed(handler: str) -> N
     assert queue_size(handler) == 0
 
 
+def test_a_waiting_callback_has_each_answer_carried_out_at_once(handler: str) -> None:
+    for n in range(2):
+        dead_letter_library_style(handler, make_event(handler, {"n": n}))
+    wait_size(f"{handler}-dl", 2)
+    seen_in_queue: list[int | None] = []
+
+    def prompt(event: DomainEvent | None, keepalive: Any) -> str:
+        # While asked about the second event, the first one is already back.
+        seen_in_queue.append(queue_size(handler))
+        return RETRY
+
+    assert replay_all(handler, prompt) == 0
+
+    assert seen_in_queue == [0, 1]
+
+
 def test_more_events_than_one_batch(handler: str) -> None:
     count = replay_module.BATCH_SIZE * 2 + 7
     connection = raw_connection()
