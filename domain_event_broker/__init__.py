@@ -23,6 +23,7 @@ from .errors import (
 )
 from .events import DomainEvent
 from .publish import Publisher, publish_domain_event
+from .replay import DISCARD, LEAVE, RETRY, replay_all, replay_event, retry_event
 from .subscribe import Retry, Subscriber
 
 try:
@@ -33,6 +34,9 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "DISCARD",
+    "LEAVE",
+    "RETRY",
     "UNSET",
     "AuthenticationError",
     "BrokerError",
@@ -51,5 +55,8 @@ __all__ = [
     "__version__",
     "configure",
     "publish_domain_event",
+    "replay_all",
+    "replay_event",
     "reset_defaults",
+    "retry_event",
 ]
