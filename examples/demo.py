@@ -17,10 +17,8 @@ import uuid
 
 from domain_event_broker import DomainEvent, Retry, Subscriber, publish_domain_event
 
-try:
-    from domain_event_broker import replay_all
-except ImportError:  # pragma: no cover - replay not available
-    replay_all = None  # type: ignore[assignment]
+from domain_event_broker import replay_all
+from domain_event_broker.replay import inspect_dead_letters
 
 SUFFIX = uuid.uuid4().hex[:6]
 WELCOME = f"demo-welcome-email-{SUFFIX}"
@@ -66,17 +64,16 @@ def main() -> int:
     logging.getLogger("domain_event_broker").setLevel(logging.CRITICAL)  # the demo narrates
     subscriber.start_consuming(timeout=2.0)
 
-    channel = subscriber.channel
-    assert channel is not None
-    dead = channel.queue_declare(f"{BILLING}-dl", passive=True).method.message_count
-    say(f"3. {BILLING}-dl holds {dead} dead letter(s)")
+    dead_letters = inspect_dead_letters(BILLING)
+    say(f"3. {BILLING}-dl holds {len(dead_letters)} dead letter(s); inspect shows why:")
+    for letter in dead_letters:
+        say(f"   {letter.routing_key} {letter.uuid_string}: {letter.reason}")
 
-    if replay_all is not None:
-        say("4. the bug is fixed: replay the dead letters and consume again")
-        billing_fixed = True
-        remaining = replay_all(BILLING)
-        say(f"   replay_all left {remaining} dead letter(s)")
-        subscriber.start_consuming(timeout=1.5)
+    say("4. the bug is fixed: replay the dead letters and consume again")
+    billing_fixed = True
+    remaining = replay_all(BILLING)
+    say(f"   replay_all left {remaining} dead letter(s)")
+    subscriber.start_consuming(timeout=1.5)
 
     channel = subscriber.channel
     assert channel is not None
