@@ -82,6 +82,8 @@ class Publisher:
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._pid = os.getpid()
+        #: When the connection was lost, until publishing works again.
+        self._lost_since: float | None = None
         _live_publishers.add(self)
 
     def __repr__(self) -> str:
@@ -202,6 +204,13 @@ class Publisher:
                         body=body,
                         properties=properties,
                     )
+                    if self._lost_since is not None:
+                        log.info(
+                            "Publisher reconnected to %s after %.1fs",
+                            self._config.display,
+                            time.monotonic() - self._lost_since,
+                        )
+                        self._lost_since = None
                     return
                 except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
                     raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
@@ -209,18 +218,28 @@ class Publisher:
                     self._reset()
                     raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
                 except pika.exceptions.ChannelClosedByBroker as exc:
-                    self._reset()
                     if exc.reply_code in _FATAL_CHANNEL_CODES:
+                        self._reset()
                         raise PublishError(
                             f"publishing {routing_key!r} to exchange {self.exchange!r}: "
                             f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"
                         ) from exc
                     last: BaseException = exc
-                except (AuthenticationError, BrokerUnavailableError):
+                except AuthenticationError:
                     raise
-                except CONNECTION_ERRORS as exc:
-                    self._reset()
+                except BrokerUnavailableError as exc:
+                    # Reconnecting failed; retry while time is left, unless the
+                    # broker refused the exchange itself.
+                    cause = exc.__cause__
+                    if (
+                        isinstance(cause, pika.exceptions.ChannelClosedByBroker)
+                        and cause.reply_code in _FATAL_CHANNEL_CODES
+                    ):
+                        raise
                     last = exc
+                except CONNECTION_ERRORS as exc:
+                    last = exc
+                self._on_lost(last)
                 pause = backoff.next()
                 if time.monotonic() + pause >= deadline:
                     raise BrokerUnavailableError(
@@ -229,6 +248,18 @@ class Publisher:
                     ) from last
                 log.debug("Publishing %s failed (%r), retrying in %.2fs", routing_key, last, pause)
                 time.sleep(pause)
+
+    def _on_lost(self, exc: BaseException) -> None:
+        """Drop the connection; log one warning per lost connection. Caller holds the lock."""
+        had_connection = self._connection is not None
+        self._reset()
+        if had_connection and self._lost_since is None:
+            self._lost_since = time.monotonic()
+            log.warning(
+                "Publisher lost the connection to the broker (%s: %s); reconnecting",
+                type(exc).__name__,
+                exc,
+            )
 
     # -- connection management ------------------------------------------------
 
