@@ -61,7 +61,7 @@ bench: $(VENV)/.core broker
 	$(VPY) benchmarks/run_all.py
 
 soak: $(VENV)/.dev broker
-	$(VPY) -m pytest -m soak -p no:timeout tests/soak $(PYTEST_ARGS)
+	$(VPY) -m pytest -m soak tests/soak $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build .tox .mypy_cache .pytest_cache .ruff_cache *.egg-info
