@@ -149,3 +149,39 @@ def test_publisher_fails_over_to_the_next_url(
         assert proxy.open_connections == 0
     assert _uuids_in(name) == [first.uuid_string, second.uuid_string]
     _one_loss_one_recovery(caplog)
+
+
+def test_publish_on_a_silent_wire(
+    names: Any, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Missed heartbeats end the confirm wait; the publish goes out on a new connection."""
+    caplog.set_level(logging.INFO)
+    name, routing_key = _queue_for(names)
+    with Publisher(proxy.url(BROKER_URL, heartbeat="1"), timeout=20) as publisher:
+        first = publisher.publish_event(DomainEvent(routing_key, {"n": 1}))
+        proxy.freeze()
+        started = time.monotonic()
+        second = publisher.publish_event(DomainEvent(routing_key, {"n": 2}))
+        elapsed = time.monotonic() - started
+    assert proxy.accepted == 2
+    assert elapsed < 15, elapsed
+    # The frozen first attempt may or may not have reached the broker.
+    uuids = _uuids_in(name)
+    assert uuids[0] == first.uuid_string and uuids[-1] == second.uuid_string, uuids
+    _one_loss_one_recovery(caplog)
+
+
+def test_idle_connection_closed_for_missed_heartbeats_is_no_warning(
+    names: Any, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A blocking connection sends no heartbeats while idle; the broker closes it."""
+    caplog.set_level(logging.INFO)
+    name, routing_key = _queue_for(names)
+    with Publisher(proxy.url(BROKER_URL, heartbeat="1"), timeout=20) as publisher:
+        first = publisher.publish_event(DomainEvent(routing_key, {"n": 1}))
+        wait_for(lambda: proxy.open_connections == 0, timeout=20, message="the broker to close")
+        second = publisher.publish_event(DomainEvent(routing_key, {"n": 2}))
+    assert _uuids_in(name) == [first.uuid_string, second.uuid_string]
+    records = [r for r in caplog.records if r.name == PUBLISH_LOGGER]
+    assert [r.levelno for r in records] == [logging.INFO, logging.INFO], records
+    assert "idle" in records[0].getMessage()
