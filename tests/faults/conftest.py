@@ -5,6 +5,8 @@ The broker is controlled with ``rabbitmqctl``. Which node:
 development node), else the local default node. Which URL: the usual
 ``DOMAIN_EVENT_BROKER`` (see ``tests/helpers.py``); both must name the same
 broker. In CI (one broker, tests run sequentially) both are left unset.
+``DEB_TEST_RABBITMQCTL`` replaces the ``rabbitmqctl`` command, e.g. with
+``docker compose exec -T rabbitmq rabbitmqctl`` for the compose broker.
 
 Every test that uses :func:`rabbitmq` leaves the broker as it found it: the
 teardown always starts the app, clears the memory alarm and restores any
@@ -14,6 +16,7 @@ setting a test changed, in one ``rabbitmqctl eval``.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -28,16 +31,24 @@ from .control import REPORTS, RabbitControl, RunningSubscriber
 from .proxy import TcpProxy
 
 NODE_VARIABLE = "DEB_TEST_RABBITMQ_NODE"
+#: How to run rabbitmqctl, e.g. ``docker compose exec -T rabbitmq rabbitmqctl``.
+COMMAND_VARIABLE = "DEB_TEST_RABBITMQCTL"
+
+
+def rabbit_control(broker_url: str) -> RabbitControl:
+    """Control of the node given by the environment (see the module docstring)."""
+    command = shlex.split(os.environ.get(COMMAND_VARIABLE, "rabbitmqctl"))
+    return RabbitControl(os.environ.get(NODE_VARIABLE) or None, broker_url, command)
 
 
 @pytest.fixture(scope="session")
 def _rabbitmqctl(broker_url: str) -> RabbitControl:
-    node = os.environ.get(NODE_VARIABLE) or None
-    if shutil.which("rabbitmqctl") is None:
+    control = rabbit_control(broker_url)
+    if shutil.which(control.command[0]) is None:
+        message = f"the fault tests need {control.command[0]} (or set {COMMAND_VARIABLE})"
         if os.environ.get("CI"):
-            pytest.fail("the fault tests need rabbitmqctl")
-        pytest.skip("the fault tests need rabbitmqctl")
-    control = RabbitControl(node, broker_url)
+            pytest.fail(message)
+        pytest.skip(message)
     try:
         control.eval("ok.")
     except RuntimeError as exc:

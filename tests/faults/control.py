@@ -8,6 +8,7 @@ import subprocess
 import threading
 import urllib.parse
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import pika
@@ -25,7 +26,10 @@ REPORTS: list[str] = []
 class RabbitControl:
     """Runs ``rabbitmqctl`` against the test broker's node."""
 
-    def __init__(self, node: str | None, url: str) -> None:
+    def __init__(
+        self, node: str | None, url: str, command: Sequence[str] = ("rabbitmqctl",)
+    ) -> None:
+        self.command = list(command)
         self.node = node
         parts = urllib.parse.urlsplit(url)
         self.vhost = urllib.parse.unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
@@ -33,7 +37,7 @@ class RabbitControl:
         self._saved_env: dict[str, str] = {}
 
     def ctl(self, *args: str, timeout: float = 60) -> str:
-        command = ["rabbitmqctl", *(["-n", self.node] if self.node else []), "-q", *args]
+        command = [*self.command, *(["-n", self.node] if self.node else []), "-q", *args]
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, check=False
         )

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from ..faults.conftest import NODE_VARIABLE
 from ..faults.conftest import names as names  # the fast clean-up, without rabbitmqctl
+from ..faults.conftest import rabbit_control
 from ..faults.control import REPORTS, RabbitControl
 
 
@@ -25,9 +24,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def rabbitmq(broker_url: str) -> Iterator[RabbitControl]:
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("the soak run needs rabbitmqctl")
-    control = RabbitControl(os.environ.get(NODE_VARIABLE) or None, broker_url)
+    control = rabbit_control(broker_url)
+    if shutil.which(control.command[0]) is None:
+        pytest.skip(f"the soak run needs {control.command[0]}")
     yield control
     control.restore()
 
