@@ -7,6 +7,7 @@ development node), else the local default node. Which URL: the usual
 broker. In CI (one broker, tests run sequentially) both are left unset.
 ``DEB_TEST_RABBITMQCTL`` replaces the ``rabbitmqctl`` command, e.g. with
 ``docker compose exec -T rabbitmq rabbitmqctl`` for the compose broker.
+``DEB_TEST_SKIP_FAULTS=1`` skips them all, for a broker other people use.
 
 Every test that uses :func:`rabbitmq` leaves the broker as it found it: the
 teardown always starts the app, clears the memory alarm and restores any
@@ -31,6 +32,8 @@ from .control import REPORTS, RabbitControl, RunningSubscriber
 from .proxy import TcpProxy
 
 NODE_VARIABLE = "DEB_TEST_RABBITMQ_NODE"
+#: Set to skip every fault test (a broker shared with other people).
+SKIP_VARIABLE = "DEB_TEST_SKIP_FAULTS"
 #: How to run rabbitmqctl, e.g. ``docker compose exec -T rabbitmq rabbitmqctl``.
 COMMAND_VARIABLE = "DEB_TEST_RABBITMQCTL"
 
@@ -39,6 +42,16 @@ def rabbit_control(broker_url: str) -> RabbitControl:
     """Control of the node given by the environment (see the module docstring)."""
     command = shlex.split(os.environ.get(COMMAND_VARIABLE, "rabbitmqctl"))
     return RabbitControl(os.environ.get(NODE_VARIABLE) or None, broker_url, command)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``DEB_TEST_SKIP_FAULTS=1``: leave a shared development broker alone."""
+    if not os.environ.get(SKIP_VARIABLE):
+        return
+    skip = pytest.mark.skip(reason=f"{SKIP_VARIABLE} is set: no fault injection")
+    for item in items:
+        if "faults" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
