@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+import urllib.parse
+import uuid
 from typing import Any
 
 import pytest
@@ -308,3 +311,29 @@ def test_stop_consuming_during_an_outage(
     assert runner.returned.wait(10), "start_consuming() kept reconnecting after stop"
     assert time.monotonic() - started < 10
     assert runner.error is None
+
+
+def test_credentials_revoked_while_consuming(
+    rabbitmq: RabbitControl, names: Any, run_subscriber: Any, broker_url: str
+) -> None:
+    """After a loss, refused credentials end start_consuming() with an error, at once."""
+    user = f"faults-{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    rabbitmq.ctl("add_user", user, password)
+    try:
+        rabbitmq.ctl("set_permissions", "-p", rabbitmq.vhost, user, ".*", ".*", ".*")
+        parts = urllib.parse.urlsplit(broker_url)
+        host = parts.netloc.rpartition("@")[2]
+        url = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+        runner, recorder, _, routing_key = _consuming(names, run_subscriber, url)
+        _receives(recorder, _publish(routing_key, 1))
+
+        rabbitmq.ctl("delete_user", user)
+        rabbitmq.close_all_connections()
+
+        assert runner.returned.wait(30), "start_consuming() kept retrying refused credentials"
+        assert isinstance(runner.error, AuthenticationError), runner.error
+        assert password not in str(runner.error)
+    finally:
+        with contextlib.suppress(RuntimeError):
+            rabbitmq.ctl("delete_user", user)
