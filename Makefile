@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - virtualenv, package, a broker, then the demo
 #   make test   - the same plus test dependencies, then the whole suite
-# Developer extras: make lint, make tox, make docs, make bench, make soak.
+# Developer extras: make lint, make tox, make docs, make bench, make faults, make soak.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +11,7 @@ COMPAT_VERSION := 3.0.2
 COMPAT_DIR := build/compat
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test unit compat lint tox docs bench soak broker clean venv
+.PHONY: demo test unit compat lint tox docs bench soak faults broker clean venv
 
 $(VENV)/.core: pyproject.toml setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
@@ -62,8 +62,14 @@ tox: $(VENV)/.dev broker
 bench: $(VENV)/.core broker
 	$(VPY) benchmarks/run_all.py
 
+# Fault injection only (also part of `unit`). It stops the broker and closes
+# every connection: point DOMAIN_EVENT_BROKER and DEB_TEST_RABBITMQ_NODE at a
+# broker nobody else uses (see docs/reliability.rst).
+faults: $(VENV)/.dev broker
+	$(VPY) -m pytest -m faults tests/faults $(PYTEST_ARGS)
+
 soak: $(VENV)/.dev broker
-	$(VPY) -m pytest -m soak -p no:timeout tests/soak $(PYTEST_ARGS)
+	$(VPY) -m pytest -m soak tests/soak $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build .tox .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 #: delivery_mode for messages that survive a broker restart.
 PERSISTENT: Final = 2
 
+#: The heartbeat timeout (seconds) RabbitMQ proposes unless configured otherwise.
+RABBITMQ_DEFAULT_HEARTBEAT: Final = 60.0
+
 #: Channel errors that retrying will not fix (access refused, not found,
 #: precondition failed): raised at once.
 _FATAL_CHANNEL_CODES: Final = frozenset({403, 404, 406})
@@ -82,6 +85,10 @@ class Publisher:
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._pid = os.getpid()
+        #: When the connection was lost, until publishing works again.
+        self._lost_since: float | None = None
+        #: When the connection last carried a publish (or was opened).
+        self._last_used = time.monotonic()
         _live_publishers.add(self)
 
     def __repr__(self) -> str:
@@ -192,6 +199,7 @@ class Publisher:
         deadline = time.monotonic() + self._config.timeout
         backoff = backoff_delays()
         with self._lock:
+            idle = time.monotonic() - self._last_used
             while True:
                 try:
                     self._ensure_open(deadline - time.monotonic())
@@ -202,6 +210,14 @@ class Publisher:
                         body=body,
                         properties=properties,
                     )
+                    self._last_used = time.monotonic()
+                    if self._lost_since is not None:
+                        log.info(
+                            "Publisher reconnected to %s after %.1fs",
+                            self._config.display,
+                            time.monotonic() - self._lost_since,
+                        )
+                        self._lost_since = None
                     return
                 except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
                     raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
@@ -209,18 +225,28 @@ class Publisher:
                     self._reset()
                     raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
                 except pika.exceptions.ChannelClosedByBroker as exc:
-                    self._reset()
                     if exc.reply_code in _FATAL_CHANNEL_CODES:
+                        self._reset()
                         raise PublishError(
                             f"publishing {routing_key!r} to exchange {self.exchange!r}: "
                             f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"
                         ) from exc
                     last: BaseException = exc
-                except (AuthenticationError, BrokerUnavailableError):
+                except AuthenticationError:
                     raise
-                except CONNECTION_ERRORS as exc:
-                    self._reset()
+                except BrokerUnavailableError as exc:
+                    # Reconnecting failed; retry while time is left, unless the
+                    # broker refused the exchange itself.
+                    cause = exc.__cause__
+                    if (
+                        isinstance(cause, pika.exceptions.ChannelClosedByBroker)
+                        and cause.reply_code in _FATAL_CHANNEL_CODES
+                    ):
+                        raise
                     last = exc
+                except CONNECTION_ERRORS as exc:
+                    last = exc
+                self._on_lost(last, idle)
                 pause = backoff.next()
                 if time.monotonic() + pause >= deadline:
                     raise BrokerUnavailableError(
@@ -229,6 +255,32 @@ class Publisher:
                     ) from last
                 log.debug("Publishing %s failed (%r), retrying in %.2fs", routing_key, last, pause)
                 time.sleep(pause)
+
+    def _on_lost(self, exc: BaseException, idle: float) -> None:
+        """Drop the connection; log one warning per lost connection.
+
+        ``idle``: seconds the connection had been unused before this publish.
+        Caller holds the lock.
+        """
+        had_connection = self._connection is not None
+        self._reset()
+        if had_connection and self._lost_since is None:
+            self._lost_since = time.monotonic()
+            assert self._config is not None
+            if idle > _heartbeat_timeout(self._config):
+                # An idle blocking connection sends no heartbeats, so the
+                # broker closes it after a while: expected, not a fault.
+                log.info(
+                    "Publisher connection was idle for %.0fs and is gone (%s); reconnecting",
+                    idle,
+                    type(exc).__name__,
+                )
+                return
+            log.warning(
+                "Publisher lost the connection to the broker (%s: %s); reconnecting",
+                type(exc).__name__,
+                exc,
+            )
 
     # -- connection management ------------------------------------------------
 
@@ -262,6 +314,7 @@ class Publisher:
             raise translate_pika_error(exc, f"declaring exchange {self.exchange!r}") from exc
         self._connection = connection
         self._channel = channel
+        self._last_used = time.monotonic()
         log.debug("Publisher connected to %s", self._config.display)
 
     def _forget_after_fork(self) -> None:
@@ -299,6 +352,13 @@ class Publisher:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _heartbeat_timeout(config: BrokerConfig) -> float:
+    """Seconds of silence after which the broker may close a connection."""
+    seconds = [pika.URLParameters(url).heartbeat for url in config.urls]
+    given = [value for value in seconds if isinstance(value, int) and value > 0]
+    return float(min(given)) if given else RABBITMQ_DEFAULT_HEARTBEAT
 
 
 # -- the shared publishers behind publish_domain_event ------------------------

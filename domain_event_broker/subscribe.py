@@ -366,7 +366,12 @@ class Subscriber:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self._drop_connection()
-        connection = connect(self._config, f"domain-event-broker subscriber (pid {os.getpid()})")
+        connection = connect(
+            self._config,
+            f"domain-event-broker subscriber (pid {os.getpid()})",
+            # While consuming, a stop request ends a reconnection attempt.
+            should_stop=lambda: self._consuming and self._stop_requested,
+        )
         try:
             channel = connection.channel()
             channel.confirm_delivery()
@@ -520,15 +525,17 @@ class Subscriber:
                     limit = max(0.0, min(limit, deadline - time.monotonic()))
                 self._connection.process_data_events(time_limit=limit)
                 self._drain_outcomes()
+                _raise_if_closed(self._channel)
             except (AuthenticationError, ConfigurationError):
                 raise
             except (BrokerUnavailableError, *CONNECTION_ERRORS) as exc:
                 if lost_since is None:
                     lost_since = time.monotonic()
                     log.warning(
-                        "Lost the connection to the broker (%s: %s); reconnecting",
+                        "Lost the connection to the broker (%s: %s); reconnecting%s",
                         type(exc).__name__,
                         exc,
+                        _hint(exc),
                     )
                 else:
                     log.debug("Reconnecting failed: %r", exc)
@@ -881,3 +888,32 @@ class Subscriber:
 
 def _noop() -> None:
     """Wakes the I/O loop."""
+
+
+def _raise_if_closed(channel: BlockingChannel | None) -> None:
+    """Raise why ``channel`` was closed, if it was.
+
+    pika's ``connection.process_data_events()`` does not raise when the broker
+    closes a channel (e.g. a consumer timeout) but leaves its connection open;
+    without this the loss would go unnoticed until the next channel operation.
+    """
+    if channel is None or channel.is_open:
+        return
+    reason = getattr(channel, "_closing_reason", None)  # set by pika; absent: closed anyway
+    if isinstance(reason, pika.exceptions.AMQPChannelError):
+        raise reason
+    raise pika.exceptions.ChannelWrongStateError("the channel was closed")
+
+
+def _hint(exc: BaseException) -> str:
+    """Advice for the one loss whose cause a handler controls."""
+    if (
+        isinstance(exc, pika.exceptions.ChannelClosedByBroker)
+        and exc.reply_code == 406
+        and "timed out" in exc.reply_text
+    ):
+        return (
+            ". A handler ran longer than the broker's consumer_timeout; its event will be "
+            "redelivered. Raise consumer_timeout in rabbitmq.conf or make the handler faster"
+        )
+    return ""

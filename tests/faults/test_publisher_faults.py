@@ -1,0 +1,187 @@
+"""Publishing carries on through broker faults; a returned call was confirmed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from domain_event_broker import (
+    BrokerUnavailableError,
+    DomainEvent,
+    Publisher,
+    PublishTimeoutError,
+)
+
+from ..helpers import BROKER_URL, get_messages, queue_size, raw_connection, wait_for
+from .control import RabbitControl, library_records, unique
+from .proxy import TcpProxy
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(90)]
+
+PUBLISH_LOGGER = "domain_event_broker.publish"
+
+
+def _queue_for(names: Any) -> tuple[str, str]:
+    """A durable queue bound to the events exchange; returns (queue, routing key)."""
+    name = names.new("faults-pub")
+    routing_key = unique()
+    connection = raw_connection()
+    try:
+        channel = connection.channel()
+        channel.exchange_declare("domain-events", exchange_type="topic", durable=True)
+        channel.queue_declare(name, durable=True)
+        channel.queue_bind(name, "domain-events", routing_key=routing_key)
+    finally:
+        connection.close()
+    return name, routing_key
+
+
+def _uuids_in(name: str) -> list[str]:
+    return [DomainEvent.from_json(body).uuid_string for _, _, body in get_messages(name)]
+
+
+def _one_loss_one_recovery(caplog: pytest.LogCaptureFixture) -> None:
+    warnings = [r for r in library_records(caplog, logging.WARNING) if r.name == PUBLISH_LOGGER]
+    infos = [r for r in library_records(caplog, logging.INFO) if r.name == PUBLISH_LOGGER]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert len(infos) == 1, [r.getMessage() for r in infos]
+    assert all(r.exc_info is None for r in warnings + infos), "no tracebacks"
+
+
+def test_publish_after_connection_closed_by_broker(
+    rabbitmq: RabbitControl, names: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    name, routing_key = _queue_for(names)
+    with Publisher(BROKER_URL, timeout=20) as publisher:
+        first = publisher.publish_event(DomainEvent(routing_key, {"n": 1}))
+        rabbitmq.close_all_connections()
+        second = publisher.publish_event(DomainEvent(routing_key, {"n": 2}))
+    assert _uuids_in(name) == [first.uuid_string, second.uuid_string]
+    _one_loss_one_recovery(caplog)
+
+
+def test_publish_after_lost_socket(
+    names: Any, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    name, routing_key = _queue_for(names)
+    with Publisher(proxy.url(BROKER_URL), timeout=20) as publisher:
+        first = publisher.publish_event(DomainEvent(routing_key, {"n": 1}))
+        assert proxy.cut() == 1
+        second = publisher.publish_event(DomainEvent(routing_key, {"n": 2}))
+    assert proxy.accepted == 2
+    assert _uuids_in(name) == [first.uuid_string, second.uuid_string]
+    _one_loss_one_recovery(caplog)
+
+
+def test_publish_during_outage_retries_until_its_deadline(
+    rabbitmq: RabbitControl, names: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    name, routing_key = _queue_for(names)
+    publisher = Publisher(BROKER_URL, timeout=2)
+    publisher.connect()
+    rabbitmq.stop_app()
+
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailableError):
+        publisher.publish_event(DomainEvent(routing_key, {"n": "lost"}))
+    elapsed = time.monotonic() - started
+    assert 1.0 < elapsed < 4.0, elapsed
+
+    # A publish that starts during the outage and ends after it returns
+    # only once confirmed.
+    patient = Publisher(BROKER_URL, timeout=60)
+    outcome: list[Any] = []
+
+    def publish() -> None:
+        try:
+            outcome.append(patient.publish_event(DomainEvent(routing_key, {"n": "kept"})))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    rabbitmq.start_app()
+    thread.join(60)
+    patient.close()
+    publisher.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], DomainEvent), outcome
+    assert _uuids_in(name) == [outcome[0].uuid_string]
+
+
+def test_blocked_publish_fails_within_its_timeout(rabbitmq: RabbitControl, names: Any) -> None:
+    name, routing_key = _queue_for(names)
+    with Publisher(BROKER_URL, timeout=3) as publisher:
+        publisher.publish_event(DomainEvent(routing_key, {"n": 1}))
+        rabbitmq.set_memory_alarm()
+
+        started = time.monotonic()
+        with pytest.raises(PublishTimeoutError):
+            publisher.publish_event(DomainEvent(routing_key, {"n": "blocked"}))
+        elapsed = time.monotonic() - started
+        assert elapsed < 3 + 2, elapsed
+
+        rabbitmq.clear_memory_alarm()
+        publisher.publish_event(DomainEvent(routing_key, {"n": 2}))
+    # The blocked message may or may not have been taken in before the
+    # alarm; the two others were confirmed.
+    wait_for(lambda: (queue_size(name) or 0) >= 2)
+
+
+def test_publisher_fails_over_to_the_next_url(
+    names: Any, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first node (a proxy standing in for it) goes down: the second takes over."""
+    caplog.set_level(logging.INFO)
+    name, routing_key = _queue_for(names)
+    with Publisher([proxy.url(BROKER_URL), BROKER_URL], timeout=20) as publisher:
+        first = publisher.publish_event(DomainEvent(routing_key, {"n": 1}))
+        assert proxy.open_connections == 1
+        proxy.refuse()
+        proxy.cut()
+        second = publisher.publish_event(DomainEvent(routing_key, {"n": 2}))
+        assert proxy.open_connections == 0
+    assert _uuids_in(name) == [first.uuid_string, second.uuid_string]
+    _one_loss_one_recovery(caplog)
+
+
+def test_publish_on_a_silent_wire(
+    names: Any, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Missed heartbeats end the confirm wait; the publish goes out on a new connection."""
+    caplog.set_level(logging.INFO)
+    name, routing_key = _queue_for(names)
+    with Publisher(proxy.url(BROKER_URL, heartbeat="1"), timeout=20) as publisher:
+        first = publisher.publish_event(DomainEvent(routing_key, {"n": 1}))
+        proxy.freeze()
+        started = time.monotonic()
+        second = publisher.publish_event(DomainEvent(routing_key, {"n": 2}))
+        elapsed = time.monotonic() - started
+    assert proxy.accepted == 2
+    assert elapsed < 15, elapsed
+    # The frozen first attempt may or may not have reached the broker.
+    uuids = _uuids_in(name)
+    assert uuids[0] == first.uuid_string and uuids[-1] == second.uuid_string, uuids
+    _one_loss_one_recovery(caplog)
+
+
+def test_idle_connection_closed_for_missed_heartbeats_is_no_warning(
+    names: Any, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A blocking connection sends no heartbeats while idle; the broker closes it."""
+    caplog.set_level(logging.INFO)
+    name, routing_key = _queue_for(names)
+    with Publisher(proxy.url(BROKER_URL, heartbeat="1"), timeout=20) as publisher:
+        first = publisher.publish_event(DomainEvent(routing_key, {"n": 1}))
+        wait_for(lambda: proxy.open_connections == 0, timeout=20, message="the broker to close")
+        second = publisher.publish_event(DomainEvent(routing_key, {"n": 2}))
+    assert _uuids_in(name) == [first.uuid_string, second.uuid_string]
+    records = [r for r in caplog.records if r.name == PUBLISH_LOGGER]
+    assert [r.levelno for r in records] == [logging.INFO, logging.INFO], records
+    assert "idle" in records[0].getMessage()

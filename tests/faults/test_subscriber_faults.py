@@ -1,0 +1,339 @@
+"""A consuming Subscriber carries on through broker faults."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import urllib.parse
+import uuid
+from typing import Any
+
+import pytest
+
+from domain_event_broker import (
+    AuthenticationError,
+    DomainEvent,
+    Publisher,
+    Subscriber,
+)
+
+from ..helpers import BROKER_URL, queue_size, raw_connection, wait_for
+from .control import RabbitControl, Recorder, library_records, unique
+from .proxy import TcpProxy
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(90)]
+
+SUBSCRIBE_LOGGER = "domain_event_broker.subscribe"
+
+
+def _records(caplog: pytest.LogCaptureFixture, level: int, logger: str) -> list[logging.LogRecord]:
+    return [r for r in library_records(caplog, level) if r.name == logger]
+
+
+def _consuming(
+    names: Any, run_subscriber: Any, url: str | list[str] = BROKER_URL, handler: Any = None
+) -> tuple[Any, Recorder, str, str]:
+    name = names.new("faults")
+    routing_key = unique()
+    recorder = handler or Recorder()
+    subscriber = Subscriber(url, timeout=10)
+    subscriber.register(recorder, name, [routing_key])
+    runner = run_subscriber(subscriber)
+    return runner, recorder, name, routing_key
+
+
+def _publish(routing_key: str, n: int = 0) -> DomainEvent:
+    with Publisher(BROKER_URL, timeout=20) as publisher:
+        return publisher.publish_event(DomainEvent(routing_key, {"n": n}))
+
+
+def _receives(recorder: Recorder, event: DomainEvent, timeout: float = 30) -> None:
+    wait_for(
+        lambda: event.uuid_string in recorder.uuids(),
+        timeout=timeout,
+        message=f"the subscriber to receive {event.uuid_string}",
+    )
+
+
+def _one_loss_one_recovery(caplog: pytest.LogCaptureFixture, *fragments: str) -> None:
+    warnings = _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER)
+    infos = _records(caplog, logging.INFO, SUBSCRIBE_LOGGER)
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert len(infos) == 1, [r.getMessage() for r in infos]
+    assert "Reconnected" in infos[0].getMessage()
+    for fragment in fragments:
+        assert fragment in warnings[0].getMessage()
+    assert all(r.exc_info is None for r in warnings + infos), "no tracebacks"
+
+
+def test_connection_closed_by_broker(
+    rabbitmq: RabbitControl, names: Any, run_subscriber: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    runner, recorder, _, routing_key = _consuming(names, run_subscriber)
+    _receives(recorder, _publish(routing_key, 1))
+
+    rabbitmq.close_all_connections()
+    wait_for(
+        lambda: _records(caplog, logging.INFO, SUBSCRIBE_LOGGER),
+        timeout=30,
+        message="the subscriber to reconnect",
+    )
+
+    _receives(recorder, _publish(routing_key, 2))
+    runner.assert_running()
+    _one_loss_one_recovery(caplog, "320")
+    # Consumer, prefetch and confirm mode are restored on the new channel.
+    channels = rabbitmq.ctl(
+        "list_channels", "confirm", "prefetch_count", "consumer_count", "--no-table-headers"
+    )
+    assert any(line.split() == ["true", "20", "1"] for line in channels.splitlines()), channels
+    runner.stop()
+
+
+def test_broker_restart(
+    rabbitmq: RabbitControl, names: Any, run_subscriber: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    runner, recorder, _, routing_key = _consuming(names, run_subscriber)
+    _receives(recorder, _publish(routing_key, 1))
+
+    rabbitmq.stop_app()
+    wait_for(
+        lambda: _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER),
+        timeout=30,
+        message="the subscriber to notice",
+    )
+    runner.assert_running()
+    rabbitmq.start_app()
+
+    _receives(recorder, _publish(routing_key, 2))
+    runner.assert_running()
+    _one_loss_one_recovery(caplog)
+    runner.stop()
+
+
+def test_lost_socket(
+    names: Any, run_subscriber: Any, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    runner, recorder, _, routing_key = _consuming(names, run_subscriber, proxy.url(BROKER_URL))
+    _receives(recorder, _publish(routing_key, 1))
+
+    assert proxy.cut() == 1
+
+    _receives(recorder, _publish(routing_key, 2))
+    assert proxy.accepted == 2
+    runner.assert_running()
+    _one_loss_one_recovery(caplog)
+    runner.stop()
+
+
+def test_missed_heartbeats(
+    names: Any, run_subscriber: Any, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    url = proxy.url(BROKER_URL, heartbeat="1")
+    runner, recorder, _, routing_key = _consuming(names, run_subscriber, url)
+    _receives(recorder, _publish(routing_key, 1))
+
+    proxy.freeze()  # the wire goes silent; no FIN, no RST
+
+    wait_for(lambda: proxy.accepted == 2, timeout=30, message="a new connection")
+    _receives(recorder, _publish(routing_key, 2))
+    runner.assert_running()
+    _one_loss_one_recovery(caplog)
+    runner.stop()
+
+
+def test_wrong_password_is_raised_at_once(broker_url: str) -> None:
+    url = broker_url.replace("guest:guest@", "guest:wrong-password@")
+    assert url != broker_url
+    subscriber = Subscriber(url, timeout=60)
+    with pytest.raises(AuthenticationError) as raised:
+        subscriber.register(Recorder(), "faults-never-declared", ["faults.never"])
+    assert "wrong-password" not in str(raised.value)
+    publisher = Publisher(url, timeout=60)
+    with pytest.raises(AuthenticationError):
+        publisher.publish("{}", "faults.never")
+
+
+def test_refused_virtual_host_is_raised_at_once(broker_url: str) -> None:
+    url = broker_url.rsplit("/", 1)[0] + "/no-such-vhost-" + unique()
+    with pytest.raises(AuthenticationError):
+        Subscriber(url, timeout=60).register(Recorder(), "faults-never-declared", ["faults.never"])
+
+
+def test_in_flight_delivery_is_not_acked_on_the_new_channel(
+    rabbitmq: RabbitControl, names: Any, run_subscriber: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that returns after its channel died must not ack on the new one.
+
+    On the new channel the redelivery gets the same delivery tag (1): a stale
+    ack would acknowledge the redelivery before its handler ran. A second
+    loss while that redelivery is being handled tells: it must come a third
+    time, so it cannot have been acknowledged.
+    """
+    caplog.set_level(logging.INFO)
+    releases = [threading.Event(), threading.Event()]
+    seen: list[DomainEvent] = []
+
+    def handler(event: DomainEvent) -> None:
+        seen.append(event)
+        if len(seen) <= len(releases):
+            releases[len(seen) - 1].wait(30)
+
+    def reconnections() -> int:
+        return len(_records(caplog, logging.INFO, SUBSCRIBE_LOGGER))
+
+    runner, _, name, routing_key = _consuming(names, run_subscriber, handler=handler)
+    event = _publish(routing_key)
+    for run in (1, 2):
+        wait_for(lambda run=run: len(seen) == run, message=f"run {run} of the handler")
+        rabbitmq.close_all_connections()
+        wait_for(lambda run=run: reconnections() == run, timeout=30, message="a reconnection")
+        releases[run - 1].set()  # this run returns after its channel is gone
+
+    wait_for(lambda: len(seen) == 3, message="the second redelivery")
+    assert [e.uuid_string for e in seen] == [event.uuid_string] * 3
+    assert [e.redelivered for e in seen] == [False, True, True]
+    wait_for(lambda: queue_size(name) == 0, message="the queue to be empty")
+    runner.assert_running()
+    warnings = _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER)
+    assert len(warnings) == 2, [r.getMessage() for r in warnings]
+    assert reconnections() == 2
+
+
+def test_queue_deleted_under_running_subscriber(
+    names: Any, run_subscriber: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    runner, recorder, name, routing_key = _consuming(names, run_subscriber)
+    _receives(recorder, _publish(routing_key, 1))
+
+    connection = raw_connection()
+    connection.channel().queue_delete(name)
+    connection.close()
+
+    # Declared again, bound again, consumed again.
+    def consumed_again() -> bool:
+        connection = raw_connection()
+        try:
+            result = connection.channel().queue_declare(name, passive=True)
+            return bool(result.method.consumer_count == 1)
+        except Exception:
+            return False
+        finally:
+            if connection.is_open:
+                connection.close()
+
+    wait_for(consumed_again, timeout=30, message="the queue to be declared and consumed again")
+    _receives(recorder, _publish(routing_key, 2))
+    runner.assert_running()
+    warnings = _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER)
+    assert len(warnings) == 1 and "cancelled" in warnings[0].getMessage()
+    runner.stop()
+
+
+@pytest.mark.slow
+def test_handler_past_consumer_timeout(
+    rabbitmq: RabbitControl, names: Any, run_subscriber: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker closes the channel (406); the worker survives, the event comes again."""
+    caplog.set_level(logging.INFO)
+    # Read by each new channel: a 2 s consumer timeout, checked twice a second.
+    rabbitmq.set_env(consumer_timeout=2000, channel_tick_interval=500)
+    seen: list[DomainEvent] = []
+
+    def handler(event: DomainEvent) -> None:
+        seen.append(event)
+        if len(seen) == 1:  # overrun the consumer timeout
+            wait_for(
+                lambda: _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER),
+                timeout=30,
+                message="the broker to close the channel",
+            )
+
+    runner, _, name, routing_key = _consuming(names, run_subscriber, handler=handler)
+    event = _publish(routing_key, 1)
+    wait_for(lambda: len(seen) == 2, timeout=40, message="the redelivery")
+    assert [e.uuid_string for e in seen] == [event.uuid_string] * 2
+    assert [e.redelivered for e in seen] == [False, True]
+    later = _publish(routing_key, 2)
+    wait_for(lambda: len(seen) == 3, message="the next event")
+    assert seen[2].uuid_string == later.uuid_string
+    wait_for(lambda: queue_size(name) == 0)
+    runner.assert_running()
+    _one_loss_one_recovery(caplog, "consumer_timeout")
+    runner.stop()
+
+
+def test_failover_to_the_next_url(
+    names: Any, run_subscriber: Any, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first node (a proxy standing in for it) goes down: the second takes over."""
+    caplog.set_level(logging.INFO)
+    urls = [proxy.url(BROKER_URL), BROKER_URL]
+    runner, recorder, _, routing_key = _consuming(names, run_subscriber, urls)
+    _receives(recorder, _publish(routing_key, 1))
+    assert proxy.open_connections == 1  # the first URL was used
+
+    proxy.refuse()
+    proxy.cut()
+
+    _receives(recorder, _publish(routing_key, 2))
+    assert proxy.open_connections == 0
+    runner.assert_running()
+    _one_loss_one_recovery(caplog)
+    runner.stop()
+
+
+def test_stop_consuming_during_an_outage(
+    rabbitmq: RabbitControl, names: Any, run_subscriber: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop request is not held up by reconnection attempts."""
+    caplog.set_level(logging.INFO)
+    name = names.new("faults")
+    subscriber = Subscriber(BROKER_URL, timeout=60)
+    subscriber.register(Recorder(), name, [unique()])
+    runner = run_subscriber(subscriber)
+    wait_for(lambda: subscriber._consuming_on is not None, message="consuming")
+    rabbitmq.stop_app()
+    wait_for(
+        lambda: _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER),
+        timeout=30,
+        message="the subscriber to notice",
+    )
+    started = time.monotonic()
+    subscriber.stop_consuming()
+    assert runner.returned.wait(10), "start_consuming() kept reconnecting after stop"
+    assert time.monotonic() - started < 10
+    assert runner.error is None
+
+
+def test_credentials_revoked_while_consuming(
+    rabbitmq: RabbitControl, names: Any, run_subscriber: Any, broker_url: str
+) -> None:
+    """After a loss, refused credentials end start_consuming() with an error, at once."""
+    user = f"faults-{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    rabbitmq.ctl("add_user", user, password)
+    try:
+        rabbitmq.ctl("set_permissions", "-p", rabbitmq.vhost, user, ".*", ".*", ".*")
+        parts = urllib.parse.urlsplit(broker_url)
+        host = parts.netloc.rpartition("@")[2]
+        url = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+        runner, recorder, _, routing_key = _consuming(names, run_subscriber, url)
+        _receives(recorder, _publish(routing_key, 1))
+
+        rabbitmq.ctl("delete_user", user)
+        rabbitmq.close_all_connections()
+
+        assert runner.returned.wait(30), "start_consuming() kept retrying refused credentials"
+        assert isinstance(runner.error, AuthenticationError), runner.error
+        assert password not in str(runner.error)
+    finally:
+        with contextlib.suppress(RuntimeError):
+            rabbitmq.ctl("delete_user", user)
