@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from domain_event_broker import DomainEvent
+from domain_event_broker._config import redact
 
 from .conftest import Names
-from .helpers import get_messages, queue_exists, queue_size, raw_connection, wait_for
+from .helpers import BROKER_URL, get_messages, queue_exists, queue_size, raw_connection, wait_for
 from .replay_helpers import (
     dead_letter_302_style,
     dead_letter_library_style,
@@ -441,7 +442,7 @@ def test_missing_dead_letter_queue_is_one_line(names: Names) -> None:
         assert result.returncode == 1
         assert result.stderr.splitlines() == [
             f"domain-event-broker: error: handler {name!r} has no dead-letter queue "
-            f"'{name}-dl' on amqp://guest:***@localhost:5672/%2F (was it registered with "
+            f"'{name}-dl' on {redact(BROKER_URL)} (was it registered with "
             "dead_letter=True?)",
             "domain-event-broker: (run with --verbose for details)",
         ]
