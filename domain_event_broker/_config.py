@@ -123,16 +123,26 @@ def default_timeout(timeout: float | _Unset = UNSET) -> float:
 
 
 def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
+    """``url`` with its password replaced by ``***``.
+
+    Works on malformed URLs too (e.g. a password holding an unescaped ``/``,
+    ``?`` or ``#``), so that error messages about them stay free of secrets.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
         return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{hostpart}"
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` with ``url``'s password (if any) removed."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    secret = userinfo.partition(":")[2]
+    return text.replace(secret, "***") if secret else text
 
 
 @dataclass(frozen=True)
@@ -193,9 +203,22 @@ def _parse_urls(urls: tuple[str, ...]) -> tuple[tuple[str, frozenset[str]], ...]
         shown = redact(url)
         try:
             parts = urllib.parse.urlsplit(url)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"malformed AMQP URL {shown!r}: {_scrub(str(exc), url)}"
+            ) from None
+        if "@" in url and "@" not in parts.netloc:
+            # e.g. "amqp://user:pa/ss@host": urllib would read "pa" as the port.
+            raise ConfigurationError(
+                f"malformed AMQP URL {shown!r}: a '/', '?', '#' or '@' in the user "
+                f"name or password must be percent-encoded"
+            )
+        try:
             parts.port  # noqa: B018  # raises ValueError on a bad port
         except ValueError as exc:
-            raise ConfigurationError(f"malformed AMQP URL {shown!r}: {exc}") from None
+            raise ConfigurationError(
+                f"malformed AMQP URL {shown!r}: {_scrub(str(exc), url)}"
+            ) from None
         if parts.scheme not in ("amqp", "amqps"):
             raise ConfigurationError(
                 f"malformed AMQP URL {shown!r}: the scheme must be amqp:// or amqps://"
@@ -205,7 +228,9 @@ def _parse_urls(urls: tuple[str, ...]) -> tuple[tuple[str, frozenset[str]], ...]
         try:
             pika.URLParameters(url)
         except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"malformed AMQP URL {shown!r}: {exc}") from None
+            raise ConfigurationError(
+                f"malformed AMQP URL {shown!r}: {_scrub(str(exc), url)}"
+            ) from None
         explicit = frozenset(urllib.parse.parse_qs(parts.query))
         parsed.append((url, explicit))
     return tuple(parsed)
