@@ -35,15 +35,30 @@ log = logging.getLogger(__name__)
 #: delivery_mode for messages that survive a broker restart.
 PERSISTENT: Final = 2
 
-#: Channel errors that retrying will not fix (access refused, not found,
-#: precondition failed): raised at once.
-_FATAL_CHANNEL_CODES: Final = frozenset({403, 404, 406})
+#: Channel errors that retrying will not fix (access refused, precondition
+#: failed): raised at once. 404 NOT_FOUND is not among them: the exchange was
+#: deleted after it was declared, and reconnecting declares it again.
+_FATAL_CHANNEL_CODES: Final = frozenset({403, 406})
 
 #: Connections left behind by a parent process: never touched, never closed
 #: (closing would write on the parent's socket), only kept from the GC.
 _abandoned: list[object] = []
 
 _live_publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
+
+
+#: The AMQP ``timestamp`` property is an unsigned 64-bit integer.
+_MAX_AMQP_TIMESTAMP: Final = 2**64 - 1
+
+
+def _amqp_timestamp(timestamp: object) -> int | None:
+    """The event's timestamp as the AMQP property, or ``None`` when it cannot
+    be one (3.0.2 accepted any JSON value, e.g. a negative or a str)."""
+    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
+        return None
+    if not 0 <= timestamp <= _MAX_AMQP_TIMESTAMP:  # also rejects NaN
+        return None
+    return int(timestamp)
 
 
 class Publisher:
@@ -181,7 +196,7 @@ class Publisher:
             delivery_mode=PERSISTENT,
             content_type="application/json",
             message_id=event.uuid_string,
-            timestamp=int(event.timestamp),
+            timestamp=_amqp_timestamp(event.timestamp),
             headers=dict(headers) if headers else None,
         )
         self._publish(body, event.routing_key, properties)
