@@ -9,6 +9,7 @@ import logging
 import os
 import select
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -300,14 +301,24 @@ def run_in_child(action: Callable[[], str]) -> str:
             os._exit(code)
     os.close(write_end)
     try:
-        _, status = os.waitpid(pid, 0)
+
+        def reaped() -> tuple[int] | None:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            return (status,) if done else None
+
+        (status,) = wait_for(reaped, timeout=30, message="the child to exit")
         output = os.read(read_end, 1000).decode("utf-8")
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
     finally:
         os.close(read_end)
     assert os.waitstatus_to_exitcode(status) == 0, "the child failed (see its stderr)"
     return output
 
 
+@pytest.mark.timeout(60)  # a child writing on the parent's socket can wedge it
 @pytest.mark.parametrize("child_publishes", [True, False])
 def test_fork_child_publishes_on_its_own_connection(
     inbox: Inbox, connects: list[str], child_publishes: bool
@@ -333,6 +344,7 @@ def test_fork_child_publishes_on_its_own_connection(
     assert sorted(e.uuid_string for e in inbox.events()) == sorted(expected)
 
 
+@pytest.mark.timeout(60)
 def test_fork_with_an_explicit_publisher(inbox: Inbox, connects: list[str]) -> None:
     with Publisher() as publisher:
         publisher.publish_event(DomainEvent(inbox.key, {"who": "parent"}))
