@@ -16,7 +16,7 @@ import threading
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Union
+from typing import Final
 
 import pika
 
@@ -59,12 +59,12 @@ UNSET: Final = _Unset()
 
 #: What ``connection_settings`` accepts: a URL, several URLs of one
 #: cluster, ``None`` (no broker), or :data:`UNSET` (the default).
-ConnectionSettings = Union[str, Sequence[str], None, _Unset]
+ConnectionSettings = str | Sequence[str] | _Unset | None
 
 
 @dataclass
 class _Defaults:
-    broker: str | Sequence[str] | None | _Unset = UNSET
+    broker: str | Sequence[str] | _Unset | None = UNSET
     timeout: float = DEFAULT_TIMEOUT
 
 
@@ -74,7 +74,7 @@ _defaults_lock = threading.Lock()
 
 def configure(
     *,
-    broker: str | Sequence[str] | None | _Unset = UNSET,
+    broker: str | Sequence[str] | _Unset | None = UNSET,
     timeout: float | _Unset = UNSET,
 ) -> None:
     """Set process-wide defaults used when an argument is left out.
@@ -247,7 +247,7 @@ def resolve(
         ConfigurationError: a URL is malformed.
     """
     seconds = default_timeout(timeout)
-    settings: str | Sequence[str] | None | _Unset = connection_settings
+    settings: str | Sequence[str] | _Unset | None = connection_settings
     if isinstance(settings, str) and not settings.strip():
         # 3.0.2 used '' to mean "the default broker".
         settings = UNSET

@@ -112,7 +112,9 @@ class DomainEvent:
         try:
             return json.dumps(self.event_data)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"domain event {self.routing_key!r} is not JSON-serializable: {exc}") from exc
+            raise TypeError(
+                f"domain event {self.routing_key!r} is not JSON-serializable: {exc}"
+            ) from exc
 
     @classmethod
     def from_json(cls, json_data: str | bytes | bytearray) -> DomainEvent:

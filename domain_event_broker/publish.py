@@ -343,7 +343,7 @@ def close_shared_publishers() -> None:
 
 
 def _reinit_after_fork() -> None:
-    global _shared_lock
+    global _shared_lock  # noqa: PLW0603  # the parent's lock may be held by a thread that is gone
     _shared_lock = threading.Lock()
     for publisher in list(_live_publishers):
         publisher._after_fork_in_child()
@@ -397,4 +397,3 @@ def publish_domain_event(
     if config is None:
         return event
     return _shared_publisher(config)._publish_event(event, body)
-

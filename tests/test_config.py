@@ -98,9 +98,7 @@ def test_empty_argument_means_the_default_as_in_302(
 
 
 @pytest.mark.parametrize("empty", ["", "  "])
-def test_empty_environment_variable_is_ignored(
-    empty: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_empty_environment_variable_is_ignored(empty: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, empty)
     configure(broker=CONFIGURED)
     assert urls() == (CONFIGURED,)

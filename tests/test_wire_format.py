@@ -38,15 +38,19 @@ Run302 = Callable[[str, Any], Any]
 def find_302_wheel() -> Path | None:
     pattern = f"domain_event_broker-{VERSION_302}-*.whl"
     candidates = [os.environ.get("DEB302_WHEEL", "")]
-    candidates += sorted(glob.glob(str(ROOT / "build" / "**" / pattern), recursive=True))
-    candidates += sorted(glob.glob(f"/tmp/deb302/{pattern}"))
+    candidates += [
+        *sorted(glob.glob(str(ROOT / "build" / "**" / pattern), recursive=True)),
+        *sorted(glob.glob(f"/tmp/deb302/{pattern}")),
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     target = ROOT / "build" / "wheel-302"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--dest", str(target)]
-        + [f"domain-event-broker=={VERSION_302}"],
+        [
+            *(sys.executable, "-m", "pip", "download", "-q", "--no-deps"),
+            *("--dest", str(target), f"domain-event-broker=={VERSION_302}"),
+        ],
         capture_output=True,
         timeout=300,
         check=False,
@@ -66,8 +70,9 @@ def run_302() -> Run302:
         pytest.skip(message)
 
     def run(code: str, given: Any) -> Any:
-        script = textwrap.dedent(
-            f"""
+        script = (
+            textwrap.dedent(
+                f"""
             import pickle, sys
             sys.path.insert(0, {str(wheel)!r})
             import domain_event_broker
@@ -75,7 +80,10 @@ def run_302() -> Run302:
             assert domain_event_broker.__file__.startswith({str(wheel)!r})
             given = pickle.load(sys.stdin.buffer)
             """
-        ) + textwrap.dedent(code) + "\nsys.stdout.buffer.write(pickle.dumps(result))\n"
+            )
+            + textwrap.dedent(code)
+            + "\nsys.stdout.buffer.write(pickle.dumps(result))\n"
+        )
         completed = subprocess.run(
             [sys.executable, "-I", "-c", script],
             input=pickle.dumps(given),
@@ -92,7 +100,7 @@ def run_302() -> Run302:
 #: (routing_key, data, domain_object_id, uuid_string, timestamp)
 CASES: list[tuple[Any, ...]] = [
     ("user.registered", {"name": "Ada", "id": 1}, "user-1", "2f1f0c4e-uuid", 1500000000.123456),
-    ("user.registered", {"text": "Zoë — ☃ 😀 \"quoted\" \\ \n tab\t"}, None, "u", 1.0),
+    ("user.registered", {"text": 'Zoë — ☃ 😀 "quoted" \\ \n tab\t'}, None, "u", 1.0),
     ("a.b", {"nested": {"list": [1, 2.5, None, True, False, "x"], "empty": {}}}, "", "u", 0),
     ("a.b", None, None, "u", 1700000000),
     ("a.b", [1, "two", 3.0], 42, "u", 1.0000000000000002),
@@ -115,7 +123,7 @@ def test_json_bytes_match_302_for_the_same_event(run_302: Run302) -> None:
         CASES,
     )
     ours = [DomainEvent(*case).to_json() for case in CASES]
-    for case, mine, theirs in zip(CASES, ours, expected):
+    for case, mine, theirs in zip(CASES, ours, expected, strict=True):
         assert mine == theirs, case
 
 
@@ -152,7 +160,7 @@ def test_302_decodes_what_we_write_and_we_decode_what_302_writes(run_302: Run302
         {"ours": ours, "cases": CASES[:7]},
     )
     assert theirs["decoded"] == [DomainEvent(*case).event_data for case in CASES[:7]]
-    for body, case in zip(theirs["written"], CASES[:7]):
+    for body, case in zip(theirs["written"], CASES[:7], strict=True):
         assert DomainEvent.from_json(body) == DomainEvent(*case)
         assert DomainEvent.from_json(body.encode("utf-8")) == DomainEvent(*case)
 
