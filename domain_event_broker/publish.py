@@ -274,6 +274,15 @@ class Publisher:
             )
         except CONNECTION_ERRORS as exc:
             close_quietly(connection)
+            if (
+                isinstance(exc, pika.exceptions.ChannelClosedByBroker)
+                and exc.reply_code in _FATAL_CHANNEL_CODES
+            ):
+                # e.g. 406: the exchange exists with another type or durability.
+                raise PublishError(
+                    f"declaring exchange {self.exchange!r} ({self.exchange_type}, durable): "
+                    f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"
+                ) from exc
             raise translate_pika_error(exc, f"declaring exchange {self.exchange!r}") from exc
         self._connection = connection
         self._channel = channel

@@ -31,6 +31,7 @@ from domain_event_broker import (
     BrokerUnavailableError,
     ConfigurationError,
     DomainEvent,
+    PublishError,
     Publisher,
     configure,
     publish_domain_event,
@@ -712,6 +713,22 @@ def test_custom_exchange_is_declared_durable(channel: BlockingChannel, names: Na
         publisher.connect()
     # Declaring it again as a durable fanout must not raise PRECONDITION_FAILED.
     channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
+
+
+def test_exchange_declared_with_another_type_is_a_publish_error(
+    channel: BlockingChannel, names: Names
+) -> None:
+    exchange = names.new("test-exchange")
+    names.exchanges.append(exchange)
+    channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
+    publisher = Publisher(exchange=exchange, exchange_type="topic")
+    started = time.monotonic()
+    with pytest.raises(PublishError, match="406") as info:
+        publisher.publish("{}", "a.b")
+    assert time.monotonic() - started < 5.0  # not retried: it cannot get better
+    assert isinstance(info.value.__cause__, pika.exceptions.ChannelClosedByBroker)
+    with pytest.raises(PublishError):
+        publisher.connect()
 
 
 def test_recovers_when_its_exchange_was_deleted(
