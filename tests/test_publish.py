@@ -31,8 +31,8 @@ from domain_event_broker import (
     BrokerUnavailableError,
     ConfigurationError,
     DomainEvent,
-    PublishError,
     Publisher,
+    PublishError,
     configure,
     publish_domain_event,
 )
