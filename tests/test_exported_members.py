@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import types
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +86,15 @@ def test_every_exported_exception_derives_from_the_root() -> None:
 def test_version_is_a_string() -> None:
     assert isinstance(domain_event_broker.__version__, str)
     assert domain_event_broker.__version__
+
+
+def test_every_public_name_is_in_the_api_reference() -> None:
+    api = Path(__file__).resolve().parent.parent / "docs" / "api.rst"
+    text = api.read_text(encoding="utf-8")
+    missing = [
+        name
+        for name in domain_event_broker.__all__
+        if name != "__version__"
+        and not re.search(rf"^\.\. auto\w+:: {re.escape(name)}$|^\.\. data:: {name}$", text, re.M)
+    ]
+    assert missing == [], f"add these to {api.name}"
