@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 project = "domain-event-broker"
 author = "domain-event-broker contributors"
-copyright = "domain-event-broker contributors"  # noqa: A001  # Sphinx's name for it
+copyright = "domain-event-broker contributors"
 try:
     release = version("domain-event-broker")
 except PackageNotFoundError:
