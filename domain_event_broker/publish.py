@@ -209,7 +209,7 @@ class Publisher:
         with self._lock:
             while True:
                 try:
-                    self._ensure_open(deadline - time.monotonic())
+                    self._open(deadline - time.monotonic())
                     assert self._channel is not None
                     self._channel.basic_publish(
                         exchange=self.exchange,
@@ -247,8 +247,26 @@ class Publisher:
 
     # -- connection management ------------------------------------------------
 
-    def _ensure_open(self, time_left: float | None = None) -> None:
-        """Open connection and channel if needed. Caller holds the lock."""
+    def _ensure_open(self) -> None:
+        """Open connection and channel if needed. Caller holds the lock.
+
+        Raises only library errors (see :meth:`_open`).
+        """
+        try:
+            self._open()
+        except CONNECTION_ERRORS as exc:
+            assert self._config is not None
+            raise translate_pika_error(exc, f"opening a channel on {self._config.display}") from exc
+
+    def _open(self, time_left: float | None = None) -> None:
+        """Open connection and channel if needed. Caller holds the lock.
+
+        Raises:
+            AuthenticationError, BrokerUnavailableError: from connecting.
+            PublishError: the broker refused the exchange declaration.
+            CONNECTION_ERRORS: the new connection or channel failed right away
+                (the caller may retry).
+        """
         if self._config is None:
             return
         if self._pid != os.getpid():
@@ -283,7 +301,7 @@ class Publisher:
                     f"declaring exchange {self.exchange!r} ({self.exchange_type}, durable): "
                     f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"
                 ) from exc
-            raise translate_pika_error(exc, f"declaring exchange {self.exchange!r}") from exc
+            raise
         self._connection = connection
         self._channel = channel
         log.debug("Publisher connected to %s", self._config.display)

@@ -10,6 +10,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -676,6 +677,69 @@ def test_reconnects_after_the_broker_closed_its_connection(
         publisher.publish("{}", inbox.key)
     assert len(connects) == 2
     assert len(inbox.wait(2)) == 2
+
+
+def test_failure_right_after_connecting_is_retried(
+    inbox: Inbox, connects: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = BlockingChannel.confirm_delivery
+    failures = [pika.exceptions.StreamLostError("test: lost right after connecting")]
+
+    def flaky(self: BlockingChannel) -> None:
+        if failures:
+            raise failures.pop()
+        real(self)
+
+    monkeypatch.setattr(BlockingChannel, "confirm_delivery", flaky)
+    publish_domain_event(inbox.key, {})
+    assert failures == []
+    assert len(connects) == 2
+    assert len(inbox.wait(1)) == 1
+
+
+def test_pika_errors_from_the_properties_are_translated(
+    broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: BlockingChannel) -> None:
+        raise pika.exceptions.StreamLostError("test: lost")
+
+    monkeypatch.setattr(BlockingChannel, "confirm_delivery", broken)
+    publisher = Publisher()
+    with pytest.raises(BrokerUnavailableError) as info:
+        publisher.channel  # noqa: B018
+    assert isinstance(info.value.__cause__, pika.exceptions.StreamLostError)
+
+
+@pytest.fixture
+def tarpit() -> Iterator[str]:
+    """A URL whose port accepts TCP connections but never speaks AMQP."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"amqp://guest:guest@127.0.0.1:{listener.getsockname()[1]}/%2F"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_connection.connect lets pika's AMQPConnectorStackTimeout escape untranslated "
+    "and stops there instead of trying the next node (owned elsewhere; reported)",
+)
+def test_a_node_that_never_answers_is_skipped_for_the_next(
+    inbox: Inbox, tarpit: str, broker_url: str
+) -> None:
+    with Publisher([tarpit, broker_url], timeout=5) as publisher:
+        publisher.publish("{}", inbox.key)
+    assert len(inbox.wait(1)) == 1
+
+
+@pytest.mark.xfail(
+    strict=True, reason="as above: pika's AMQPConnectorStackTimeout is not translated"
+)
+def test_a_node_that_never_answers_fails_with_a_library_error(tarpit: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailableError):
+        Publisher(tarpit, timeout=1).publish("{}", "a.b")
+    assert time.monotonic() - started < 1 + 1.0
 
 
 def test_connection_and_channel_connect_lazily(connects: list[str], broker_url: str) -> None:
