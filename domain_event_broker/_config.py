@@ -35,6 +35,10 @@ DEFAULT_TIMEOUT: Final = 30.0
 SOCKET_TIMEOUT: Final = 10.0
 STACK_TIMEOUT: Final = 15.0
 
+#: AMQP heartbeat (seconds) asked for unless the URL sets one: a dead peer is
+#: noticed even while waiting for a confirm, also when the broker proposes 0.
+HEARTBEAT: Final = 60
+
 
 class _Unset:
     """Type of :data:`UNSET`: "use the configured default"."""
@@ -70,6 +74,15 @@ class _Defaults:
 
 _defaults = _Defaults()
 _defaults_lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    # A thread of the parent may have held the lock at fork time.
+    global _defaults_lock  # noqa: PLW0603  # rebinding the module's lock is the point
+    _defaults_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def configure(
@@ -171,6 +184,8 @@ class BrokerConfig:
                 params.stack_timeout = max(0.1, min(STACK_TIMEOUT, time_left))
             if "blocked_connection_timeout" not in explicit:
                 params.blocked_connection_timeout = self.timeout
+            if "heartbeat" not in explicit:
+                params.heartbeat = HEARTBEAT
             params.connection_attempts = 1
             params.client_properties = {"connection_name": connection_name}
             result.append(params)

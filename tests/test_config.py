@@ -254,6 +254,7 @@ def test_parameters_bound_every_wait() -> None:
     assert params.socket_timeout == 3.0
     assert params.stack_timeout == 3.0
     assert params.blocked_connection_timeout == 7.0
+    assert params.heartbeat == 60  # also when the broker proposes 0 (off)
     assert params.client_properties == {"connection_name": "my connection"}
 
 
