@@ -94,8 +94,9 @@ def configure(
 
     Args:
         broker: default AMQP URL, or list of URLs of one cluster, or ``None``
-            to disable publishing. The ``DOMAIN_EVENT_BROKER`` environment
-            variable still takes precedence, so operators can override it.
+            to disable publishing; ``''`` restores the built-in default. The
+            ``DOMAIN_EVENT_BROKER`` environment variable still takes
+            precedence, so operators can override it.
         timeout: seconds a connect or a publish may take, reconnection
             attempts included, before a :class:`BrokerError` is raised.
 
@@ -105,7 +106,10 @@ def configure(
     .. versionadded:: 4.0
     """
     with _defaults_lock:
-        if not isinstance(broker, _Unset):
+        if isinstance(broker, str) and not broker.strip():
+            # '' meant "the default broker" in 3.0.2 (e.g. an empty Django setting).
+            _defaults.broker = UNSET
+        elif not isinstance(broker, _Unset):
             if broker is not None:
                 _parse_urls(_as_tuple(broker))
             _defaults.broker = broker

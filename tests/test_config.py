@@ -109,6 +109,13 @@ def test_explicit_unset_argument_means_the_default() -> None:
     assert urls(UNSET) == (CONFIGURED,)
 
 
+@pytest.mark.parametrize("empty", ["", " "])
+def test_configure_empty_string_restores_the_default_broker(empty: str) -> None:
+    configure(broker=CONFIGURED)
+    configure(broker=empty)
+    assert urls() == (DEFAULT_URL,)
+
+
 def test_reset_defaults_undoes_configure() -> None:
     configure(broker=CONFIGURED, timeout=3)
     reset_defaults()
