@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -289,7 +290,11 @@ def run_in_child(action: Callable[[], str]) -> str:
     """Fork; run ``action`` in the child, then what a normal exit runs
     (atexit handlers); return what ``action`` returned. Fails if it raised."""
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns when forking with threads alive (e.g. a lingering
+        # thread of another test); a wedged child is caught by the bound below.
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
