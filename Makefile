@@ -54,10 +54,13 @@ lint: $(VENV)/.dev
 docs: $(VENV)/.dev
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs build/docs
 
-# Interpreters installed with pyenv are put on PATH so tox finds them all.
-PYENV_BINS := $(subst $(eval) ,:,$(wildcard $(HOME)/.pyenv/versions/3.1[0-9]*/bin))
+# tox finds python3.1x on PATH; add the pyenv interpreters where they exist.
+empty :=
+space := $(empty) $(empty)
+PYENV_BINS := $(subst $(space),:,$(strip $(wildcard $(HOME)/.pyenv/versions/3.1[0-9]*/bin)))
+
 tox: $(VENV)/.dev broker
-	PATH="$(PYENV_BINS):$$PATH" $(BIN)/tox $(TOX_ARGS)
+	PATH="$(if $(PYENV_BINS),$(PYENV_BINS):)$$PATH" $(BIN)/tox $(TOX_ARGS)
 
 bench: $(VENV)/.core broker
 	$(VPY) benchmarks/run_all.py

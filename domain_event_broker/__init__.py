@@ -5,8 +5,9 @@ submodules are implementation details, apart from the ``transport`` and
 ``replay`` modules kept for code written against 3.0.2.
 """
 
-import logging
-from importlib.metadata import PackageNotFoundError, version
+import logging as _logging
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 from ._config import UNSET, configure, reset_defaults
 from .errors import (
@@ -27,11 +28,11 @@ from .replay import DISCARD, LEAVE, RETRY, replay_all, replay_event, retry_event
 from .subscribe import Retry, Subscriber
 
 try:
-    __version__ = version("domain-event-broker")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _version("domain-event-broker")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "DISCARD",

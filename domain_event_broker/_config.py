@@ -16,7 +16,7 @@ import threading
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Union
+from typing import Final
 
 import pika
 
@@ -34,6 +34,10 @@ DEFAULT_TIMEOUT: Final = 30.0
 #: Per-attempt limits, further capped by what is left of the deadline.
 SOCKET_TIMEOUT: Final = 10.0
 STACK_TIMEOUT: Final = 15.0
+
+#: AMQP heartbeat (seconds) asked for unless the URL sets one: a dead peer is
+#: noticed even while waiting for a confirm, also when the broker proposes 0.
+HEARTBEAT: Final = 60
 
 
 class _Unset:
@@ -59,12 +63,12 @@ UNSET: Final = _Unset()
 
 #: What ``connection_settings`` accepts: a URL, several URLs of one
 #: cluster, ``None`` (no broker), or :data:`UNSET` (the default).
-ConnectionSettings = Union[str, Sequence[str], None, _Unset]
+ConnectionSettings = str | Sequence[str] | _Unset | None
 
 
 @dataclass
 class _Defaults:
-    broker: str | Sequence[str] | None | _Unset = UNSET
+    broker: str | Sequence[str] | _Unset | None = UNSET
     timeout: float = DEFAULT_TIMEOUT
 
 
@@ -72,17 +76,27 @@ _defaults = _Defaults()
 _defaults_lock = threading.Lock()
 
 
+def _new_lock_after_fork() -> None:
+    # A thread of the parent may have held the lock at fork time.
+    global _defaults_lock  # noqa: PLW0603  # rebinding the module's lock is the point
+    _defaults_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 def configure(
     *,
-    broker: str | Sequence[str] | None | _Unset = UNSET,
+    broker: str | Sequence[str] | _Unset | None = UNSET,
     timeout: float | _Unset = UNSET,
 ) -> None:
     """Set process-wide defaults used when an argument is left out.
 
     Args:
         broker: default AMQP URL, or list of URLs of one cluster, or ``None``
-            to disable publishing. The ``DOMAIN_EVENT_BROKER`` environment
-            variable still takes precedence, so operators can override it.
+            to disable publishing; ``''`` restores the built-in default. The
+            ``DOMAIN_EVENT_BROKER`` environment variable still takes
+            precedence, so operators can override it.
         timeout: seconds a connect or a publish may take, reconnection
             attempts included, before a :class:`BrokerError` is raised.
 
@@ -92,7 +106,10 @@ def configure(
     .. versionadded:: 4.0
     """
     with _defaults_lock:
-        if not isinstance(broker, _Unset):
+        if isinstance(broker, str) and not broker.strip():
+            # '' meant "the default broker" in 3.0.2 (e.g. an empty Django setting).
+            _defaults.broker = UNSET
+        elif not isinstance(broker, _Unset):
             if broker is not None:
                 _parse_urls(_as_tuple(broker))
             _defaults.broker = broker
@@ -123,16 +140,26 @@ def default_timeout(timeout: float | _Unset = UNSET) -> float:
 
 
 def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
+    """``url`` with its password replaced by ``***``.
+
+    Works on malformed URLs too (e.g. a password holding an unescaped ``/``,
+    ``?`` or ``#``), so that error messages about them stay free of secrets.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
         return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{hostpart}"
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` with ``url``'s password (if any) removed."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    secret = userinfo.partition(":")[2]
+    return text.replace(secret, "***") if secret else text
 
 
 @dataclass(frozen=True)
@@ -161,6 +188,8 @@ class BrokerConfig:
                 params.stack_timeout = max(0.1, min(STACK_TIMEOUT, time_left))
             if "blocked_connection_timeout" not in explicit:
                 params.blocked_connection_timeout = self.timeout
+            if "heartbeat" not in explicit:
+                params.heartbeat = HEARTBEAT
             params.connection_attempts = 1
             params.client_properties = {"connection_name": connection_name}
             result.append(params)
@@ -193,9 +222,22 @@ def _parse_urls(urls: tuple[str, ...]) -> tuple[tuple[str, frozenset[str]], ...]
         shown = redact(url)
         try:
             parts = urllib.parse.urlsplit(url)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"malformed AMQP URL {shown!r}: {_scrub(str(exc), url)}"
+            ) from None
+        if "@" in url and "@" not in parts.netloc:
+            # e.g. "amqp://user:pa/ss@host": urllib would read "pa" as the port.
+            raise ConfigurationError(
+                f"malformed AMQP URL {shown!r}: a '/', '?', '#' or '@' in the user "
+                f"name or password must be percent-encoded"
+            )
+        try:
             parts.port  # noqa: B018  # raises ValueError on a bad port
         except ValueError as exc:
-            raise ConfigurationError(f"malformed AMQP URL {shown!r}: {exc}") from None
+            raise ConfigurationError(
+                f"malformed AMQP URL {shown!r}: {_scrub(str(exc), url)}"
+            ) from None
         if parts.scheme not in ("amqp", "amqps"):
             raise ConfigurationError(
                 f"malformed AMQP URL {shown!r}: the scheme must be amqp:// or amqps://"
@@ -205,7 +247,9 @@ def _parse_urls(urls: tuple[str, ...]) -> tuple[tuple[str, frozenset[str]], ...]
         try:
             pika.URLParameters(url)
         except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"malformed AMQP URL {shown!r}: {exc}") from None
+            raise ConfigurationError(
+                f"malformed AMQP URL {shown!r}: {_scrub(str(exc), url)}"
+            ) from None
         explicit = frozenset(urllib.parse.parse_qs(parts.query))
         parsed.append((url, explicit))
     return tuple(parsed)
@@ -222,7 +266,7 @@ def resolve(
         ConfigurationError: a URL is malformed.
     """
     seconds = default_timeout(timeout)
-    settings: str | Sequence[str] | None | _Unset = connection_settings
+    settings: str | Sequence[str] | _Unset | None = connection_settings
     if isinstance(settings, str) and not settings.strip():
         # 3.0.2 used '' to mean "the default broker".
         settings = UNSET

@@ -13,6 +13,7 @@ from typing import Final
 
 import pika
 import pika.exceptions
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from ._config import BrokerConfig
 from .errors import AuthenticationError, BrokerUnavailableError, is_auth_error
@@ -31,6 +32,8 @@ CONNECTION_ERRORS: Final = (
     pika.exceptions.StreamLostError,
     pika.exceptions.ConnectionWrongStateError,
     pika.exceptions.ChannelWrongStateError,
+    # e.g. AMQPConnectorStackTimeout: a node that accepts TCP but never speaks AMQP.
+    AMQPConnectorException,
     ConnectionError,
     OSError,
 )
@@ -81,8 +84,15 @@ def connect(
     last_error: BaseException | None = None
     attempts = 0
     while True:
-        time_left = deadline - time.monotonic()
-        for params in config.parameters(connection_name, time_left):
+        for index in range(len(config.urls)):
+            # Each attempt gets a share of what is left of the deadline, so a
+            # silent node neither stretches the round past it nor starves
+            # the nodes after it.
+            time_left = deadline - time.monotonic()
+            if time_left <= 0:
+                break
+            share = time_left / (len(config.urls) - index)
+            params = config.parameters(connection_name, share)[index]
             attempts += 1
             try:
                 return pika.BlockingConnection(params)

@@ -30,12 +30,32 @@ def validate_routing_key(routing_key: object) -> str:
     return routing_key
 
 
+class _EmptyData:
+    """Default of ``DomainEvent(data=...)``: a fresh ``{}`` per event.
+
+    A sentinel rather than ``None`` because 3.0.2 kept an explicit ``None``
+    (it is sent as ``"data": null``); its repr makes signatures read as 3.0.2's.
+    """
+
+    def __repr__(self) -> str:
+        return "{}"
+
+
+_EMPTY_DATA: Any = _EmptyData()
+
+
+def _now() -> float:
+    # Whole microseconds, as 3.0.2 wrote them (at most six decimals in JSON).
+    return time.time_ns() // 1000 / 1_000_000
+
+
 class DomainEvent:
     """A fact that happened in one domain, such as ``user.registered``.
 
     Args:
         routing_key: ``<domain>.<event_type>``, e.g. ``user.registered``.
-        data: the event's payload; must be JSON-serializable.
+        data: the event's payload; must be JSON-serializable. Default: a
+            new empty dict (an explicit ``None`` is kept, as in 3.0.2).
         domain_object_id: optional identifier of the domain object concerned.
         uuid_string: the event's unique id; a new UUID4 when left out.
         timestamp: Unix seconds (UTC); now when left out.
@@ -51,7 +71,7 @@ class DomainEvent:
     def __init__(
         self,
         routing_key: str = "",
-        data: Any = None,
+        data: Any = _EMPTY_DATA,
         domain_object_id: str | None = None,
         uuid_string: str | None = None,
         timestamp: float | None = None,
@@ -61,10 +81,10 @@ class DomainEvent:
         **kwargs: Any,
     ) -> None:
         self.routing_key = routing_key
-        self.data: Any = {} if data is None else data
+        self.data: Any = {} if data is _EMPTY_DATA else data
         self.domain_object_id = domain_object_id
         self.uuid_string: str = str(uuid.uuid4()) if uuid_string is None else uuid_string
-        self.timestamp: float = time.time() if timestamp is None else timestamp
+        self.timestamp: float = _now() if timestamp is None else timestamp
         self.retries = retries
         self.redelivered = redelivered
 
@@ -92,7 +112,9 @@ class DomainEvent:
         try:
             return json.dumps(self.event_data)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"domain event {self.routing_key!r} is not JSON-serializable: {exc}") from exc
+            raise TypeError(
+                f"domain event {self.routing_key!r} is not JSON-serializable: {exc}"
+            ) from exc
 
     @classmethod
     def from_json(cls, json_data: str | bytes | bytearray) -> DomainEvent:

@@ -38,15 +38,30 @@ PERSISTENT: Final = 2
 #: The heartbeat timeout (seconds) RabbitMQ proposes unless configured otherwise.
 RABBITMQ_DEFAULT_HEARTBEAT: Final = 60.0
 
-#: Channel errors that retrying will not fix (access refused, not found,
-#: precondition failed): raised at once.
-_FATAL_CHANNEL_CODES: Final = frozenset({403, 404, 406})
+#: Channel errors that retrying will not fix (access refused, precondition
+#: failed): raised at once. 404 NOT_FOUND is not among them: the exchange was
+#: deleted after it was declared, and reconnecting declares it again.
+_FATAL_CHANNEL_CODES: Final = frozenset({403, 406})
 
 #: Connections left behind by a parent process: never touched, never closed
 #: (closing would write on the parent's socket), only kept from the GC.
 _abandoned: list[object] = []
 
 _live_publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
+
+
+#: The AMQP ``timestamp`` property is an unsigned 64-bit integer.
+_MAX_AMQP_TIMESTAMP: Final = 2**64 - 1
+
+
+def _amqp_timestamp(timestamp: object) -> int | None:
+    """The event's timestamp as the AMQP property, or ``None`` when it cannot
+    be one (3.0.2 accepted any JSON value, e.g. a negative or a str)."""
+    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
+        return None
+    if not 0 <= timestamp <= _MAX_AMQP_TIMESTAMP:  # also rejects NaN
+        return None
+    return int(timestamp)
 
 
 class Publisher:
@@ -188,7 +203,7 @@ class Publisher:
             delivery_mode=PERSISTENT,
             content_type="application/json",
             message_id=event.uuid_string,
-            timestamp=int(event.timestamp),
+            timestamp=_amqp_timestamp(event.timestamp),
             headers=dict(headers) if headers else None,
         )
         self._publish(body, event.routing_key, properties)
@@ -202,7 +217,7 @@ class Publisher:
             idle = time.monotonic() - self._last_used
             while True:
                 try:
-                    self._ensure_open(deadline - time.monotonic())
+                    self._open(deadline - time.monotonic())
                     assert self._channel is not None
                     self._channel.basic_publish(
                         exchange=self.exchange,
@@ -284,8 +299,26 @@ class Publisher:
 
     # -- connection management ------------------------------------------------
 
-    def _ensure_open(self, time_left: float | None = None) -> None:
-        """Open connection and channel if needed. Caller holds the lock."""
+    def _ensure_open(self) -> None:
+        """Open connection and channel if needed. Caller holds the lock.
+
+        Raises only library errors (see :meth:`_open`).
+        """
+        try:
+            self._open()
+        except CONNECTION_ERRORS as exc:
+            assert self._config is not None
+            raise translate_pika_error(exc, f"opening a channel on {self._config.display}") from exc
+
+    def _open(self, time_left: float | None = None) -> None:
+        """Open connection and channel if needed. Caller holds the lock.
+
+        Raises:
+            AuthenticationError, BrokerUnavailableError: from connecting.
+            PublishError: the broker refused the exchange declaration.
+            CONNECTION_ERRORS: the new connection or channel failed right away
+                (the caller may retry).
+        """
         if self._config is None:
             return
         if self._pid != os.getpid():
@@ -311,7 +344,16 @@ class Publisher:
             )
         except CONNECTION_ERRORS as exc:
             close_quietly(connection)
-            raise translate_pika_error(exc, f"declaring exchange {self.exchange!r}") from exc
+            if (
+                isinstance(exc, pika.exceptions.ChannelClosedByBroker)
+                and exc.reply_code in _FATAL_CHANNEL_CODES
+            ):
+                # e.g. 406: the exchange exists with another type or durability.
+                raise PublishError(
+                    f"declaring exchange {self.exchange!r} ({self.exchange_type}, durable): "
+                    f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"
+                ) from exc
+            raise
         self._connection = connection
         self._channel = channel
         self._last_used = time.monotonic()
@@ -388,7 +430,7 @@ def close_shared_publishers() -> None:
 
 
 def _reinit_after_fork() -> None:
-    global _shared_lock
+    global _shared_lock  # noqa: PLW0603  # the parent's lock may be held by a thread that is gone
     _shared_lock = threading.Lock()
     for publisher in list(_live_publishers):
         publisher._after_fork_in_child()
@@ -442,4 +484,3 @@ def publish_domain_event(
     if config is None:
         return event
     return _shared_publisher(config)._publish_event(event, body)
-

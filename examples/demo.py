@@ -15,9 +15,7 @@ import logging
 import sys
 import uuid
 
-from domain_event_broker import DomainEvent, Retry, Subscriber, publish_domain_event
-
-from domain_event_broker import replay_all
+from domain_event_broker import DomainEvent, Retry, Subscriber, publish_domain_event, replay_all
 from domain_event_broker.replay import inspect_dead_letters
 
 SUFFIX = uuid.uuid4().hex[:6]

@@ -17,7 +17,7 @@ __all__ = ["publish_on_commit"]
 log = logging.getLogger(__name__)
 
 
-def publish_on_commit(  # noqa: PLR0917  # publish_domain_event's positional signature
+def publish_on_commit(  # publish_domain_event's positional signature
     routing_key: str,
     data: Any,
     domain_object_id: str | None = None,

@@ -1,0 +1,821 @@
+"""Publishing against the running broker, read back with raw pika."""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import traceback
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+import pytest
+from pika.adapters.blocking_connection import BlockingChannel
+
+import domain_event_broker.publish as publish_module
+from domain_event_broker import (
+    AuthenticationError,
+    BrokerError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    DomainEvent,
+    Publisher,
+    PublishError,
+    configure,
+    publish_domain_event,
+)
+from domain_event_broker._config import ENVIRONMENT_VARIABLE
+
+from .helpers import BROKER_URL, raw_connection, wait_for
+
+EXCHANGE = "domain-events"
+#: A URL where nothing listens (port 1 refuses connections at once).
+DEAD_URL = "amqp://guest:guest@127.0.0.1:1/%2F"
+
+Message = tuple[pika.spec.Basic.GetOk, pika.BasicProperties, bytes]
+
+
+@dataclass
+class Inbox:
+    """A queue bound to ``exchange`` with ``<queue>.#``; reads with raw pika."""
+
+    channel: BlockingChannel
+    queue: str
+    exchange: str = EXCHANGE
+    messages: list[Message] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """A routing key that reaches this inbox."""
+        return f"{self.queue}.created"
+
+    def ready(self) -> int:
+        """Messages waiting in the queue now (no waiting)."""
+        return int(self.channel.queue_declare(self.queue, passive=True).method.message_count)
+
+    def take(self) -> None:
+        while True:
+            method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return
+            self.messages.append((method, properties, body))
+
+    def wait(self, count: int, timeout: float = 15.0) -> list[Message]:
+        """Poll until at least ``count`` messages arrived; return them all."""
+
+        def enough() -> bool:
+            self.take()
+            return len(self.messages) >= count
+
+        wait_for(enough, timeout, interval=0.05, message=f"{count} messages in {self.queue}")
+        return self.messages
+
+    def events(self) -> list[DomainEvent]:
+        return [DomainEvent.from_json(body) for _, _, body in self.messages]
+
+
+def make_inbox(channel: BlockingChannel, names: Names, exchange: str = EXCHANGE) -> Inbox:
+    queue = names.new("test-publish")
+    channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+    channel.queue_declare(queue, durable=False)
+    channel.queue_bind(queue, exchange, routing_key=f"{queue}.#")
+    return Inbox(channel, queue, exchange)
+
+
+class Names:
+    """Unique queue and exchange names for one test, deleted after it.
+
+    (These tests create no delay queues, so this skips the rabbitmqctl look-up
+    that ``conftest.Names`` makes.)
+    """
+
+    def __init__(self) -> None:
+        self.queues: list[str] = []
+        self.exchanges: list[str] = []
+
+    def new(self, prefix: str) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self.queues.append(name)
+        return name
+
+    def cleanup(self) -> None:
+        connection = raw_connection()
+        try:
+            channel = connection.channel()
+            for queue in self.queues:
+                channel.queue_delete(queue)
+            for exchange in self.exchanges:
+                channel.exchange_delete(exchange)
+        finally:
+            connection.close()
+
+
+@pytest.fixture
+def names(broker_url: str) -> Iterator[Names]:
+    registry = Names()
+    yield registry
+    registry.cleanup()
+
+
+@pytest.fixture
+def inbox(channel: BlockingChannel, names: Names) -> Inbox:
+    return make_inbox(channel, names)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_shared_publishers() -> Iterator[None]:
+    """Each test starts without the connections publish_domain_event keeps."""
+    publish_module.close_shared_publishers()
+    yield
+    publish_module.close_shared_publishers()
+
+
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every connection the publishing code opens."""
+    calls: list[str] = []
+    real = publish_module.connect
+
+    def spy(config: Any, name: str, **kwargs: Any) -> pika.BlockingConnection:
+        calls.append(name)
+        return real(config, name, **kwargs)
+
+    monkeypatch.setattr(publish_module, "connect", spy)
+    return calls
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Records every basic_publish made in this process."""
+    calls: list[dict[str, Any]] = []
+    real = BlockingChannel.basic_publish
+
+    def spy(self: BlockingChannel, *args: Any, **kwargs: Any) -> None:
+        calls.append(kwargs)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlockingChannel, "basic_publish", spy)
+    return calls
+
+
+# -- a publish read back with raw pika ----------------------------------------------
+
+
+def test_publish_read_back_with_raw_pika(inbox: Inbox) -> None:
+    event = publish_domain_event(inbox.key, {"name": "Ada", "n": 1}, domain_object_id="user-1")
+
+    ((method, properties, body),) = inbox.wait(1)
+    assert method.exchange == EXCHANGE
+    assert method.routing_key == inbox.key
+    assert body == event.to_json().encode("utf-8")
+    assert json.loads(body) == {
+        "routing_key": inbox.key,
+        "data": {"name": "Ada", "n": 1},
+        "domain_object_id": "user-1",
+        "uuid_string": event.uuid_string,
+        "timestamp": event.timestamp,
+    }
+    assert properties.delivery_mode == 2
+    assert properties.content_type == "application/json"
+    assert properties.message_id == event.uuid_string
+    assert properties.timestamp == int(event.timestamp)
+    assert DomainEvent.from_json(body) == event
+
+
+def test_given_uuid_and_timestamp_are_sent(inbox: Inbox) -> None:
+    event = publish_domain_event(inbox.key, [1, 2], None, "my-uuid", 1500000000.25)
+    assert (event.uuid_string, event.timestamp) == ("my-uuid", 1500000000.25)
+    ((_, properties, body),) = inbox.wait(1)
+    assert json.loads(body)["uuid_string"] == "my-uuid"
+    assert json.loads(body)["timestamp"] == 1500000000.25
+    assert properties.timestamp == 1500000000
+
+
+def test_publish_returns_only_after_the_broker_confirmed(inbox: Inbox) -> None:
+    for n in range(20):
+        publish_domain_event(inbox.key, {"n": n})
+    # Confirmed means routed and enqueued: all 20 are there already, no waiting.
+    assert inbox.ready() == 20
+
+
+@pytest.mark.parametrize("timestamp", [-1.0, "2024-01-01T00:00:00Z", 2.0**70])
+def test_timestamps_3_0_2_accepted_are_still_sent(inbox: Inbox, timestamp: Any) -> None:
+    event = publish_domain_event(inbox.key, {}, timestamp=timestamp)
+    ((_, properties, body),) = inbox.wait(1)
+    assert json.loads(body)["timestamp"] == timestamp
+    assert body == event.to_json().encode("utf-8")
+    assert properties.timestamp is None  # cannot be an AMQP timestamp
+
+
+def test_one_connection_and_one_exchange_declare_for_many_events(
+    inbox: Inbox, connects: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    declares: list[str] = []
+    real = BlockingChannel.exchange_declare
+
+    def spy(self: BlockingChannel, exchange: str, *args: Any, **kwargs: Any) -> Any:
+        declares.append(exchange)
+        return real(self, exchange, *args, **kwargs)
+
+    monkeypatch.setattr(BlockingChannel, "exchange_declare", spy)
+    for n in range(50):
+        publish_domain_event(inbox.key, {"n": n})
+    assert len(connects) == 1
+    assert declares == [EXCHANGE]
+    assert len(inbox.wait(50)) == 50
+
+
+# -- many threads ------------------------------------------------------------------------
+
+THREADS = 8
+EVENTS_PER_THREAD = 100
+
+
+@pytest.mark.parametrize("how", ["publish_domain_event", "one Publisher"])
+def test_many_threads_publish_every_event_exactly_once(inbox: Inbox, how: str) -> None:
+    publisher = Publisher()
+    published: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(THREADS)
+
+    def work(thread: int) -> None:
+        try:
+            start.wait()
+            for n in range(EVENTS_PER_THREAD):
+                data = {"thread": thread, "n": n}
+                if how == "publish_domain_event":
+                    event = publish_domain_event(inbox.key, data)
+                else:
+                    event = publisher.publish_event(DomainEvent(inbox.key, data))
+                published.append(event.uuid_string)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    publisher.close()
+    assert errors == []
+    assert len(published) == THREADS * EVENTS_PER_THREAD
+
+    inbox.wait(THREADS * EVENTS_PER_THREAD)
+    inbox.take()  # anything extra would be a duplicate
+    received = collections.Counter(event.uuid_string for event in inbox.events())
+    assert set(received) == set(published)
+    assert max(received.values()) == 1
+    pairs = {(e.data["thread"], e.data["n"]) for e in inbox.events()}
+    assert len(pairs) == THREADS * EVENTS_PER_THREAD
+
+
+# -- fork -------------------------------------------------------------------------------------
+
+
+def run_in_child(action: Callable[[], str]) -> str:
+    """Fork; run ``action`` in the child, then what a normal exit runs
+    (atexit handlers); return what ``action`` returned. Fails if it raised."""
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns when forking with threads alive (e.g. a lingering
+        # thread of another test); a wedged child is caught by the bound below.
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            os.write(write_end, action().encode("utf-8"))
+            atexit._run_exitfuncs()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+
+        def reaped() -> tuple[int] | None:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            return (status,) if done else None
+
+        (status,) = wait_for(reaped, timeout=30, message="the child to exit")
+        output = os.read(read_end, 1000).decode("utf-8")
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(read_end)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed (see its stderr)"
+    return output
+
+
+@pytest.mark.timeout(60)  # a child writing on the parent's socket can wedge it
+@pytest.mark.parametrize("child_publishes", [True, False])
+def test_fork_child_publishes_on_its_own_connection(
+    inbox: Inbox, connects: list[str], child_publishes: bool
+) -> None:
+    before = publish_domain_event(inbox.key, {"who": "parent, before the fork"})
+    assert len(connects) == 1
+
+    def child() -> str:
+        if not child_publishes:
+            return ""
+        return publish_domain_event(inbox.key, {"who": "child"}).uuid_string
+
+    child_uuid = run_in_child(child)
+
+    # The parent's connection survived the child (had the child written on
+    # its socket, e.g. closing it at exit, the broker would have closed it
+    # and the parent would have to reconnect).
+    after = publish_domain_event(inbox.key, {"who": "parent, after the fork"})
+    assert len(connects) == 1
+    expected = {before.uuid_string, after.uuid_string} | ({child_uuid} if child_uuid else set())
+    inbox.wait(len(expected))
+    inbox.take()
+    assert sorted(e.uuid_string for e in inbox.events()) == sorted(expected)
+
+
+@pytest.mark.timeout(60)
+def test_fork_with_an_explicit_publisher(inbox: Inbox, connects: list[str]) -> None:
+    with Publisher() as publisher:
+        publisher.publish_event(DomainEvent(inbox.key, {"who": "parent"}))
+
+        def child() -> str:
+            event = publisher.publish_event(DomainEvent(inbox.key, {"who": "child"}))
+            publisher.close()  # closes the child's connection only
+            return event.uuid_string
+
+        child_uuid = run_in_child(child)
+        publisher.publish_event(DomainEvent(inbox.key, {"who": "parent again"}))
+        assert len(connects) == 1
+    inbox.wait(3)
+    assert child_uuid in {e.uuid_string for e in inbox.events()}
+
+
+# -- bad input: refused before anything is sent ------------------------------------------
+
+BAD_ROUTING_KEYS = ["", None, 5, b"user.registered", "k" * 256, "é" * 128]
+
+
+@pytest.mark.parametrize("routing_key", BAD_ROUTING_KEYS)
+def test_bad_routing_key_raises_value_error_and_sends_nothing(
+    routing_key: Any, broker_url: str, connects: list[str], sent: list[dict[str, Any]]
+) -> None:
+    with pytest.raises(ValueError, match="routing_key"):
+        publish_domain_event(routing_key, {})
+    with Publisher() as publisher:
+        with pytest.raises(ValueError, match="routing_key"):
+            publisher.publish("{}", routing_key)
+        with pytest.raises(ValueError, match="routing_key"):
+            publisher.publish_event(DomainEvent(routing_key))
+    assert connects == []
+    assert sent == []
+
+
+def test_routing_key_of_exactly_255_bytes_is_accepted(
+    channel: BlockingChannel, names: Names
+) -> None:
+    queue = names.new("test-publish")
+    key = (queue + ".") + "k" * (255 - len(queue) - 1)
+    assert len(key.encode("utf-8")) == 255
+    channel.queue_declare(queue, durable=False)
+    channel.queue_bind(queue, EXCHANGE, routing_key=key)
+    event = publish_domain_event(key, {})
+    inbox = Inbox(channel, queue)
+    ((method, _, _),) = inbox.wait(1)
+    assert method.routing_key == key == event.routing_key
+
+
+class Unserializable:
+    pass
+
+
+def circular() -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    data["self"] = data
+    return data
+
+
+@pytest.mark.parametrize(
+    "data", [Unserializable(), {"when": {1, 2}}, {"raw": b"bytes"}, circular()]
+)
+def test_unserializable_data_raises_type_error_and_sends_nothing(
+    inbox: Inbox, data: Any, connects: list[str], sent: list[dict[str, Any]]
+) -> None:
+    with pytest.raises(TypeError):
+        publish_domain_event(inbox.key, data)
+    with Publisher() as publisher, pytest.raises(TypeError):
+        publisher.publish_event(DomainEvent(inbox.key, data))
+    assert connects == []
+    assert sent == []
+    assert inbox.ready() == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://guest:guest@localhost:5672/",
+        "amqp://guest:guest@localhost:port/",
+        "amqp://guest:gu/est@localhost/",
+        "amqp://guest:guest@localhost/?heartbeat=x",
+        ["amqp://guest:guest@localhost/", 1],
+    ],
+)
+def test_malformed_url_raises_configuration_error_and_sends_nothing(
+    url: Any, connects: list[str], sent: list[dict[str, Any]]
+) -> None:
+    with pytest.raises(ConfigurationError):
+        publish_domain_event("a.b", {}, connection_settings=url)
+    with pytest.raises(ConfigurationError):
+        Publisher(url)
+    assert connects == []
+    assert sent == []
+
+
+# -- no broker at all -------------------------------------------------------------------------
+
+
+def test_none_needs_no_broker(monkeypatch: pytest.MonkeyPatch, connects: list[str]) -> None:
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, DEAD_URL)
+    started = time.monotonic()
+    event = publish_domain_event("a.b", {"x": 1}, connection_settings=None)
+    assert event.routing_key == "a.b"
+    assert event.data == {"x": 1}
+
+    with Publisher(None) as publisher:
+        assert publisher.connection is None
+        assert publisher.channel is None
+        assert publisher.connection_settings is None
+        publisher.connect()
+        publisher.publish("{}", "a.b")
+        assert publisher.publish_event(event) is event
+        publisher.disconnect()
+    assert "no broker" in repr(publisher)
+    assert connects == []
+    assert time.monotonic() - started < 1.0
+
+
+def test_configure_none_disables_publishing(
+    monkeypatch: pytest.MonkeyPatch, connects: list[str]
+) -> None:
+    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    configure(broker=None)
+    assert publish_domain_event("a.b", {}).routing_key == "a.b"
+    assert connects == []
+
+
+def test_none_still_validates_input() -> None:
+    with pytest.raises(ValueError):
+        publish_domain_event("", {}, connection_settings=None)
+    with pytest.raises(TypeError):
+        publish_domain_event("a.b", object(), connection_settings=None)
+
+
+# -- unreachable broker, several URLs, authentication -------------------------------------------
+
+
+def test_unreachable_broker_fails_within_the_configured_bound() -> None:
+    configure(timeout=1.5)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailableError) as info:
+        publish_domain_event("a.b", {}, connection_settings=DEAD_URL)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.5 + 1.0
+    assert isinstance(info.value, BrokerError)
+    assert isinstance(info.value.__cause__, (pika.exceptions.AMQPError, OSError))
+    assert "127.0.0.1:1" in str(info.value)
+
+
+def test_unreachable_broker_with_a_publisher_timeout() -> None:
+    publisher = Publisher(DEAD_URL, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailableError) as info:
+        publisher.publish("{}", "a.b")
+    assert time.monotonic() - started < 0.5 + 1.0
+    assert info.value.__cause__ is not None
+    with pytest.raises(BrokerUnavailableError):
+        publisher.connect()
+
+
+def test_list_of_urls_tried_in_turn(inbox: Inbox, broker_url: str) -> None:
+    started = time.monotonic()
+    event = publish_domain_event(inbox.key, {}, connection_settings=[DEAD_URL, broker_url])
+    assert time.monotonic() - started < 5.0
+    with Publisher(f"{DEAD_URL}, {broker_url}") as publisher:
+        publisher.publish_event(DomainEvent(inbox.key, {"n": 2}))
+    inbox.wait(2)
+    assert event.uuid_string in {e.uuid_string for e in inbox.events()}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:wrong-password@{host}/%2F",
+        "amqp://no-such-user-{uid}:pw@{host}/%2F",
+        "amqp://guest:guest@{host}/no-such-vhost-{uid}",
+    ],
+)
+def test_authentication_failure_is_raised_at_once(broker_url: str, url: str) -> None:
+    host = broker_url.split("@")[-1].split("/")[0]
+    url = url.format(host=host, uid=uuid.uuid4().hex[:8])
+    started = time.monotonic()
+    with pytest.raises(AuthenticationError) as info:
+        publish_domain_event("a.b", {}, connection_settings=url)
+    assert time.monotonic() - started < 5.0  # not retried until the 30 s deadline
+    assert isinstance(info.value, BrokerError)
+    assert isinstance(info.value.__cause__, pika.exceptions.AMQPError)
+
+
+# -- passwords -------------------------------------------------------------------------------------
+
+
+def assert_secret_hidden(secret: str, exc: BaseException, caplog: pytest.LogCaptureFixture) -> None:
+    shown = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    assert secret not in shown
+    assert secret not in repr(exc)
+    assert secret not in caplog.text
+    for record in caplog.records:
+        assert secret not in record.getMessage()
+
+
+def test_password_never_in_repr_error_or_log(
+    broker_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = f"pw-{uuid.uuid4().hex}"
+
+    dead = Publisher(f"amqp://guest:{secret}@127.0.0.1:1/%2F", timeout=0.5)
+    assert secret not in repr(dead)
+    assert secret not in str(dead.connection_settings)
+    with pytest.raises(BrokerUnavailableError) as unreachable:
+        dead.publish("{}", "a.b")
+    assert_secret_hidden(secret, unreachable.value, caplog)
+
+    host = broker_url.split("@")[-1]
+    refused = Publisher(f"amqp://guest:{secret}@{host}")
+    assert secret not in repr(refused)
+    with pytest.raises(AuthenticationError) as auth:
+        refused.publish("{}", "a.b")
+    assert_secret_hidden(secret, auth.value, caplog)
+
+    with pytest.raises(ConfigurationError) as malformed:
+        Publisher(f"amqp://guest:{secret}/x@{host}")
+    assert_secret_hidden(secret, malformed.value, caplog)
+    assert caplog.records  # the debug logging did run
+
+
+# -- Publisher: context manager, close, reconnect, lazy properties ---------------------------------
+
+
+def test_publisher_context_manager_publishes_persistently_and_closes(inbox: Inbox) -> None:
+    with Publisher() as publisher:
+        publisher.publish('{"raw": "str"}', inbox.key)
+        publisher.publish(b'{"raw": "bytes"}', inbox.key)
+        connection = publisher.connection
+        assert connection is not None
+        assert connection.is_open
+    assert not connection.is_open
+    messages = inbox.wait(2)
+    assert [body for _, _, body in messages] == [b'{"raw": "str"}', b'{"raw": "bytes"}']
+    assert all(properties.delivery_mode == 2 for _, properties, _ in messages)
+
+
+def test_publish_with_own_properties(inbox: Inbox) -> None:
+    with Publisher() as publisher:
+        properties = pika.BasicProperties(delivery_mode=2, headers={"x-mine": "yes"})
+        publisher.publish(b"{}", inbox.key, properties=properties)
+        publisher.publish_event(DomainEvent(inbox.key), headers={"x-trace": "abc"})
+    (_, first, _), (_, second, _) = inbox.wait(2)
+    assert first.headers == {"x-mine": "yes"}
+    assert second.headers == {"x-trace": "abc"}
+    assert second.content_type == "application/json"
+
+
+def test_close_and_disconnect_then_publish_again(inbox: Inbox, connects: list[str]) -> None:
+    publisher = Publisher()
+    publisher.publish("{}", inbox.key)
+    first = publisher.connection
+    publisher.close()
+    assert first is not None
+    assert not first.is_open
+    publisher.publish("{}", inbox.key)  # reconnects
+    second = publisher.connection
+    publisher.disconnect()
+    assert second is not None
+    assert not second.is_open
+    publisher.close()  # closing twice is fine
+    assert len(connects) == 2
+    assert len(inbox.wait(2)) == 2
+
+
+def test_reconnects_after_its_connection_was_closed_under_it(
+    inbox: Inbox, connects: list[str]
+) -> None:
+    with Publisher() as publisher:
+        publisher.publish("{}", inbox.key)
+        connection = publisher.connection
+        assert connection is not None
+        connection.close()  # behind the publisher's back
+        publisher.publish("{}", inbox.key)
+        assert publisher.connection is not connection
+    assert len(connects) == 2
+    assert len(inbox.wait(2)) == 2
+
+
+def broker_side_connections() -> list[tuple[str, str]]:
+    """(pid, peer_port) of every connection, from rabbitmqctl."""
+    result = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "peer_port", "--no-table-headers"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return [
+        (parts[0], parts[1])
+        for parts in (line.split() for line in result.stdout.splitlines())
+        if len(parts) == 2
+    ]
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl")
+def test_reconnects_after_the_broker_closed_its_connection(
+    inbox: Inbox, connects: list[str]
+) -> None:
+    with Publisher() as publisher:
+        publisher.publish("{}", inbox.key)
+        connection = publisher.connection
+        assert connection is not None
+        # Private pika attributes, test only: find exactly our connection.
+        local_port = str(connection._impl._transport._sock.getsockname()[1])
+        (broker_pid,) = [pid for pid, port in broker_side_connections() if port == local_port]
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_connection", broker_pid, "test: closing my own"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        # Wait until the broker's Connection.Close reached our socket; the
+        # publisher has not read it yet and will find out when it publishes.
+        sock = connection._impl._transport._sock
+        wait_for(
+            lambda: select.select([sock], [], [], 0)[0],
+            timeout=30,
+            message="the broker to close the connection",
+        )
+        publisher.publish("{}", inbox.key)
+    assert len(connects) == 2
+    assert len(inbox.wait(2)) == 2
+
+
+def test_failure_right_after_connecting_is_retried(
+    inbox: Inbox, connects: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = BlockingChannel.confirm_delivery
+    failures = [pika.exceptions.StreamLostError("test: lost right after connecting")]
+
+    def flaky(self: BlockingChannel) -> None:
+        if failures:
+            raise failures.pop()
+        real(self)
+
+    monkeypatch.setattr(BlockingChannel, "confirm_delivery", flaky)
+    publish_domain_event(inbox.key, {})
+    assert failures == []
+    assert len(connects) == 2
+    assert len(inbox.wait(1)) == 1
+
+
+def test_pika_errors_from_the_properties_are_translated(
+    broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: BlockingChannel) -> None:
+        raise pika.exceptions.StreamLostError("test: lost")
+
+    monkeypatch.setattr(BlockingChannel, "confirm_delivery", broken)
+    publisher = Publisher()
+    with pytest.raises(BrokerUnavailableError) as info:
+        publisher.channel  # noqa: B018
+    assert isinstance(info.value.__cause__, pika.exceptions.StreamLostError)
+
+
+@pytest.fixture
+def tarpit() -> Iterator[str]:
+    """A URL whose port accepts TCP connections but never speaks AMQP."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"amqp://guest:guest@127.0.0.1:{listener.getsockname()[1]}/%2F"
+
+
+def test_a_node_that_never_answers_is_skipped_for_the_next(
+    inbox: Inbox, tarpit: str, broker_url: str
+) -> None:
+    with Publisher([tarpit, broker_url], timeout=5) as publisher:
+        publisher.publish("{}", inbox.key)
+    assert len(inbox.wait(1)) == 1
+
+
+def test_a_node_that_never_answers_fails_with_a_library_error(tarpit: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailableError):
+        Publisher(tarpit, timeout=1).publish("{}", "a.b")
+    assert time.monotonic() - started < 1 + 1.0
+
+
+def test_connection_and_channel_connect_lazily(connects: list[str], broker_url: str) -> None:
+    publisher = Publisher()
+    assert connects == []  # no I/O in __init__
+    channel = publisher.channel
+    assert channel is not None
+    assert channel.is_open
+    connection = publisher.connection
+    assert connection is not None
+    assert channel.connection is connection
+    assert publisher.channel is channel
+    assert len(connects) == 1
+    publisher.close()
+    assert not channel.is_open
+    assert publisher.connection is not connection  # reopened on access
+    assert len(connects) == 2
+    publisher.close()
+
+
+def test_302_cleanup_pattern_channel_queue_delete(channel: BlockingChannel, names: Names) -> None:
+    queue = names.new("test-publish")
+    channel.queue_declare(queue)
+    with Publisher() as publisher:
+        assert publisher.channel is not None
+        publisher.channel.queue_delete(queue)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        channel.queue_declare(queue, passive=True)
+
+
+def test_custom_exchange_is_declared_durable(channel: BlockingChannel, names: Names) -> None:
+    exchange = names.new("test-exchange")
+    names.exchanges.append(exchange)
+    with Publisher(exchange=exchange, exchange_type="fanout") as publisher:
+        publisher.connect()
+    # Declaring it again as a durable fanout must not raise PRECONDITION_FAILED.
+    channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
+
+
+def test_exchange_declared_with_another_type_is_a_publish_error(
+    channel: BlockingChannel, names: Names
+) -> None:
+    exchange = names.new("test-exchange")
+    names.exchanges.append(exchange)
+    channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
+    publisher = Publisher(exchange=exchange, exchange_type="topic")
+    started = time.monotonic()
+    with pytest.raises(PublishError, match="406") as info:
+        publisher.publish("{}", "a.b")
+    assert time.monotonic() - started < 5.0  # not retried: it cannot get better
+    assert isinstance(info.value.__cause__, pika.exceptions.ChannelClosedByBroker)
+    with pytest.raises(PublishError):
+        publisher.connect()
+
+
+def test_recovers_when_its_exchange_was_deleted(
+    channel: BlockingChannel, names: Names, connects: list[str]
+) -> None:
+    exchange = names.new("test-exchange")
+    names.exchanges.append(exchange)
+    with Publisher(exchange=exchange) as publisher:
+        publisher.publish("{}", "a.b")
+        channel.exchange_delete(exchange)
+        publisher.publish("{}", "a.b")  # declares it again on a new channel
+        inbox = make_inbox(channel, names, exchange)
+        publisher.publish("{}", inbox.key)
+    assert len(inbox.wait(1)) == 1
+
+
+def test_repr_shows_where_but_no_password(broker_url: str) -> None:
+    publisher = Publisher("amqp://user:hidden-pw@example.invalid/%2F", exchange="x")
+    assert repr(publisher) == "<Publisher amqp://user:***@example.invalid/%2F exchange='x'>"
+
+
+def test_environment_variable_is_used_by_default(
+    monkeypatch: pytest.MonkeyPatch, connects: list[str]
+) -> None:
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, DEAD_URL)
+    configure(broker=BROKER_URL, timeout=0.5)
+    with pytest.raises(BrokerUnavailableError, match=r"127\.0\.0\.1:1"):
+        publish_domain_event("a.b", {})
+    assert connects
