@@ -13,9 +13,8 @@ Hierarchy::
     ├── BrokerError                 anything that went wrong talking to RabbitMQ
     │   ├── BrokerUnavailableError  no node answered within the deadline
     │   ├── AuthenticationError     credentials or vhost refused: not retried
-    │   ├── PublishError            the broker did not confirm a publish
-    │   │   └── PublishTimeoutError no confirm in time (e.g. a resource alarm)
-    │   └── ConsumerCancelledError  the broker cancelled a consumer for good
+    │   └── PublishError            the broker did not confirm a publish
+    │       └── PublishTimeoutError no confirm in time (e.g. a resource alarm)
     └── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
 
 Translation from pika's exceptions happens in one place,
@@ -31,7 +30,6 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailableError",
     "ConfigurationError",
-    "ConsumerCancelledError",
     "DeadLetterQueueNotFoundError",
     "DomainEventBrokerError",
     "MalformedEventError",
@@ -76,9 +74,6 @@ class PublishTimeoutError(PublishError):
     """The broker did not confirm a publish in time, typically because a
     resource alarm blocks publishers."""
 
-
-class ConsumerCancelledError(BrokerError):
-    """The broker cancelled a consumer and it could not be restored."""
 
 
 class DeadLetterQueueNotFoundError(DomainEventBrokerError):

@@ -258,7 +258,8 @@ class Publisher:
                         and cause.reply_code in _FATAL_CHANNEL_CODES
                     ):
                         raise
-                    last = exc
+                    # Chain pika's error, not our wrapper of it.
+                    last = cause if cause is not None else exc
                 except CONNECTION_ERRORS as exc:
                     last = exc
                 self._on_lost(last, idle)
