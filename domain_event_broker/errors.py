@@ -75,7 +75,6 @@ class PublishTimeoutError(PublishError):
     resource alarm blocks publishers."""
 
 
-
 class DeadLetterQueueNotFoundError(DomainEventBrokerError):
     """Replay was asked for a handler that has no dead-letter queue."""
 
