@@ -30,6 +30,30 @@ def validate_routing_key(routing_key: object) -> str:
     return routing_key
 
 
+def new_event(
+    routing_key: str,
+    data: Any,
+    domain_object_id: str | None = None,
+    uuid_string: str | None = None,
+    timestamp: float | None = None,
+) -> tuple[DomainEvent, str]:
+    """Check and create an event to publish; return it with its JSON body.
+
+    Raises:
+        ValueError: the routing key is empty, not a str, or too long.
+        TypeError: ``data`` is not JSON-serializable.
+    """
+    validate_routing_key(routing_key)
+    event = DomainEvent(
+        routing_key=routing_key,
+        data=data,
+        domain_object_id=domain_object_id,
+        uuid_string=uuid_string,
+        timestamp=timestamp,
+    )
+    return event, event.to_json()
+
+
 class _EmptyData:
     """Default of ``DomainEvent(data=...)``: a fresh ``{}`` per event.
 

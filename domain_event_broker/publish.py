@@ -26,7 +26,7 @@ from .errors import (
     PublishError,
     translate_pika_error,
 )
-from .events import DomainEvent, validate_routing_key
+from .events import DomainEvent, new_event, validate_routing_key
 
 __all__ = ["Publisher", "publish_domain_event"]
 
@@ -196,6 +196,8 @@ class Publisher:
     def _publish_event(
         self, event: DomainEvent, body: bytes, headers: Mapping[str, Any] | None = None
     ) -> DomainEvent:
+        if _captured(event):
+            return event
         if self._config is None:
             log.debug("No broker configured: not publishing %r", event)
             return event
@@ -404,6 +406,24 @@ def _heartbeat_timeout(config: BrokerConfig) -> float:
     return float(min(given)) if given else RABBITMQ_DEFAULT_HEARTBEAT
 
 
+# -- capture_events() (domain_event_broker.testing) ---------------------------
+
+#: The lists of the active ``capture_events()`` blocks, in any thread.
+_captures: list[list[DomainEvent]] = []
+_captures_lock = threading.Lock()
+
+
+def _captured(event: DomainEvent) -> bool:
+    """Record ``event`` in every active capture; whether there was one."""
+    if not _captures:
+        return False
+    with _captures_lock:
+        targets = list(_captures)
+    for events in targets:
+        events.append(event)
+    return bool(targets)
+
+
 # -- the shared publishers behind publish_domain_event ------------------------
 
 _shared: dict[BrokerConfig, Publisher] = {}
@@ -431,7 +451,9 @@ def close_shared_publishers() -> None:
 
 
 def _reinit_after_fork() -> None:
-    global _shared_lock  # noqa: PLW0603  # the parent's lock may be held by a thread that is gone
+    # The parent's locks may be held by threads that do not exist here.
+    global _shared_lock, _captures_lock  # noqa: PLW0603
+    _captures_lock = threading.Lock()
     _shared_lock = threading.Lock()
     for publisher in list(_live_publishers):
         publisher._after_fork_in_child()
@@ -472,16 +494,8 @@ def publish_domain_event(
         ConfigurationError: the URL is malformed.
         BrokerError: the broker did not confirm within the timeout.
     """
-    validate_routing_key(routing_key)
-    event = DomainEvent(
-        routing_key=routing_key,
-        data=data,
-        domain_object_id=domain_object_id,
-        uuid_string=uuid_string,
-        timestamp=timestamp,
-    )
-    body = event.to_json().encode("utf-8")  # raises TypeError before any I/O
+    event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
     config = _config.resolve(connection_settings)
-    if config is None:
+    if _captured(event) or config is None:
         return event
-    return _shared_publisher(config)._publish_event(event, body)
+    return _shared_publisher(config)._publish_event(event, body.encode("utf-8"))

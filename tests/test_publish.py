@@ -40,7 +40,8 @@ from domain_event_broker import (
 )
 from domain_event_broker._config import ENVIRONMENT_VARIABLE
 
-from .helpers import BROKER_URL, raw_connection, wait_for
+from .conftest import Names
+from .helpers import BROKER_URL, wait_for
 
 EXCHANGE = "domain-events"
 #: A URL where nothing listens (port 1 refuses connections at once).
@@ -94,41 +95,6 @@ def make_inbox(channel: BlockingChannel, names: Names, exchange: str = EXCHANGE)
     channel.queue_declare(queue, durable=False)
     channel.queue_bind(queue, exchange, routing_key=f"{queue}.#")
     return Inbox(channel, queue, exchange)
-
-
-class Names:
-    """Unique queue and exchange names for one test, deleted after it.
-
-    (These tests create no delay queues, so this skips the rabbitmqctl look-up
-    that ``conftest.Names`` makes.)
-    """
-
-    def __init__(self) -> None:
-        self.queues: list[str] = []
-        self.exchanges: list[str] = []
-
-    def new(self, prefix: str) -> str:
-        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-        self.queues.append(name)
-        return name
-
-    def cleanup(self) -> None:
-        connection = raw_connection()
-        try:
-            channel = connection.channel()
-            for queue in self.queues:
-                channel.queue_delete(queue)
-            for exchange in self.exchanges:
-                channel.exchange_delete(exchange)
-        finally:
-            connection.close()
-
-
-@pytest.fixture
-def names(broker_url: str) -> Iterator[Names]:
-    registry = Names()
-    yield registry
-    registry.cleanup()
 
 
 @pytest.fixture

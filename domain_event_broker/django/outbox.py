@@ -19,7 +19,7 @@ from typing import Any, Final
 from django.db import transaction
 from django.utils import timezone
 
-from ..events import DomainEvent, validate_routing_key
+from ..events import DomainEvent, new_event
 from .models import OutboxEvent
 
 __all__ = ["prune_sent_events", "publish_via_outbox"]
@@ -64,16 +64,9 @@ def publish_via_outbox(  # publish_domain_event's positional signature
 
     .. versionadded:: 4.0
     """
-    validate_routing_key(routing_key)
-    event = DomainEvent(
-        routing_key=routing_key,
-        data=data,
-        domain_object_id=domain_object_id,
-        uuid_string=uuid_string,
-        timestamp=timestamp,
-    )
+    event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
     OutboxEvent.objects.using(using).create(
-        routing_key=event.routing_key, uuid_string=event.uuid_string, body=event.to_json()
+        routing_key=event.routing_key, uuid_string=event.uuid_string, body=body
     )
     return event
 

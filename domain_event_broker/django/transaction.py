@@ -9,7 +9,7 @@ from django.db import transaction
 
 from .. import _config
 from .._config import UNSET, ConnectionSettings
-from ..events import DomainEvent, validate_routing_key
+from ..events import DomainEvent, new_event
 from ..publish import publish_domain_event
 
 __all__ = ["publish_on_commit"]
@@ -65,15 +65,10 @@ def publish_on_commit(  # publish_domain_event's positional signature
        Returns the event; validates before the commit; logs instead of
        raising when publishing fails after the commit; ``using`` added.
     """
-    validate_routing_key(routing_key)
-    event = DomainEvent(
-        routing_key=routing_key,
-        data=data,
-        domain_object_id=domain_object_id,
-        uuid_string=uuid_string,
-        timestamp=timestamp,
-    )
-    snapshot = DomainEvent.from_json(event.to_json())  # TypeError now, not after commit
+    # TypeError now, not after the commit; the snapshot is immune to later
+    # changes of ``data`` by the caller.
+    event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
+    snapshot = DomainEvent.from_json(body)
     _config.resolve(connection_settings)  # ConfigurationError now, not after commit
 
     def publish() -> None:
