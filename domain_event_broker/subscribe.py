@@ -561,8 +561,11 @@ class Subscriber:
             self._consuming_on = channel
         elif self._cancelled:
             for tag in list(self._cancelled):
-                registration = self._consumer_tags.pop(tag)
                 self._cancelled.discard(tag)
+                cancelled = self._consumer_tags.pop(tag, None)
+                if cancelled is None:
+                    continue  # not one of ours (any more)
+                registration = cancelled
                 log.warning(
                     "The broker cancelled the consumer of %s (queue deleted?); declaring it again",
                     registration.name,
