@@ -44,7 +44,9 @@ compat: $(VENV)/.dev broker
 	rm -rf $(COMPAT_DIR) && mkdir -p $(COMPAT_DIR)/wheel
 	$(VPY) -m pip download -q --no-deps --dest $(COMPAT_DIR)/wheel domain-event-broker==$(COMPAT_VERSION)
 	$(VPY) scripts/prepare_compat.py $(COMPAT_DIR)/wheel $(COMPAT_DIR)
-	cd $(COMPAT_DIR) && ../../$(VPY) -m pytest -c pytest.ini deb302_tests
+	$(VPY) scripts/compat_cleanup.py
+	status=0; (cd $(COMPAT_DIR) && ../../$(VPY) -m pytest -c pytest.ini deb302_tests) || status=$$?; \
+		$(VPY) scripts/compat_cleanup.py; exit $$status
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
