@@ -177,6 +177,19 @@ class BrokerConfig:
         """The URLs without passwords, for logs and error messages."""
         return ", ".join(redact(url) for url in self.urls)
 
+    @property
+    def heartbeat(self) -> float | None:
+        """The shortest AMQP heartbeat asked for (seconds), ``None`` when off.
+
+        A URL's ``heartbeat`` option wins over :data:`HEARTBEAT`.
+        """
+        asked = [
+            pika.URLParameters(url).heartbeat if "heartbeat" in explicit else HEARTBEAT
+            for url, explicit in _parse_urls(self.urls)
+        ]
+        enabled = [seconds for seconds in asked if isinstance(seconds, int) and seconds > 0]
+        return float(min(enabled)) if enabled else None
+
     def parameters(self, connection_name: str, time_left: float) -> list[pika.URLParameters]:
         """Fresh pika parameters for each URL, limited by ``time_left``."""
         result = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final
 
 import pika
@@ -36,7 +37,7 @@ def without_death_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def retry_count(headers: dict[str, Any] | None) -> int:
+def retry_count(headers: Mapping[str, Any] | None) -> int:
     """The library's retry count from ``headers`` (0 when absent or invalid)."""
     if not headers:
         return 0

@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 #: delivery_mode for messages that survive a broker restart.
 PERSISTENT: Final = 2
 
-#: The heartbeat timeout (seconds) RabbitMQ proposes unless configured otherwise.
-RABBITMQ_DEFAULT_HEARTBEAT: Final = 60.0
-
 #: Channel errors that retrying will not fix (access refused, precondition
 #: failed): raised at once. 404 NOT_FOUND is not among them: the exchange was
 #: deleted after it was declared, and reconnecting declares it again.
@@ -252,16 +249,10 @@ class Publisher:
                 except AuthenticationError:
                     raise
                 except BrokerUnavailableError as exc:
-                    # Reconnecting failed; retry while time is left, unless the
-                    # broker refused the exchange itself.
-                    cause = exc.__cause__
-                    if (
-                        isinstance(cause, pika.exceptions.ChannelClosedByBroker)
-                        and cause.reply_code in _FATAL_CHANNEL_CODES
-                    ):
-                        raise
+                    # Reconnecting failed; retry while time is left. (A refused
+                    # exchange is a PublishError from _open and ends here.)
                     # Chain pika's error, not our wrapper of it.
-                    last = cause if cause is not None else exc
+                    last = exc.__cause__ or exc
                 except CONNECTION_ERRORS as exc:
                     last = exc
                 self._on_lost(last, idle)
@@ -285,7 +276,8 @@ class Publisher:
         if had_connection and self._lost_since is None:
             self._lost_since = time.monotonic()
             assert self._config is not None
-            if idle > _heartbeat_timeout(self._config):
+            heartbeat = self._config.heartbeat
+            if heartbeat is not None and idle > heartbeat:
                 # An idle blocking connection sends no heartbeats, so the
                 # broker closes it after a while: expected, not a fault.
                 log.info(
@@ -397,13 +389,6 @@ class Publisher:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _heartbeat_timeout(config: BrokerConfig) -> float:
-    """Seconds of silence after which the broker may close a connection."""
-    seconds = [pika.URLParameters(url).heartbeat for url in config.urls]
-    given = [value for value in seconds if isinstance(value, int) and value > 0]
-    return float(min(given)) if given else RABBITMQ_DEFAULT_HEARTBEAT
 
 
 # -- capture_events() (domain_event_broker.testing) ---------------------------

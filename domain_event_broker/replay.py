@@ -174,7 +174,7 @@ class DeadLetter:
     @property
     def retry_count(self) -> int:
         """How many retries the handler had asked for before it gave up."""
-        return _headers.retry_count(dict(self.headers))
+        return _headers.retry_count(self.headers)
 
     @property
     def exception_type(self) -> str | None:
@@ -628,10 +628,6 @@ class _DeadLetterSession:
 # -- replay ---------------------------------------------------------------------
 
 
-def _resolve(connection_settings: ConnectionSettings) -> BrokerConfig | None:
-    return _config.resolve(connection_settings)
-
-
 def _run(
     name: str,
     message_callback: MessageCallback,
@@ -749,7 +745,7 @@ def replay_dead_letters(
     """
     if limit is not None and (isinstance(limit, bool) or limit < 0):
         raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
-    config = _resolve(connection_settings)
+    config = _config.resolve(connection_settings)
     if config is None:
         return ReplayResult()
     return _run(name, message_callback, config, limit, on_progress)
@@ -783,7 +779,7 @@ def replay_event(
             it stays in the dead-letter queue.
         BrokerError: talking to the broker failed.
     """
-    config = _resolve(connection_settings)
+    config = _config.resolve(connection_settings)
     if config is None:
         return 0
     result = _run(queue_name, message_callback, config, 1, None)
@@ -855,7 +851,7 @@ def inspect_dead_letters(
     """
     if limit is not None and (isinstance(limit, bool) or limit < 0):
         raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
-    config = _resolve(connection_settings)
+    config = _config.resolve(connection_settings)
     if config is None:
         return []
     letters: list[DeadLetter] = []
@@ -904,7 +900,7 @@ def handler_status(
 
     .. versionadded:: 4.0
     """
-    config = _resolve(connection_settings)
+    config = _config.resolve(connection_settings)
     if config is None:
         raise ConfigurationError("no broker configured (connection_settings is None)")
     milliseconds = sorted({_names.delay_ms(delay) for delay in (DEFAULT_RETRY_DELAY, *delays)})

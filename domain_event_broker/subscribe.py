@@ -88,10 +88,6 @@ class _Registration:
     auto_delete: bool
     max_retries: int
 
-    @property
-    def label(self) -> str:
-        return getattr(self.handler, "__qualname__", None) or repr(self.handler)
-
 
 @dataclass
 class _Delivery:
@@ -109,7 +105,7 @@ class _Outcome:
     """What the I/O thread must do with one delivery."""
 
     delivery: _Delivery
-    action: str  # "ack", "retry", "dead_letter", "leave"
+    action: str  # "ack", "retry", "dead_letter"
     delay_ms: int = 0
     headers: dict[str, Any] = field(default_factory=dict)
 
@@ -177,7 +173,6 @@ class Subscriber:
         self._outcomes_lock = threading.Lock()
         self._drain_scheduled = False
         self._busy = False
-        self._draining = False
         self._forced = False
         self._worker: threading.Thread | None = None
 
@@ -437,7 +432,6 @@ class Subscriber:
         deadline = None if not timeout else time.monotonic() + timeout
         self._consuming = True
         self._stop_requested = False
-        self._draining = False
         self._forced = False
         self._wakeup.clear()
         self._io_thread = threading.current_thread()
@@ -508,6 +502,7 @@ class Subscriber:
         lost_since: float | None = None
         while not self._stop_requested:
             if deadline is not None and time.monotonic() >= deadline:
+                self._stop_requested = True
                 break
             try:
                 self._ensure_consuming()
@@ -624,9 +619,8 @@ class Subscriber:
             for tag in list(self._consumer_tags):
                 channel.basic_cancel(tag)
             self._consumer_tags.clear()
-            # Events received but not started go back to the queue on close.
-            with self._outcomes_lock:
-                self._draining = True
+            # Events received but not started (the worker skips them once
+            # a stop is requested) go back to the queue on close.
             while not self._worker_idle():
                 assert self._connection is not None
                 self._connection.process_data_events(time_limit=POLL_INTERVAL)
@@ -668,7 +662,7 @@ class Subscriber:
                 return
             assert isinstance(item, _Delivery)
             with self._outcomes_lock:
-                if item.generation != self._generation or self._draining or self._stop_requested:
+                if item.generation != self._generation or self._stop_requested:
                     continue  # its channel is gone; the broker redelivers it
                 self._busy = True
             try:
@@ -722,7 +716,12 @@ class Subscriber:
                     registration.name,
                     request.delay,
                 )
-                return _Outcome(delivery, "retry", delay_ms=_names.delay_ms(request.delay))
+                return _Outcome(
+                    delivery,
+                    "retry",
+                    delay_ms=_names.delay_ms(request.delay),
+                    headers={_headers.RETRY_COUNT: event.retries + 1},
+                )
             return self._failure(
                 delivery, request, traceback.format_exc(), retries=event.retries, exceeded=True
             )
@@ -824,11 +823,10 @@ class Subscriber:
         delivery = outcome.delivery
         name = delivery.registration.name
         headers = _headers.without_death_headers(delivery.properties.headers)
+        headers.update(outcome.headers)
         if outcome.action == "retry":
-            headers[_headers.RETRY_COUNT] = _headers.retry_count(delivery.properties.headers) + 1
             exchange = self._declare_delay(channel, name, outcome.delay_ms)
         else:
-            headers.update(outcome.headers)
             exchange = _names.dead_letter_exchange(name)
         properties = _headers.copy_properties(delivery.properties, headers)
         try:
@@ -879,14 +877,6 @@ class Subscriber:
         return delay_name
 
     # -- helpers for callers ----------------------------------------------------------
-
-    @property
-    def handler_names(self) -> list[str]:
-        """Names of the registered handlers, in registration order.
-
-        .. versionadded:: 4.0
-        """
-        return [r.name for r in self._registrations]
 
 
 def _noop() -> None:

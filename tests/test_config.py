@@ -294,3 +294,18 @@ def test_broker_config_is_hashable_and_picklable() -> None:
     assert config is not None
     assert hash(config) == hash(resolve(ARGUMENT))
     assert pickle.loads(pickle.dumps(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("urls", "expected"),
+    [
+        (["amqp://localhost/%2F"], 60.0),
+        (["amqp://localhost/%2F?heartbeat=5"], 5.0),
+        (["amqp://a/%2F?heartbeat=10", "amqp://b/%2F"], 10.0),
+        (["amqp://localhost/%2F?heartbeat=0"], None),
+    ],
+)
+def test_heartbeat_asked_for(urls: list[str], expected: float | None) -> None:
+    config = resolve(urls)
+    assert config is not None
+    assert config.heartbeat == expected

@@ -281,6 +281,22 @@ def test_timeout_stops_consuming_and_cleans_up(names: Names) -> None:
     assert subscriber._connection is None
 
 
+def test_timeout_leaves_events_not_started_in_the_queue(names: Names) -> None:
+    """At the deadline the running handler finishes; prefetched events are not started."""
+    name = names.new("timeout-prefetched")
+    recorder = Recorder(lambda event: time.sleep(0.4))
+    subscriber = Subscriber()
+    subscriber.register(recorder, name, ["timeoutprefetched.x"])
+    for i in range(6):
+        publish_domain_event("timeoutprefetched.x", {"i": i})
+    subscriber.start_consuming(timeout=0.5)
+    handled = recorder.count()
+    assert 1 <= handled <= 3  # not the six prefetched
+    # The handled events were acknowledged, the others returned to the queue.
+    assert wait_for(lambda: queue_size(name) == 6 - handled)
+    assert recorder.count() == handled
+
+
 def test_long_handler_keeps_heartbeats_flowing(names: Names) -> None:
     """A handler running four heartbeat intervals finishes and is acknowledged."""
     name = names.new("heartbeat")
