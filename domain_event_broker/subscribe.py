@@ -159,6 +159,8 @@ class Subscriber:
         self._channel: BlockingChannel | None = None
         self._consumer_tags: dict[str, _Registration] = {}
         self._consuming_on: BlockingChannel | None = None
+        #: Handlers whose topology was declared on the current channel.
+        self._declared: set[str] = set()
         self._cancelled: set[str] = set()
         self._generation = 0
         self._pid = os.getpid()
@@ -348,6 +350,7 @@ class Subscriber:
         for key in registration.binding_keys:
             channel.queue_bind(exchange=self.exchange, queue=name, routing_key=key)
             channel.queue_bind(exchange=retry, queue=name, routing_key=key)
+        self._declared.add(name)
 
     # -- connection --------------------------------------------------------------
 
@@ -382,6 +385,7 @@ class Subscriber:
         self._consuming_on = None
         self._consumer_tags.clear()
         self._cancelled.clear()
+        self._declared.clear()
         close_quietly(connection)
 
     def close(self) -> None:
@@ -551,7 +555,8 @@ class Subscriber:
             channel.basic_qos(prefetch_count=self.prefetch_count)
             channel.add_on_cancel_callback(self._on_cancelled_by_broker)
             for registration in self._registrations:
-                self._declare(channel, registration)
+                if registration.name not in self._declared:  # register() did it already
+                    self._declare(channel, registration)
                 self._consume(channel, registration)
             self._consuming_on = channel
         elif self._cancelled:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pika
 import pytest
+from pika.adapters.blocking_connection import BlockingChannel
 
 from domain_event_broker import (
     ConfigurationError,
@@ -188,6 +189,28 @@ def test_takes_over_queues_declared_by_302(names: Names, channel: Any) -> None:
     publish_domain_event("takeover.x", {})
     consume_until(subscriber, lambda: queue_size(f"{name}-dl") == 1)
     assert [event.retries for event in recorder.events] == [0, 1]
+
+
+def test_topology_declared_once_before_consuming(
+    names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """register() declares; start_consuming() on the same channel does not again."""
+    declared: list[str] = []
+    real = BlockingChannel.queue_declare
+
+    def spy(self: BlockingChannel, queue: str, *args: Any, **kwargs: Any) -> Any:
+        declared.append(queue)
+        return real(self, queue, *args, **kwargs)
+
+    monkeypatch.setattr(BlockingChannel, "queue_declare", spy)
+    name = names.new("declare-once")
+    recorder = Recorder()
+    subscriber = Subscriber()
+    subscriber.register(recorder, name, ["declareonce.x"], dead_letter=True)
+    publish_domain_event("declareonce.x", {})
+    consume_until(subscriber, lambda: recorder.count() == 1)
+    assert declared.count(name) == 1
+    assert declared.count(f"{name}-dl") == 1
 
 
 def test_changed_queue_arguments_give_a_clear_error(names: Names) -> None:
