@@ -12,6 +12,7 @@ from importlib.metadata import version as _version
 from ._config import UNSET, configure, reset_defaults
 from .errors import (
     AuthenticationError,
+    BatchPublishError,
     BrokerError,
     BrokerUnavailableError,
     ConfigurationError,
@@ -39,6 +40,7 @@ __all__ = [
     "RETRY",
     "UNSET",
     "AuthenticationError",
+    "BatchPublishError",
     "BrokerError",
     "BrokerUnavailableError",
     "ConfigurationError",

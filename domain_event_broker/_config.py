@@ -39,6 +39,10 @@ STACK_TIMEOUT: Final = 15.0
 #: noticed even while waiting for a confirm, also when the broker proposes 0.
 HEARTBEAT: Final = 60
 
+#: Default cap on the connections :func:`publish_domain_event` opens per
+#: process and broker (one per thread publishing at the same moment).
+DEFAULT_MAX_CONNECTIONS: Final = 16
+
 
 class _Unset:
     """Type of :data:`UNSET`: "use the configured default"."""
@@ -70,6 +74,7 @@ ConnectionSettings = str | Sequence[str] | _Unset | None
 class _Defaults:
     broker: str | Sequence[str] | _Unset | None = UNSET
     timeout: float = DEFAULT_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 _defaults = _Defaults()
@@ -89,6 +94,7 @@ def configure(
     *,
     broker: str | Sequence[str] | _Unset | None = UNSET,
     timeout: float | _Unset = UNSET,
+    max_connections: int | _Unset = UNSET,
 ) -> None:
     """Set process-wide defaults used when an argument is left out.
 
@@ -99,12 +105,24 @@ def configure(
             precedence, so operators can override it.
         timeout: seconds a connect or a publish may take, reconnection
             attempts included, before a :class:`BrokerError` is raised.
+        max_connections: the most connections :func:`publish_domain_event`
+            opens per process and broker (default 16): one per thread
+            publishing at the same moment; further threads wait for one to
+            be free. Applies to connections opened from then on.
 
     Raises:
-        ConfigurationError: a URL is malformed or the timeout not positive.
+        ConfigurationError: a URL is malformed, the timeout not positive or
+            ``max_connections`` not a positive int.
 
     .. versionadded:: 4.0
+    .. versionadded:: 4.1 ``max_connections``.
     """
+    if not isinstance(max_connections, _Unset) and (
+        isinstance(max_connections, bool)
+        or not isinstance(max_connections, int)
+        or max_connections < 1
+    ):
+        raise ConfigurationError(f"max_connections must be a positive int, not {max_connections!r}")
     with _defaults_lock:
         if isinstance(broker, str) and not broker.strip():
             # '' meant "the default broker" in 3.0.2 (e.g. an empty Django setting).
@@ -115,6 +133,8 @@ def configure(
             _defaults.broker = broker
         if not isinstance(timeout, _Unset):
             _defaults.timeout = check_timeout(timeout)
+        if not isinstance(max_connections, _Unset):
+            _defaults.max_connections = max_connections
 
 
 def reset_defaults() -> None:
@@ -125,12 +145,18 @@ def reset_defaults() -> None:
     with _defaults_lock:
         _defaults.broker = UNSET
         _defaults.timeout = DEFAULT_TIMEOUT
+        _defaults.max_connections = DEFAULT_MAX_CONNECTIONS
 
 
 def check_timeout(timeout: object) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ConfigurationError(f"timeout must be a positive number of seconds, not {timeout!r}")
     return float(timeout)
+
+
+def max_connections() -> int:
+    """The configured cap on :func:`publish_domain_event`'s connections."""
+    return _defaults.max_connections
 
 
 def default_timeout(timeout: float | _Unset = UNSET) -> float:

@@ -14,7 +14,8 @@ Hierarchy::
     │   ├── BrokerUnavailableError  no node answered within the deadline
     │   ├── AuthenticationError     credentials or vhost refused: not retried
     │   └── PublishError            the broker did not confirm a publish
-    │       └── PublishTimeoutError no confirm in time (e.g. a resource alarm)
+    │       ├── PublishTimeoutError no confirm in time (e.g. a resource alarm)
+    │       └── BatchPublishError   some events of a batch were not confirmed
     └── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
 
 Translation from pika's exceptions happens in one place,
@@ -23,10 +24,17 @@ Translation from pika's exceptions happens in one place,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import pika.exceptions
+
+if TYPE_CHECKING:
+    from .events import DomainEvent
 
 __all__ = [
     "AuthenticationError",
+    "BatchPublishError",
     "BrokerError",
     "BrokerUnavailableError",
     "ConfigurationError",
@@ -73,6 +81,33 @@ class PublishError(BrokerError):
 class PublishTimeoutError(PublishError):
     """The broker did not confirm a publish in time, typically because a
     resource alarm blocks publishers."""
+
+
+class BatchPublishError(PublishError):
+    """Some events of a batch were not confirmed by the broker.
+
+    Attributes:
+        failed: ``(event, error)`` pairs, in the order of the batch, for
+            every event that was not confirmed; ``error`` is a library error
+            saying why (nacked, returned as unroutable, no confirm in time),
+            chaining pika's error where there was one.
+        confirmed: the events the broker did confirm, in the order of the
+            batch.
+
+    The exception chains the cause of the first failure.
+
+    .. versionadded:: 4.1
+    """
+
+    def __init__(
+        self,
+        message: str,
+        failed: Sequence[tuple[DomainEvent, DomainEventBrokerError]],
+        confirmed: Sequence[DomainEvent],
+    ) -> None:
+        super().__init__(message)
+        self.failed = list(failed)
+        self.confirmed = list(confirmed)
 
 
 class DeadLetterQueueNotFoundError(DomainEventBrokerError):

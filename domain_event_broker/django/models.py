@@ -13,7 +13,14 @@ class OutboxEvent(models.Model):
     ``uuid_string`` are copies for operators. ``sent_at`` is set once the
     broker confirmed the event. Rows are relayed in ``id`` order.
 
+    A row the relay cannot publish (its body is not a domain event) is set
+    aside: ``failed_at`` and ``failure_reason`` say when and why, and the
+    relay goes on with the rows after it. ``relay_domain_events
+    --list-failed`` shows such rows, ``--retry-failed`` makes them pending
+    again.
+
     .. versionadded:: 4.0
+    .. versionadded:: 4.1 ``failed_at`` and ``failure_reason``.
     """
 
     id = models.BigAutoField(primary_key=True)
@@ -22,6 +29,8 @@ class OutboxEvent(models.Model):
     body = models.TextField()
     created_at = models.DateTimeField(default=timezone.now)
     sent_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
+    failure_reason = models.TextField(blank=True, default="")
 
     class Meta:
         db_table = "domain_event_broker_outbox"
@@ -38,5 +47,10 @@ class OutboxEvent(models.Model):
         ]
 
     def __str__(self) -> str:
-        state = "pending" if self.sent_at is None else f"sent {self.sent_at:%Y-%m-%d %H:%M:%S}"
+        if self.sent_at is not None:
+            state = f"sent {self.sent_at:%Y-%m-%d %H:%M:%S}"
+        elif self.failed_at is not None:
+            state = f"failed {self.failed_at:%Y-%m-%d %H:%M:%S}"
+        else:
+            state = "pending"
         return f"{self.routing_key} {self.uuid_string} ({state})"

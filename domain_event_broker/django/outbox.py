@@ -13,16 +13,18 @@ published again with the same ``uuid_string``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any, Final
 
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from ..events import DomainEvent, new_event
 from .models import OutboxEvent
 
-__all__ = ["prune_sent_events", "publish_via_outbox"]
+__all__ = ["failed_events", "prune_sent_events", "publish_via_outbox", "retry_failed_events"]
 
 #: Rows deleted per statement when pruning (keeps each transaction short).
 PRUNE_CHUNK_SIZE: Final = 900  # below SQLite's old limit of 999 query parameters
@@ -104,3 +106,52 @@ def prune_sent_events(older_than: timedelta, *, using: str | None = None) -> int
                 return deleted
             count, _ = manager.filter(id__in=ids).delete()
         deleted += count
+
+
+def failed_events(*, using: str | None = None) -> QuerySet[OutboxEvent]:
+    """The outbox rows the relay set aside because it could not publish them.
+
+    Each has ``failed_at`` and ``failure_reason`` set; they are neither sent
+    nor pruned until :func:`retry_failed_events` makes them pending again.
+
+    Args:
+        using: the database alias (default: the router's choice).
+
+    Returns:
+        The rows, oldest ``id`` first.
+
+    .. versionadded:: 4.1
+    """
+    return (
+        OutboxEvent.objects.db_manager(using)
+        .filter(sent_at__isnull=True, failed_at__isnull=False)
+        .order_by("id")
+    )
+
+
+def retry_failed_events(ids: Iterable[int] | None = None, *, using: str | None = None) -> int:
+    """Make rows the relay set aside pending again, so that it publishes them.
+
+    Fix the row's body first (or the relay sets it aside again).
+
+    Args:
+        ids: the rows' ids; ``None`` means every failed row.
+        using: the database alias (default: the router's choice).
+
+    Returns:
+        The number of rows made pending.
+
+    Raises:
+        TypeError: an id is not an int.
+
+    .. versionadded:: 4.1
+    """
+    rows = failed_events(using=using)
+    if ids is not None:
+        wanted = list(ids)
+        for pk in wanted:
+            if isinstance(pk, bool) or not isinstance(pk, int):
+                raise TypeError(f"outbox row ids are ints, not {type(pk).__name__}")
+        rows = rows.filter(id__in=wanted)
+    count: int = rows.update(failed_at=None, failure_reason="")
+    return count

@@ -2,16 +2,25 @@
 
 Guarantees:
 
-* **Nothing is lost.** A row is marked sent only after the broker confirmed
-  its event, in a database transaction of its own. A crash between the
-  confirm and the mark leaves the row pending: it is published again, with
-  the same ``uuid_string`` (at-least-once; consumers deduplicate by uuid).
+* **Nothing is lost.** A batch of rows is published with one wait for the
+  broker's confirms (:meth:`~domain_event_broker.Publisher.publish_many`);
+  a row is marked sent only after the broker confirmed its event. A crash
+  between the confirm and the mark leaves the row pending: it is published
+  again, with the same ``uuid_string`` (at-least-once; consumers
+  deduplicate by uuid).
 * **Order.** One relay publishes the rows of one database in ``id`` order
   (the order of the inserts). A row whose transaction commits after a
   higher ``id`` was relayed is published when it becomes visible, so the
   order is the insert order only among rows committed by then. After a
-  failed publish, the batch stops, the rows before it are marked, and the
-  failed row is retried first.
+  lost connection, the unconfirmed rows of the batch are published again
+  in order (their first copies keep the order). An event the broker
+  refuses (nacks) stays pending and is published again after the rows of
+  its batch that were confirmed.
+* **A bad row does not stall the outbox.** A row that cannot be published
+  (its body is not a domain event) is set aside: marked failed with the
+  reason (``failed_at``, ``failure_reason``), logged at ERROR level, and
+  skipped; the rows after it go on. :func:`~.outbox.retry_failed_events`
+  makes it pending again.
 * **Several relays at once** are safe. Where the database supports
   ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL 8, Oracle, recent
   MariaDB), each relay locks the batch it publishes and the others skip it:
@@ -40,8 +49,8 @@ from django.utils import timezone
 
 from .._config import UNSET, ConnectionSettings, _Unset
 from .._connection import backoff_delays
-from ..errors import BrokerError, MalformedEventError
-from ..events import DomainEvent
+from ..errors import BatchPublishError, BrokerError
+from ..events import DomainEvent, validate_routing_key
 from ..publish import Publisher
 from .models import OutboxEvent
 
@@ -50,11 +59,13 @@ __all__ = ["OutboxRelay"]
 log = logging.getLogger(__name__)
 
 #: Rows published per database transaction, by default.
-DEFAULT_BATCH_SIZE: Final = 100
+DEFAULT_BATCH_SIZE: Final = 500
 #: Upper bound of ``batch_size`` (SQLite's old limit of 999 query parameters).
 MAX_BATCH_SIZE: Final = 900
 #: Seconds between two looks at the outbox when it was empty, by default.
 DEFAULT_POLL_INTERVAL: Final = 1.0
+#: The longest ``failure_reason`` stored for a row set aside.
+MAX_REASON_LENGTH: Final = 2000
 #: First and longest pause (seconds) after a broker or database failure.
 INITIAL_BACKOFF: Final = 0.5
 MAX_BACKOFF: Final = 30.0
@@ -99,6 +110,7 @@ class OutboxRelay:
         self.using = using
         self.batch_size = batch_size
         self._publisher = Publisher(connection_settings, timeout=timeout)
+        self._set_aside = 0
 
     def __repr__(self) -> str:
         return f"<OutboxRelay database={self.using!r} {self._publisher!r}>"
@@ -106,22 +118,31 @@ class OutboxRelay:
     def relay_batch(self, should_stop: Callable[[], bool] | None = None) -> tuple[int, int]:
         """Publish up to ``batch_size`` pending rows, oldest first, and mark them.
 
+        The rows are published as one batch, with one wait for the broker's
+        confirms, and marked sent once confirmed. Rows that cannot be
+        published (their body is not a domain event) are set aside as failed
+        (see :attr:`set_aside`) and skipped.
+
         Args:
-            should_stop: polled between two rows; when it returns true, the
-                rows published so far are marked and the batch ends.
+            should_stop: polled before publishing; when it returns true, the
+                batch ends without publishing.
 
         Returns:
             ``(published, fetched)``: rows published and marked sent, and
-            rows fetched (fewer than ``batch_size`` means the outbox is
-            drained, as far as this relay can see).
+            rows fetched, those set aside included (fewer than
+            ``batch_size`` means the outbox is drained, as far as this relay
+            can see).
 
         Raises:
-            BrokerError: publishing failed; the rows published before it are
-                marked sent, the others stay pending.
+            BrokerError: publishing failed; the rows confirmed are marked
+                sent, the others stay pending
+                (:exc:`~domain_event_broker.BatchPublishError` says which).
             django.db.DatabaseError: reading or marking failed; rows
                 published but not marked will be published again.
         """
-        pending = OutboxEvent.objects.using(self.using).filter(sent_at__isnull=True)
+        pending = OutboxEvent.objects.using(self.using).filter(
+            sent_at__isnull=True, failed_at__isnull=True
+        )
         if connections[self.using].features.has_select_for_update_skip_locked:
             with transaction.atomic(using=self.using):
                 rows = list(
@@ -141,27 +162,60 @@ class OutboxRelay:
             raise error
         return len(sent), len(rows)
 
+    @property
+    def set_aside(self) -> int:
+        """How many rows this relay set aside as failed, since it was created.
+
+        .. versionadded:: 4.1
+        """
+        return self._set_aside
+
     def _publish(
         self, rows: list[tuple[int, str]], should_stop: Callable[[], bool] | None
     ) -> tuple[list[int], BrokerError | None]:
-        sent: list[int] = []
+        """Publish ``rows`` as one batch; the ids confirmed, and the error if any."""
+        if not rows or (should_stop is not None and should_stop()):
+            return [], None
+        ids: list[int] = []
+        events: list[DomainEvent] = []
+        bodies: list[bytes] = []
         for pk, body in rows:
-            if should_stop is not None and should_stop():
-                break
             try:
                 event = DomainEvent.from_json(body)
-            except MalformedEventError as exc:
-                log.error("Outbox row %s holds no domain event (%s); left pending", pk, exc)
+                validate_routing_key(event.routing_key)
+            except (ValueError, TypeError) as exc:  # MalformedEventError is a ValueError
+                self._set_row_aside(pk, exc)
                 continue
-            try:
-                self._publisher.publish_event(event)
-            except BrokerError as exc:
-                return sent, exc
-            sent.append(pk)
-            log.debug(
-                "Relayed outbox row %s: %s (uuid %s)", pk, event.routing_key, event.uuid_string
-            )
-        return sent, None
+            ids.append(pk)
+            events.append(event)
+            bodies.append(body.encode("utf-8"))
+        try:
+            # The stored body is the exact JSON written by publish_via_outbox.
+            self._publisher._publish_batch(events, bodies)
+        except BatchPublishError as exc:
+            confirmed = {id(event) for event in exc.confirmed}
+            sent = [pk for pk, event in zip(ids, events, strict=True) if id(event) in confirmed]
+            return sent, exc
+        except BrokerError as exc:
+            return [], exc
+        if events:
+            log.debug("Relayed outbox rows %s to %s (%d event(s))", ids[0], ids[-1], len(events))
+        return ids, None
+
+    def _set_row_aside(self, pk: int, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON_LENGTH]
+        OutboxEvent.objects.using(self.using).filter(id=pk).update(
+            failed_at=timezone.now(), failure_reason=reason
+        )
+        self._set_aside += 1
+        log.error(
+            "Outbox row %s cannot be published and was set aside as failed (%s); the relay "
+            "goes on with the next rows. Fix it, then: manage.py relay_domain_events "
+            "--retry-failed %s",
+            pk,
+            reason,
+            pk,
+        )
 
     def _mark_sent(self, ids: list[int]) -> None:
         if ids:
@@ -182,8 +236,8 @@ class OutboxRelay:
         Args:
             once: return when no pending row is left instead of polling.
             poll_interval: seconds to wait when the outbox is empty.
-            stop: set it (e.g. from a SIGTERM handler) to stop after the row
-                being published; the rows published so far are marked.
+            stop: set it (e.g. from a SIGTERM handler) to stop after the
+                batch being published; the rows confirmed are marked.
 
         Returns:
             The number of rows published.
@@ -220,7 +274,7 @@ class OutboxRelay:
                 continue
             backoff = backoff_delays(INITIAL_BACKOFF, MAX_BACKOFF)
             total += published
-            if fetched < self.batch_size or published == 0:
+            if fetched < self.batch_size:
                 if once:
                     break
                 stop.wait(poll_interval)

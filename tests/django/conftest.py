@@ -22,7 +22,7 @@ from django.db import connections
 
 from ..helpers import raw_connection
 from . import settings as test_settings
-from .support import REPO_ROOT, EventQueue
+from .support import REPO_ROOT, EventQueue, LimitedQueue
 
 #: The PostgreSQL server of the test machine; DEB_TEST_PG_PORT moves it (e.g. to
 #: check that its tests skip when it is down).
@@ -113,6 +113,30 @@ def event_queue(broker_url: str) -> Iterator[EventQueue]:
         channel = connection.channel()
         channel.exchange_declare("domain-events", exchange_type="topic", durable=True)
         channel.queue_declare(queue.name)
+        channel.queue_bind(queue.name, "domain-events", routing_key=f"{queue.prefix}.#")
+    finally:
+        connection.close()
+    yield queue
+    connection = raw_connection()
+    try:
+        connection.channel().queue_delete(queue.name)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def limited_queue(broker_url: str) -> Iterator[LimitedQueue]:
+    """A queue of at most 3 messages, refusing more, receiving ``<unique prefix>.*``."""
+    suffix = uuid.uuid4().hex[:10]
+    queue = LimitedQueue(f"test-django-limited-{suffix}", f"djangolimited{suffix}", 3)
+    connection = raw_connection()
+    try:
+        channel = connection.channel()
+        channel.exchange_declare("domain-events", exchange_type="topic", durable=True)
+        channel.queue_declare(
+            queue.name,
+            arguments={"x-max-length": queue.max_length, "x-overflow": "reject-publish"},
+        )
         channel.queue_bind(queue.name, "domain-events", routing_key=f"{queue.prefix}.#")
     finally:
         connection.close()

@@ -45,3 +45,12 @@ class EventQueue:
 
         wait_for(enough, timeout=timeout, interval=0.05, message=f"{count} events in {self.name}")
         return received
+
+
+class LimitedQueue(EventQueue):
+    """A queue that holds at most ``max_length`` messages and makes the broker
+    refuse (nack) further publishes to it (``x-overflow: reject-publish``)."""
+
+    def __init__(self, name: str, prefix: str, max_length: int) -> None:
+        super().__init__(name, prefix)
+        self.max_length = max_length

@@ -11,13 +11,13 @@ import pytest
 from django.db import connections, transaction
 from django.utils import timezone
 
-from domain_event_broker import BrokerError, DomainEvent, configure
+from domain_event_broker import BatchPublishError, BrokerError, DomainEvent, configure
 from domain_event_broker.django.models import OutboxEvent
 from domain_event_broker.django.outbox import prune_sent_events, publish_via_outbox
 from domain_event_broker.django.relay import OutboxRelay
 
 from ..helpers import wait_for
-from .support import DEAD_BROKER_URL, EventQueue
+from .support import DEAD_BROKER_URL, EventQueue, LimitedQueue
 
 
 class RollbackError(Exception):
@@ -37,7 +37,7 @@ def pending(db_alias: str) -> list[str]:
     )
 
 
-def write_events(db_alias: str, queue: EventQueue, count: int) -> list[DomainEvent]:
+def write_events(db_alias: str, queue: EventQueue | LimitedQueue, count: int) -> list[DomainEvent]:
     with transaction.atomic(using=db_alias):
         return [
             publish_via_outbox(queue.key(), {"n": n}, str(n), using=db_alias) for n in range(count)
@@ -104,27 +104,22 @@ def test_crash_between_publish_and_mark_loses_nothing(
 
 
 def test_failure_mid_batch_marks_only_what_was_confirmed(
-    db_alias: str, event_queue: EventQueue, monkeypatch: pytest.MonkeyPatch
+    db_alias: str, limited_queue: LimitedQueue
 ) -> None:
-    events = write_events(db_alias, event_queue, 5)
+    # The queue holds 3 messages and makes the broker refuse (nack) the rest.
+    events = write_events(db_alias, limited_queue, 5)
     with OutboxRelay(using=db_alias) as relay:
-        real_publish = relay._publisher.publish_event
-        calls = 0
-
-        def flaky_publish(event: DomainEvent, **kwargs: Any) -> DomainEvent:
-            nonlocal calls
-            calls += 1
-            if calls == 3:
-                raise BrokerError("simulated outage")
-            return real_publish(event, **kwargs)
-
-        monkeypatch.setattr(relay._publisher, "publish_event", flaky_publish)
-        with pytest.raises(BrokerError):
+        with pytest.raises(BatchPublishError) as info:
             relay.relay_batch()
-        assert pending(db_alias) == [e.uuid_string for e in events[2:]]
-        assert relay.relay_batch() == (3, 3)  # resumes with the failed row, in order
-    uuids = [b["uuid_string"] for b in event_queue.take_until(5)]
-    assert uuids == [e.uuid_string for e in events]
+        assert [e.uuid_string for e, _ in info.value.failed] == [e.uuid_string for e in events[3:]]
+        assert all("nacked" in str(error) for _, error in info.value.failed)
+        assert pending(db_alias) == [e.uuid_string for e in events[3:]]
+        assert [b["uuid_string"] for b in limited_queue.take()] == [
+            e.uuid_string for e in events[:3]
+        ]
+        assert relay.relay_batch() == (2, 2)  # the refused rows, in order
+    assert [b["uuid_string"] for b in limited_queue.take()] == [e.uuid_string for e in events[3:]]
+    assert pending(db_alias) == []
 
 
 def test_broker_outage_never_marks_unsent_rows(

@@ -12,10 +12,15 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError
 
 from ...._config import UNSET
 from ....errors import DomainEventBrokerError
+from ...outbox import failed_events, retry_failed_events
 from ...relay import DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL, OutboxRelay
 
 #: Signals that stop the long-running relay gracefully.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+#: Exit status of ``--once`` when every publishable row was relayed but some
+#: rows were set aside as failed (1 means relaying failed).
+EXIT_ROWS_SET_ASIDE = 2
 
 
 def _positive_float(text: str) -> float:
@@ -28,14 +33,35 @@ def _positive_float(text: str) -> float:
 class Command(BaseCommand):
     help = (
         "Publish the domain events waiting in the transactional outbox, in order, "
-        "and mark them sent. Runs until SIGTERM or SIGINT unless --once is given."
+        "and mark them sent. Runs until SIGTERM or SIGINT unless --once is given. "
+        "Rows that cannot be published are set aside as failed: --list-failed shows "
+        "them, --retry-failed makes them pending again."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--once",
             action="store_true",
-            help="Publish what is pending now, then exit (exit status 1 on a failure).",
+            help=(
+                "Publish what is pending now, then exit (exit status 1 on a failure, 2 when "
+                "rows were set aside as failed)."
+            ),
+        )
+        parser.add_argument(
+            "--list-failed",
+            action="store_true",
+            help="List the rows set aside as failed, with their reason, then exit.",
+        )
+        parser.add_argument(
+            "--retry-failed",
+            nargs="*",
+            type=int,
+            metavar="ID",
+            default=None,
+            help=(
+                "Make the rows set aside as failed pending again (the given ids, or all), "
+                "then exit. Fix their body first."
+            ),
         )
         parser.add_argument(
             "--database",
@@ -66,6 +92,14 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["list_failed"]:
+            self._list_failed(options["database"])
+            return
+        if options["retry_failed"] is not None:
+            ids = options["retry_failed"] or None
+            count = retry_failed_events(ids, using=options["database"])
+            self.stdout.write(f"{count} failed row(s) made pending again")
+            return
         try:
             relay = OutboxRelay(
                 using=options["database"],
@@ -80,9 +114,25 @@ class Command(BaseCommand):
                     count = relay.run(once=True)
                 except (DomainEventBrokerError, DatabaseError) as exc:
                     raise CommandError(f"relaying the outbox failed: {exc}") from exc
-                self.stdout.write(f"Relayed {count} domain event(s)")
+                self.stdout.write(f"Relayed {count} domain event(s){_set_aside(relay)}")
+                if relay.set_aside:
+                    raise CommandError(
+                        f"{relay.set_aside} outbox row(s) could not be published and were set "
+                        f"aside as failed (see relay_domain_events --list-failed)",
+                        returncode=EXIT_ROWS_SET_ASIDE,
+                    )
                 return
             self._run_until_stopped(relay, options["interval"])
+
+    def _list_failed(self, database: str) -> None:
+        count = 0
+        for row in failed_events(using=database):
+            count += 1
+            self.stdout.write(
+                f"{row.id}\t{row.routing_key}\t{row.uuid_string}\t"
+                f"{row.failed_at:%Y-%m-%d %H:%M:%S}\t{row.failure_reason}"
+            )
+        self.stdout.write(f"{count} row(s) set aside as failed")
 
     def _run_until_stopped(self, relay: OutboxRelay, interval: float) -> None:
         stop = threading.Event()
@@ -100,4 +150,10 @@ class Command(BaseCommand):
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        self.stdout.write(f"Stopped after relaying {count} domain event(s)")
+        self.stdout.write(f"Stopped after relaying {count} domain event(s){_set_aside(relay)}")
+
+
+def _set_aside(relay: OutboxRelay) -> str:
+    if not relay.set_aside:
+        return ""
+    return f"; {relay.set_aside} row(s) could not be published and were set aside as failed"
