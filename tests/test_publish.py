@@ -35,6 +35,7 @@ from domain_event_broker import (
     DomainEvent,
     Publisher,
     PublishError,
+    PublishTimeoutError,
     configure,
     publish_domain_event,
 )
@@ -247,6 +248,112 @@ def test_many_threads_publish_every_event_exactly_once(inbox: Inbox, how: str) -
     assert max(received.values()) == 1
     pairs = {(e.data["thread"], e.data["n"]) for e in inbox.events()}
     assert len(pairs) == THREADS * EVENTS_PER_THREAD
+
+
+def concurrent_publishes(monkeypatch: pytest.MonkeyPatch, parties: int) -> threading.Barrier:
+    """Make every basic_publish wait until ``parties`` of them are under way at once.
+
+    With publishes taking turns on one connection, the barrier breaks.
+    """
+    barrier = threading.Barrier(parties, timeout=10)
+    real = BlockingChannel.basic_publish
+
+    def together(self: BlockingChannel, *args: Any, **kwargs: Any) -> None:
+        barrier.wait()
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlockingChannel, "basic_publish", together)
+    return barrier
+
+
+def run_threads(count: int, work: Callable[[int], None], timeout: float = 60) -> None:
+    errors: list[BaseException] = []
+
+    def body(index: int) -> None:
+        try:
+            work(index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    assert errors == []
+
+
+def test_threads_publish_at_the_same_time_on_their_own_connections(
+    inbox: Inbox, connects: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    concurrent_publishes(monkeypatch, 4)
+    run_threads(4, lambda n: [publish_domain_event(inbox.key, {"n": n}) for _ in range(3)])
+    assert len(connects) == 4
+    assert len(inbox.wait(12)) == 12
+
+
+def test_connections_are_bounded_by_max_connections(inbox: Inbox, connects: list[str]) -> None:
+    configure(max_connections=3)
+    published: list[str] = []
+
+    def work(thread: int) -> None:
+        for n in range(25):
+            published.append(publish_domain_event(inbox.key, {"t": thread, "n": n}).uuid_string)
+
+    run_threads(12, work)
+    assert 1 <= len(connects) <= 3
+    assert sum(pool.size for pool in publish_module._shared.values()) == len(connects)
+    inbox.wait(300)
+    inbox.take()
+    assert sorted(e.uuid_string for e in inbox.events()) == sorted(published)
+
+
+def test_threads_wait_for_a_free_connection_at_most_the_timeout(
+    inbox: Inbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(max_connections=1, timeout=0.5)
+    release = threading.Event()
+    real = BlockingChannel.basic_publish
+
+    def held(self: BlockingChannel, *args: Any, **kwargs: Any) -> None:
+        release.wait(10)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlockingChannel, "basic_publish", held)
+    first = threading.Thread(target=publish_domain_event, args=(inbox.key, {"first": True}))
+    first.start()
+    try:
+        wait_for(
+            lambda: any(pool.size for pool in publish_module._shared.values()),
+            message="the first publish to take the only connection",
+        )
+        with pytest.raises(PublishTimeoutError, match="max_connections"):
+            publish_domain_event(inbox.key, {"second": True})
+    finally:
+        release.set()
+        first.join(timeout=10)
+    assert len(inbox.wait(1)) == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "4", True, None])
+def test_max_connections_must_be_a_positive_int(value: Any) -> None:
+    with pytest.raises(ConfigurationError, match="max_connections"):
+        configure(max_connections=value)
+
+
+def test_a_connection_lost_by_one_thread_does_not_disturb_the_others(
+    inbox: Inbox, connects: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    barrier = concurrent_publishes(monkeypatch, 2)
+    run_threads(2, lambda n: publish_domain_event(inbox.key, {"n": n}))
+    monkeypatch.undo()
+    pool = next(iter(publish_module._shared.values()))
+    victim = pool._idle[0]
+    assert victim._connection is not None
+    victim._connection.close()  # behind its back
+    assert barrier.broken is False
+    run_threads(4, lambda n: [publish_domain_event(inbox.key, {"n": n}) for _ in range(5)])
+    assert len(inbox.wait(22)) == 22
 
 
 # -- fork -------------------------------------------------------------------------------------
