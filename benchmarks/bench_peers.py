@@ -13,7 +13,8 @@ be redrawn by anyone:
 * **consume**: ``--events`` persistent events, filled before the clock starts,
   drained by raw pika (prefetch 200, one ack each), a ``Subscriber`` (defaults,
   a no-op handler), kombu (a ``Consumer``, prefetch 200, one ack each) and a
-  dramatiq ``Worker`` (one thread, a no-op actor).
+  dramatiq ``Worker`` (one thread, a no-op actor, its defaults: prefetch 2;
+  started and connected beforehand, resumed when the clock starts).
 
 Rounds alternate between the contenders; the rates compare total events over
 total time, and each is printed as a ratio to raw pika.
@@ -99,13 +100,17 @@ class Bench:
         self.channel.queue_bind(self.queue, EXCHANGE, routing_key=self.key)
         self.body = json.dumps({"routing_key": self.key, "data": {"n": 0}}).encode()
         self._dramatiq: Any = None
+        self._worker: Any = None
 
     def close(self) -> None:
         self.channel.queue_delete(self.queue)
+        if self._worker is not None:
+            self._worker.stop()
         if self._dramatiq is not None:
-            broker, actor = self._dramatiq
-            for name in (actor.queue_name, f"{actor.queue_name}.DQ", f"{actor.queue_name}.XQ"):
-                self.channel.queue_delete(name)
+            broker, *actors = self._dramatiq
+            for actor in actors:
+                for suffix in ("", ".DQ", ".XQ"):
+                    self.channel.queue_delete(f"{actor.queue_name}{suffix}")
             broker.close()
         self.connection.close()
 
@@ -189,7 +194,8 @@ class Bench:
             connection.release()
         return seconds
 
-    def dramatiq(self) -> tuple[Any, Any]:
+    def dramatiq(self) -> tuple[Any, Any, Any]:
+        """The broker, an actor to publish to, and an actor to consume (own queues)."""
         if self._dramatiq is None:
             import dramatiq
             from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -201,13 +207,16 @@ class Bench:
             def noop(n: int) -> None:
                 self.handled += 1
 
-            actor = dramatiq.actor(noop, queue_name=f"bench-peers-dq-{uuid.uuid4().hex[:8]}")
-            broker.declare_queue(actor.queue_name)
-            self._dramatiq = (broker, actor)
-        return self._dramatiq
+            actors = []
+            for role in ("publish", "consume"):
+                name = f"bench-peers-{role}-{uuid.uuid4().hex[:8]}"
+                actors.append(dramatiq.actor(noop, actor_name=f"noop_{role}", queue_name=name))
+                broker.declare_queue(name)
+            self._dramatiq = (broker, *actors)
+        return self._dramatiq  # type: ignore[no-any-return]
 
     def publish_dramatiq(self) -> float:
-        broker, actor = self.dramatiq()
+        broker, actor, _ = self.dramatiq()
         run_threads(self.threads, lambda index: actor.send(-1))  # warm: a connection each
 
         def work(index: int) -> None:
@@ -299,19 +308,32 @@ class Bench:
     def consume_dramatiq(self) -> float:
         from dramatiq import Worker
 
-        broker, actor = self.dramatiq()
+        broker, _, actor = self.dramatiq()
+        if self._worker is None:
+            # Started once and connected (one message handled), then paused.
+            self._worker = Worker(broker, worker_threads=1)
+            self.handled = 0
+            actor.send(-1)
+            self._worker.start()
+            _wait(lambda: self.handled >= 1)
+            self._worker.pause()
         for n in range(self.events):
             actor.send(n)
         self.handled = 0
-        worker = Worker(broker, worker_threads=1)
         started = time.perf_counter()
-        worker.start()
-        deadline = time.monotonic() + 600
-        while self.handled < self.events and time.monotonic() < deadline:
-            time.sleep(0.005)
+        self._worker.resume()
+        _wait(lambda: self.handled >= self.events)
         seconds = time.perf_counter() - started
-        worker.stop()
+        self._worker.pause()
         return seconds
+
+
+def _wait(done: Callable[[], bool], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the dramatiq worker did not finish in time")
+        time.sleep(0.002)
 
 
 def _kombu_url() -> str:

@@ -85,7 +85,7 @@ class Command(BaseCommand):
             type=_positive_float,
             default=None,
             help=(
-                "Seconds one publish may take, reconnecting included, before the relay "
+                "Seconds one batch may take, reconnecting included, before the relay "
                 "backs off and retries (default: the library's, 30). SIGTERM waits for "
                 "the publish in progress, so at most this long."
             ),
