@@ -10,6 +10,14 @@ The sides alternate for ``--rounds`` rounds; the rates compare total events
 over total time. Issue 12's target: a ratio of at least 0.9 with 4 and with
 16 threads.
 
+Raw pika publishes one pre-encoded body with only ``delivery_mode`` set. As a
+second reference, "raw pika, same events" builds each event as an application
+must (a ``DomainEvent``, its JSON body, the library's AMQP properties:
+``content_type``, ``message_id``, ``timestamp``) and publishes it with raw
+pika on one connection per thread: the same bytes on the wire as the library.
+The difference between the two references is the cost of the event itself,
+which CPU contention (many threads, the GIL, a busy machine) magnifies.
+
 Usage: python benchmarks/bench_threads.py [--threads 4 16] [--events 4000] [--rounds 4]
 """
 
@@ -26,7 +34,7 @@ import pika
 from _common import EXCHANGE, URL, BenchQueue, bound_queue, raw_channel
 
 from domain_event_broker import DomainEvent, publish_domain_event
-from domain_event_broker.publish import _shared, close_shared_publishers
+from domain_event_broker.publish import _event_properties, _shared, close_shared_publishers
 
 
 def run_threads(threads: int, work: Callable[[int], None]) -> float:
@@ -68,6 +76,22 @@ def bench_raw(queue: BenchQueue, threads: int, per_thread: int, body: bytes) -> 
     return threads * per_thread / seconds
 
 
+def bench_raw_events(queue: BenchQueue, threads: int, per_thread: int) -> float:
+    channels = [raw_channel() for _ in range(threads)]
+
+    def work(index: int) -> None:
+        channel = channels[index][1]
+        for n in range(per_thread):
+            event = DomainEvent(queue.key, {"n": n})
+            body = event.to_json().encode("utf-8")
+            channel.basic_publish(EXCHANGE, queue.key, body, _event_properties(event))
+
+    seconds = run_threads(threads, work)
+    for connection, _ in channels:
+        connection.close()
+    return threads * per_thread / seconds
+
+
 def bench_library(queue: BenchQueue, threads: int, per_thread: int) -> float:
     def work(index: int) -> None:
         for n in range(per_thread):
@@ -86,26 +110,33 @@ def measure(threads: int, events: int, rounds: int) -> float:
         body = DomainEvent(queue.key, {"n": 0}).to_json().encode("utf-8")
         bench_library(queue, threads, 5)  # warm up: the pool's connections
         queue.purge()
-        raw_seconds = library_seconds = 0.0
+        seconds = {"raw": 0.0, "raw events": 0.0, "library": 0.0}
         ratios = []
-        for _ in range(rounds):
-            raw = bench_raw(queue, threads, per_thread, body)
-            queue.purge()
-            library = bench_library(queue, threads, per_thread)
-            queue.purge()
-            raw_seconds += threads * per_thread / raw
-            library_seconds += threads * per_thread / library
-            ratios.append(library / raw)
+        for round_number in range(rounds):
+            rates = {}
+            order = list(seconds) if round_number % 2 == 0 else list(reversed(seconds))
+            for name in order:
+                if name == "raw":
+                    rates[name] = bench_raw(queue, threads, per_thread, body)
+                elif name == "raw events":
+                    rates[name] = bench_raw_events(queue, threads, per_thread)
+                else:
+                    rates[name] = bench_library(queue, threads, per_thread)
+                queue.purge()
+                seconds[name] += threads * per_thread / rates[name]
+            ratios.append(rates["library"] / rates["raw"])
         total = threads * per_thread * rounds
-        raw_rate, library_rate = total / raw_seconds, total / library_seconds
+        raw_rate, events_rate, library_rate = (total / seconds[name] for name in seconds)
         print(
-            f"{threads:3} threads: raw pika (one connection per thread) {raw_rate:7.0f}/s   "
-            f"publish_domain_event {library_rate:7.0f}/s ({pool_size()} connection(s))   "
-            f"ratio {library_rate / raw_rate:.2f} (rounds: median {statistics.median(ratios):.2f}, "
-            f"min {min(ratios):.2f}; target >= 0.90)"
+            f"{threads:3} threads ({total} events): raw pika {raw_rate:6.0f}/s, "
+            f"raw pika same events {events_rate:6.0f}/s, publish_domain_event "
+            f"{library_rate:6.0f}/s ({pool_size()} connection(s))\n"
+            f"    ratio to raw pika {library_rate / raw_rate:.2f} (target >= 0.90; rounds: median "
+            f"{statistics.median(ratios):.2f}, min {min(ratios):.2f}, max {max(ratios):.2f}); "
+            f"to raw pika publishing the same events {library_rate / events_rate:.2f}"
         )
     close_shared_publishers()
-    return library_rate / raw_rate
+    return float(library_rate / raw_rate)
 
 
 def main() -> int:

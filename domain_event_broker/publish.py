@@ -774,7 +774,9 @@ class _PublisherPool:
         self.config = config
         self._idle: list[Publisher] = []
         self._all: list[Publisher] = []
-        self._free = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._free = threading.Condition(self._lock)
+        self._waiting = 0
 
     def publish(self, event: DomainEvent, body: bytes) -> DomainEvent:
         publisher = self._check_out()
@@ -786,12 +788,14 @@ class _PublisherPool:
     @property
     def size(self) -> int:
         """How many publishers (each with at most one connection) the pool holds."""
-        with self._free:
+        with self._lock:
             return len(self._all)
 
     def _check_out(self) -> Publisher:
-        deadline = time.monotonic() + self.config.timeout
-        with self._free:
+        with self._lock:
+            if self._idle:  # the usual case: no clock, no condition
+                return self._idle.pop()
+            deadline = time.monotonic() + self.config.timeout
             while True:
                 if self._idle:
                     return self._idle.pop()
@@ -806,18 +810,23 @@ class _PublisherPool:
                         f"{self.config.timeout:g}s (all {len(self._all)} busy; see "
                         f"configure(max_connections=...))"
                     )
-                self._free.wait(time_left)
+                self._waiting += 1
+                try:
+                    self._free.wait(time_left)
+                finally:
+                    self._waiting -= 1
 
     def _check_in(self, publisher: Publisher) -> None:
-        with self._free:
+        with self._lock:
             if publisher in self._all:
                 self._idle.append(publisher)
-                self._free.notify()
+                if self._waiting:
+                    self._free.notify()
                 return
         publisher.close()  # the pool was closed meanwhile
 
     def close(self) -> None:
-        with self._free:
+        with self._lock:
             publishers, self._all, self._idle = self._all, [], []
             self._free.notify_all()
         for publisher in publishers:
