@@ -58,6 +58,9 @@ _abandoned: list[object] = []
 
 _live_publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
 
+#: This process's id, kept up to date by the fork handler below.
+_process_id = os.getpid()
+
 #: Most events of a batch waiting for their confirm at once; past it,
 #: publishing pauses until half of them are confirmed (keeps the client's
 #: buffers and the broker's flow control in bounds).
@@ -643,7 +646,7 @@ class Publisher:
         """
         if self._config is None:
             return
-        if self._pid != os.getpid():
+        if self._pid != _process_id:  # a fork; no getpid() system call per publish
             self._forget_after_fork()
         if self._channel is not None and self._channel.is_open:
             return
@@ -848,6 +851,28 @@ def _shared_pool(config: BrokerConfig) -> _PublisherPool:
     return pool
 
 
+#: The default broker's resolved settings, with what they were resolved from.
+_default_config: tuple[tuple[object, ...], BrokerConfig | None] | None = None
+
+
+def _resolve(connection_settings: ConnectionSettings) -> BrokerConfig | None:
+    """``_config.resolve``, remembered for the default settings (a publish's hot path)."""
+    global _default_config  # noqa: PLW0603
+    if not isinstance(connection_settings, _Unset):
+        return _config.resolve(connection_settings)
+    defaults = _config._defaults
+    broker = defaults.broker
+    if not isinstance(broker, (str, _Unset, type(None))):
+        broker = tuple(broker)  # a list given to configure() may be changed later
+    key = (os.environ.get(_config.ENVIRONMENT_VARIABLE), broker, defaults.timeout)
+    cached = _default_config
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    config = _config.resolve(connection_settings)
+    _default_config = (key, config)
+    return config
+
+
 def close_shared_publishers() -> None:
     """Close the connections that :func:`publish_domain_event` keeps open.
 
@@ -863,7 +888,9 @@ def close_shared_publishers() -> None:
 def _reinit_after_fork() -> None:
     # The parent's locks may be held by threads that do not exist here, and
     # its pools may count publishers checked out by such threads.
-    global _shared_lock, _captures_lock  # noqa: PLW0603
+    global _shared_lock, _captures_lock, _process_id, _default_config  # noqa: PLW0603
+    _process_id = os.getpid()
+    _default_config = None
     _captures_lock = threading.Lock()
     _shared_lock = threading.Lock()
     _shared.clear()
@@ -909,7 +936,7 @@ def publish_domain_event(
         BrokerError: the broker did not confirm within the timeout.
     """
     event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
-    config = _config.resolve(connection_settings)
+    config = _resolve(connection_settings)
     if _captured(event) or config is None:
         return event
     return _shared_pool(config).publish(event, body.encode("utf-8"))

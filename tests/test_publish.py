@@ -892,3 +892,25 @@ def test_environment_variable_is_used_by_default(
     with pytest.raises(BrokerUnavailableError, match=r"127\.0\.0\.1:1"):
         publish_domain_event("a.b", {})
     assert connects
+
+
+def test_changed_defaults_apply_to_the_next_publish(
+    inbox: Inbox, connects: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish_domain_event(inbox.key, {"n": 1})  # the default broker, remembered
+    configure(broker=None)
+    publish_domain_event(inbox.key, {"n": 2})  # sent nowhere
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, DEAD_URL)  # the variable wins over configure()
+    configure(timeout=0.5)
+    with pytest.raises(BrokerUnavailableError):
+        publish_domain_event(inbox.key, {"n": 3})
+    monkeypatch.delenv(ENVIRONMENT_VARIABLE)
+    urls = [BROKER_URL]
+    configure(broker=urls, timeout=5)
+    publish_domain_event(inbox.key, {"n": 4})
+    urls[0] = DEAD_URL  # a list changed after configure() is not missed
+    with pytest.raises(BrokerUnavailableError):
+        publish_domain_event(inbox.key, {"n": 5})
+    inbox.wait(2)
+    inbox.take()
+    assert [e.data["n"] for e in inbox.events()] == [1, 4]
