@@ -344,9 +344,9 @@ def test_max_connections_must_be_a_positive_int(value: Any) -> None:
 def test_a_connection_lost_by_one_thread_does_not_disturb_the_others(
     inbox: Inbox, connects: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    barrier = concurrent_publishes(monkeypatch, 2)
-    run_threads(2, lambda n: publish_domain_event(inbox.key, {"n": n}))
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:  # the connects spy stays
+        barrier = concurrent_publishes(patch, 2)
+        run_threads(2, lambda n: publish_domain_event(inbox.key, {"n": n}))
     pool = next(iter(publish_module._shared.values()))
     victim = pool._idle[0]
     assert victim._connection is not None
@@ -354,6 +354,7 @@ def test_a_connection_lost_by_one_thread_does_not_disturb_the_others(
     assert barrier.broken is False
     run_threads(4, lambda n: [publish_domain_event(inbox.key, {"n": n}) for _ in range(5)])
     assert len(inbox.wait(22)) == 22
+    assert len(connects) <= 5  # the two, one reopened, at most two more
 
 
 # -- fork -------------------------------------------------------------------------------------
@@ -914,3 +915,26 @@ def test_changed_defaults_apply_to_the_next_publish(
     inbox.wait(2)
     inbox.take()
     assert [e.data["n"] for e in inbox.events()] == [1, 4]
+
+
+@pytest.mark.timeout(60)
+def test_fork_child_starts_with_an_empty_pool(
+    inbox: Inbox, connects: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:  # the connects spy stays
+        concurrent_publishes(patch, 3)
+        run_threads(3, lambda n: publish_domain_event(inbox.key, {"who": "parent", "n": n}))
+    assert len(connects) == 3
+
+    def child() -> str:
+        assert publish_module._shared == {}  # nothing of the parent's is used
+        event = publish_domain_event(inbox.key, {"who": "child"})
+        (pool,) = publish_module._shared.values()
+        return f"{event.uuid_string} {pool.size}"
+
+    child_uuid, child_pool_size = run_in_child(child).split()
+    assert child_pool_size == "1"
+    run_threads(3, lambda n: publish_domain_event(inbox.key, {"who": "parent again"}))
+    assert len(connects) == 3  # the parent's connections survived the child
+    inbox.wait(7)
+    assert child_uuid in {e.uuid_string for e in inbox.events()}

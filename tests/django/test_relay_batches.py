@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -227,3 +229,31 @@ def test_whatever_the_rows_hold_the_outbox_never_stalls(
     assert pending("default") == []
     assert event.uuid_string in [b["uuid_string"] for b in event_queue.take_until(1)]
     OutboxEvent.objects.using("default").all().delete()
+
+
+def test_long_running_relay_says_so_when_it_stops(
+    db_alias: str, event_queue: EventQueue, relay_env: dict[str, str], tmp_path: Path
+) -> None:
+    write_bad_row(db_alias)
+    uuids = [e.uuid_string for e in write_events(db_alias, event_queue, 2)]
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        process = subprocess.Popen(
+            manage_command("relay_domain_events", "--database", db_alias, "--interval", "0.1"),
+            env=relay_env,
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        assert [b["uuid_string"] for b in event_queue.take_until(2)] == uuids
+        wait_for(lambda: "set aside as failed" in stderr.read_text(), message="the ERROR line")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0, stderr.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert stdout.read_text().splitlines()[-1] == (
+        "Stopped after relaying 2 domain event(s); 1 row(s) could not be published and were "
+        "set aside as failed"
+    )
