@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any, Final
@@ -29,9 +29,10 @@ import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _config, _headers, _names
+from . import _config, _headers, _names, _topology
 from ._config import UNSET, BrokerConfig, ConnectionSettings, _Unset
 from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
+from ._registration import Handler, Registration, Retry
 from .errors import (
     AuthenticationError,
     BrokerUnavailableError,
@@ -58,41 +59,10 @@ POLL_INTERVAL: Final = 0.2
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
 
-class Retry(Exception):  # 3.0.2's public name
-    """Raise in a handler to have the event delivered again after ``delay`` seconds.
-
-    After ``max_retries`` retries (see :meth:`Subscriber.register`) the event
-    is dead-lettered, or discarded when the handler has no dead-letter queue.
-    The delay has millisecond resolution; all retries of one handler with the
-    same delay share one delay queue.
-    """
-
-    def __init__(self, delay: float = 10.0) -> None:
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0:
-            raise ValueError(f"Retry delay must be a number of seconds >= 0, not {delay!r}")
-        super().__init__(delay)
-        self.delay = float(delay)
-
-
-Handler = Callable[[DomainEvent], object]
-
-
-@dataclass
-class _Registration:
-    handler: Handler
-    name: str
-    binding_keys: tuple[str, ...]
-    dead_letter: bool
-    durable: bool
-    exclusive: bool
-    auto_delete: bool
-    max_retries: int
-
-
 @dataclass
 class _Delivery:
     generation: int
-    registration: _Registration
+    registration: Registration
     delivery_tag: int
     routing_key: str
     redelivered: bool
@@ -154,10 +124,10 @@ class Subscriber:
         self.exchange = exchange
         self.exchange_type = exchange_type
         self.prefetch_count = prefetch_count
-        self._registrations: list[_Registration] = []
+        self._registrations: list[Registration] = []
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
-        self._consumer_tags: dict[str, _Registration] = {}
+        self._consumer_tags: dict[str, Registration] = {}
         self._consuming_on: BlockingChannel | None = None
         #: Handlers whose topology was declared on the current channel.
         self._declared: set[str] = set()
@@ -280,7 +250,7 @@ class Subscriber:
         exclusive: bool,
         auto_delete: bool,
         max_retries: int,
-    ) -> _Registration:
+    ) -> Registration:
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
         if not isinstance(name, str) or not name:
@@ -298,7 +268,7 @@ class Subscriber:
             raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
         if any(r.name == name for r in self._registrations):
             raise ValueError(f"a handler named {name!r} is already registered")
-        return _Registration(
+        return Registration(
             handler=handler,
             name=name,
             binding_keys=keys,
@@ -309,48 +279,9 @@ class Subscriber:
             max_retries=max_retries,
         )
 
-    def _declare(self, channel: BlockingChannel, registration: _Registration) -> None:
-        """Declare one handler's topology exactly as 3.0.2 does."""
-        name = registration.name
-        arguments: dict[str, Any] = {}
-        if registration.dead_letter:
-            dlx = _names.dead_letter_exchange(name)
-            dlq = _names.dead_letter_queue(name)
-            channel.exchange_declare(exchange=dlx, exchange_type=self.exchange_type)
-            channel.queue_declare(queue=dlq, durable=True)
-            for key in registration.binding_keys:
-                channel.queue_bind(exchange=dlx, queue=dlq, routing_key=key)
-            arguments["x-dead-letter-exchange"] = dlx
-        try:
-            channel.queue_declare(
-                queue=name,
-                durable=registration.durable,
-                exclusive=registration.exclusive,
-                auto_delete=registration.auto_delete,
-                arguments=arguments,
-            )
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 406:
-                raise ConfigurationError(
-                    f"queue {name!r} already exists with other settings than "
-                    f"dead_letter={registration.dead_letter}, durable={registration.durable}, "
-                    f"exclusive={registration.exclusive}, auto_delete={registration.auto_delete} "
-                    f"({exc.reply_text}). Register it as it was declared, or drain and delete "
-                    f"the queue first."
-                ) from exc
-            raise
-        channel.exchange_declare(
-            exchange=self.exchange,
-            exchange_type=self.exchange_type,
-            durable=True,
-            auto_delete=False,
-        )
-        retry = _names.retry_exchange(name)
-        channel.exchange_declare(exchange=retry, exchange_type=self.exchange_type)
-        for key in registration.binding_keys:
-            channel.queue_bind(exchange=self.exchange, queue=name, routing_key=key)
-            channel.queue_bind(exchange=retry, queue=name, routing_key=key)
-        self._declared.add(name)
+    def _declare(self, channel: BlockingChannel, registration: Registration) -> None:
+        _topology.declare_handler(channel, registration, self.exchange, self.exchange_type)
+        self._declared.add(registration.name)
 
     # -- connection --------------------------------------------------------------
 
@@ -573,7 +504,7 @@ class Subscriber:
                 self._declare(channel, registration)
                 self._consume(channel, registration)
 
-    def _consume(self, channel: BlockingChannel, registration: _Registration) -> None:
+    def _consume(self, channel: BlockingChannel, registration: Registration) -> None:
         generation = self._generation
 
         def on_message(
@@ -830,7 +761,7 @@ class Subscriber:
         headers = _headers.without_death_headers(delivery.properties.headers)
         headers.update(outcome.headers)
         if outcome.action == "retry":
-            exchange = self._declare_delay(channel, name, outcome.delay_ms)
+            exchange = _topology.declare_delay(channel, name, outcome.delay_ms, self.exchange_type)
         else:
             exchange = _names.dead_letter_exchange(name)
         properties = _headers.copy_properties(delivery.properties, headers)
@@ -866,20 +797,6 @@ class Subscriber:
             channel.basic_nack(delivery_tag=delivery.delivery_tag, requeue=True)
             return
         channel.basic_ack(delivery_tag=delivery.delivery_tag)
-
-    def _declare_delay(self, channel: BlockingChannel, name: str, milliseconds: int) -> str:
-        """Declare (and so keep alive) the delay queue for one delay, as 3.0.2 does."""
-        delay_name = _names.delay_queue(name, milliseconds)
-        channel.queue_declare(
-            queue=delay_name,
-            durable=True,
-            arguments=_names.delay_queue_arguments(name, milliseconds),
-        )
-        channel.exchange_declare(
-            exchange=delay_name, durable=True, auto_delete=True, exchange_type=self.exchange_type
-        )
-        channel.queue_bind(exchange=delay_name, queue=delay_name, routing_key="#")
-        return delay_name
 
     # -- helpers for callers ----------------------------------------------------------
 
