@@ -16,7 +16,7 @@ from . import _names
 from ._registration import Registration
 from .errors import ConfigurationError
 
-__all__ = ["declare_delay", "declare_handler"]
+__all__ = ["dead_letter_route", "declare_delay", "declare_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,15 @@ def declare_handler(
 
 
 def declare_delay(
-    channel: BlockingChannel, name: str, milliseconds: int, exchange_type: str
-) -> str:
-    """Declare (and so keep alive) the delay queue of ``name`` for one delay.
+    channel: BlockingChannel, registration: Registration, milliseconds: int, exchange_type: str
+) -> tuple[str, str]:
+    """Declare (and so keep alive) the delay queue of a handler for one delay.
 
     Returns:
-        The exchange to publish the retry to.
+        The exchange and routing key to publish the retry with; the routing
+        key ``None``-equivalent ``""`` means: keep the event's own key.
     """
+    name = registration.name
     delay_name = _names.delay_queue(name, milliseconds)
     channel.queue_declare(
         queue=delay_name,
@@ -87,4 +89,12 @@ def declare_delay(
         exchange=delay_name, durable=True, auto_delete=True, exchange_type=exchange_type
     )
     channel.queue_bind(exchange=delay_name, queue=delay_name, routing_key="#")
-    return delay_name
+    return delay_name, ""
+
+
+def dead_letter_route(registration: Registration) -> tuple[str, str]:
+    """The exchange and routing key a dead letter of a handler is published with.
+
+    The routing key ``""`` means: keep the event's own key.
+    """
+    return _names.dead_letter_exchange(registration.name), ""

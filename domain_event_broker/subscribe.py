@@ -760,16 +760,19 @@ class Subscriber:
         name = delivery.registration.name
         headers = _headers.without_death_headers(delivery.properties.headers)
         headers.update(outcome.headers)
+        registration = delivery.registration
         if outcome.action == "retry":
-            exchange = _topology.declare_delay(channel, name, outcome.delay_ms, self.exchange_type)
+            exchange, routing_key = _topology.declare_delay(
+                channel, registration, outcome.delay_ms, self.exchange_type
+            )
         else:
-            exchange = _names.dead_letter_exchange(name)
+            exchange, routing_key = _topology.dead_letter_route(registration)
         properties = _headers.copy_properties(delivery.properties, headers)
         try:
             try:
                 channel.basic_publish(
                     exchange=exchange,
-                    routing_key=delivery.routing_key,
+                    routing_key=routing_key or delivery.routing_key,
                     body=delivery.body,
                     properties=properties,
                     mandatory=True,
