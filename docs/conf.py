@@ -7,6 +7,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# docs/_ext: this documentation's own extensions (the topology picture).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "_ext"))
 
 project = "domain-event-broker"
 author = "domain-event-broker contributors"
@@ -21,6 +23,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
+    "topology",
 ]
 
 # Docstrings follow the Google style (Args / Returns / Raises).

@@ -14,7 +14,7 @@ Hierarchy::
     │   ├── BrokerUnavailableError  no node answered within the deadline
     │   ├── AuthenticationError     credentials or vhost refused: not retried
     │   └── PublishError            the broker did not confirm a publish
-    │       └── PublishTimeoutError no confirm in time (e.g. a resource alarm)
+    │       └── PublishTimeoutError the broker blocked the connection too long (resource alarm)
     └── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
 
 Translation from pika's exceptions happens in one place,
@@ -71,8 +71,8 @@ class PublishError(BrokerError):
 
 
 class PublishTimeoutError(PublishError):
-    """The broker did not confirm a publish in time, typically because a
-    resource alarm blocks publishers."""
+    """The broker blocked the publishing connection (a memory or disk alarm)
+    for longer than ``blocked_connection_timeout``."""
 
 
 class DeadLetterQueueNotFoundError(DomainEventBrokerError):
