@@ -32,10 +32,10 @@ New pages are picked up by themselves.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -43,9 +43,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
+
+from domain_event_broker import _names, _topology
+from domain_event_broker._registration import Registration
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -239,10 +243,10 @@ def static_problems(example: Example) -> str:
 
     The example is checked without its setup: it must be complete on its own.
     """
-    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     result = subprocess.run(
         [
-            *(ruff, "check", "--isolated", "--no-cache", "--output-format", "concise"),
+            *(sys.executable, "-m", "ruff", "check", "--isolated", "--no-cache"),
+            *("--output-format", "concise"),
             *("--select", "F", "--ignore", "F401,F841", "--stdin-filename", "example.py", "-"),
         ],
         input=example.code,
@@ -417,3 +421,58 @@ def test_unknown_marker_is_refused(tmp_path: Path) -> None:
     page.write_text(".. test: skipp\n\n.. code-block:: python\n\n    pass\n", encoding="utf-8")
     with pytest.raises(ValueError, match="unknown marker"):
         collect_examples(page)
+
+
+# -- the topology picture (docs/_ext/topology.py) -------------------------------------------
+
+
+def _topology_extension() -> Any:
+    pytest.importorskip("sphinx", reason="the docs dependency group is not installed")
+    spec = importlib.util.spec_from_file_location(
+        "docs_topology", ROOT / "docs" / "_ext" / "topology.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_topology_picture_is_drawn_from_the_topology_code() -> None:
+    topology = _topology_extension()
+    name = "pictured"
+    graph = topology.handler_graph(name, ["user.*"], [10, 0.25], True)
+    declared = {key.partition(":")[2] for key in graph.nodes if ":" in key}
+    assert declared == {
+        _names.DEFAULT_EXCHANGE,
+        name,
+        _names.retry_exchange(name),
+        _names.dead_letter_exchange(name),
+        _names.dead_letter_queue(name),
+        _names.delay_queue(name, 10_000),
+        _names.delay_queue(name, 250),
+    }
+    edges = {(edge.source, edge.target, edge.style) for edge in graph.edges}
+    retry_route = _topology.declare_delay(
+        topology.RecordingChannel(), graph_registration(name), 250, "topic"
+    )
+    assert ("handler", topology._node_for(*retry_route), "retry") in edges
+    assert (
+        f"queue:{name}",
+        f"exchange:{_names.dead_letter_exchange(name)}",
+        "dead-letter",
+    ) in edges
+    svg = topology.render(graph, "title")
+    assert svg.startswith("<svg ") and svg.endswith("</svg>")
+    for object_name in declared:
+        assert f">{object_name}</text>" in svg
+
+
+def test_topology_picture_refuses_a_channel_call_it_does_not_know() -> None:
+    topology = _topology_extension()
+    with pytest.raises(AttributeError, match=r"teach docs/_ext/topology\.py"):
+        topology.RecordingChannel().basic_publish("", "q", b"")
+
+
+def graph_registration(name: str) -> Registration:
+    return Registration(handler=lambda event: None, name=name, binding_keys=("user.*",))
