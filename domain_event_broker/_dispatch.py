@@ -36,6 +36,9 @@ class Action(enum.Enum):
     """What the I/O thread does with a delivery."""
 
     ACK = "ack"
+    #: Acknowledged after a failure, without a dead-letter queue to keep it;
+    #: ``Outcome.headers`` say why, as a dead letter's would.
+    DISCARD = "discard"
     RETRY = "retry"
     DEAD_LETTER = "dead_letter"
     #: Leave the event for redelivery and stop the subscriber (a handler
@@ -186,6 +189,7 @@ def _failure(
     else:
         what = "an event"
     exc_info = (type(exc), exc, exc.__traceback__)
+    headers = failure_headers(registration.name, exc_type, message, _format_traceback(exc), retries)
     if not registration.dead_letter:
         log.error(
             "Handler %s failed on %s (routing key %s): %s: %s; discarded (no dead-letter queue)",
@@ -196,7 +200,7 @@ def _failure(
             message,
             exc_info=exc_info,
         )
-        return Outcome(delivery, Action.ACK)
+        return Outcome(delivery, Action.DISCARD, headers=headers)
     log.error(
         "Handler %s failed on %s (routing key %s): %s: %s; dead-lettered to %s",
         registration.name,
@@ -287,7 +291,7 @@ def _last_resort(delivery: Delivery) -> Outcome:
         registration.name,
         "dead-lettering it" if registration.dead_letter else "discarding it",
     )
-    if not registration.dead_letter:
-        return Outcome(delivery, Action.ACK)
     headers = failure_headers(registration.name, "<unknown>", UNPRINTABLE, "", 0)
+    if not registration.dead_letter:
+        return Outcome(delivery, Action.DISCARD, headers=headers)
     return Outcome(delivery, Action.DEAD_LETTER, headers=headers)

@@ -66,7 +66,7 @@ class Settler:
             delivery = outcome.delivery
             if delivery.generation != self._generation:
                 continue  # its tag belongs to a closed channel: redelivered
-            if outcome.action is Action.ACK:
+            if outcome.action in (Action.ACK, Action.DISCARD):
                 acks.append(delivery.delivery_tag)
                 continue
             self._ack(channel, acks)
@@ -105,7 +105,7 @@ class Settler:
                     DelayRefusedError(refused),
                     retries=_headers.retry_count(delivery.properties.headers),
                 )
-                if outcome.action is Action.ACK:  # no dead-letter queue: discarded
+                if outcome.action is Action.DISCARD:  # no dead-letter queue
                     self._ack(channel, [delivery.delivery_tag])
                     return
         if outcome.action is Action.RETRY:

@@ -26,7 +26,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Final
 
@@ -45,6 +45,11 @@ from .errors import ConfigurationError, translate_pika_error
 __all__ = ["Retry", "Subscriber"]
 
 log = logging.getLogger(__name__)
+
+#: Test doubles (:class:`domain_event_broker.testing.StubBroker`) that take
+#: registrations instead of a broker: each returns what ``start_consuming()``
+#: runs instead of consuming.
+registration_hooks: list[Callable[[Registration], Callable[[], object]]] = []
 
 #: How many unacknowledged events the broker sends ahead of each handler.
 #: Handlers still run one at a time, in order; a larger window only saves
@@ -100,6 +105,7 @@ class Subscriber:
         self._link: Link | None = None
         self._loop: ConsumeLoop | None = None
         self._lock = threading.Lock()
+        self._stub_run: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
         where = "no broker" if self._config is None else self._config.display
@@ -224,6 +230,10 @@ class Subscriber:
         with self._lock:
             if any(r.name == registration.name for r in self._registrations):
                 raise ValueError(f"a handler named {registration.name!r} is already registered")
+            if registration_hooks:
+                self._stub_run = registration_hooks[-1](registration)
+                self._registrations.append(registration)
+                return
             if self._config is None:
                 log.debug("No broker configured: handler %s is not registered", name)
                 return
@@ -303,6 +313,9 @@ class Subscriber:
                 here after a graceful stop (that event is redelivered).
         """
         deadline = _deadline(timeout)
+        if self._stub_run is not None:
+            self._stub_run()
+            return
         if self._config is None:
             log.debug("No broker configured: start_consuming() returns at once")
             return
