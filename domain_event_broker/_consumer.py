@@ -262,11 +262,14 @@ class ConsumeLoop:
         return self.stop_requested or delivery.generation != self._link.generation
 
     def _drain(self) -> None:
-        items = self._mailbox.take()
-        if not items:
-            return
+        outcomes = self._take_outcomes()
+        if outcomes and self._link.is_open:
+            self._settler.settle(self._link.channel(), outcomes)
+
+    def _take_outcomes(self) -> list[Outcome]:
+        """What handler threads reported; raises if one of them died."""
         outcomes: list[Outcome] = []
-        for item in items:
+        for item in self._mailbox.take():
             if isinstance(item, ThreadDied):
                 raise HandlerThreadError(
                     f"the handler thread {item.thread_name} died: {item.error!r}; "
@@ -277,9 +280,7 @@ class ConsumeLoop:
                 self.stop_error = item.error
                 self.request_stop()
             outcomes.append(item)
-        if self._link.is_open:
-            channel = self._link.channel()
-            self._settler.settle(channel, outcomes)
+        return outcomes
 
     def _check_pools(self) -> None:
         for pool in self._all_pools():
@@ -317,15 +318,7 @@ class ConsumeLoop:
         self._cancelled.clear()
         self._consuming_generation = -1
         # Settle nothing of the old channel; keep counting what is in flight.
-        for item in self._mailbox.take():
-            if isinstance(item, ThreadDied):
-                raise HandlerThreadError(
-                    f"the handler thread {item.thread_name} died: {item.error!r}"
-                ) from item.error
-            self._in_flight -= 1
-            if item.action is Action.STOP and self.stop_error is None:
-                self.stop_error = item.error
-                self.stop_requested = True
+        self._take_outcomes()
 
     def _shutdown(self) -> None:
         """Graceful stop: no new deliveries, finish the running handlers."""
