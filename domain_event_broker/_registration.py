@@ -8,18 +8,21 @@ import another to know what a handler is.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from .events import DomainEvent
 
-__all__ = ["MAX_RETRY_DELAY", "Handler", "Registration", "Retry"]
+__all__ = ["MAX_RETRY_DELAY", "Handler", "Registration", "Retry", "build_registration"]
 
 #: Longest retry delay (seconds). A delay becomes a queue's ``x-message-ttl``
 #: in milliseconds, and ``x-expires`` adds a margin to it; RabbitMQ refuses
 #: either beyond 2**32 - 1 ms on some versions, so stay well below: 30 days.
 MAX_RETRY_DELAY: Final = 30 * 24 * 3600.0
+
+#: Most handler threads one handler may ask for.
+MAX_CONCURRENCY: Final = 1000
 
 Handler = Callable[[DomainEvent], object]
 
@@ -70,3 +73,63 @@ class Registration:
     exclusive: bool = False
     auto_delete: bool = False
     max_retries: int = 0
+    #: How many events of this handler run at once, each on its own thread.
+    concurrency: int = 1
+
+
+def build_registration(
+    handler: Handler,
+    name: str,
+    binding_keys: Sequence[str],
+    dead_letter: bool = False,
+    durable: bool = True,
+    exclusive: bool = False,
+    auto_delete: bool = False,
+    max_retries: int = 0,
+    concurrency: int = 1,
+) -> Registration:
+    """Check what ``Subscriber.register()`` was given; return it as a Registration.
+
+    Raises:
+        TypeError: ``handler`` is not callable.
+        ValueError: any other argument is out of range.
+    """
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+    if not isinstance(name, str) or not name:
+        raise ValueError("name must be a non-empty str")
+    if len(name.encode("utf-8", "surrogatepass")) > 200:
+        raise ValueError("name must be at most 200 bytes (derived queue names add suffixes)")
+    if isinstance(binding_keys, (str, bytes)):
+        raise ValueError("binding_keys must be a list of str, not one str")
+    try:
+        keys = tuple(binding_keys)
+    except TypeError:
+        raise TypeError(
+            f"binding_keys must be a list of str, not {type(binding_keys).__name__}"
+        ) from None
+    if not keys:
+        raise ValueError("binding_keys must hold at least one binding key")
+    if not all(isinstance(key, str) and key for key in keys):
+        raise ValueError("every binding key must be a non-empty str")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
+    if (
+        isinstance(concurrency, bool)
+        or not isinstance(concurrency, int)
+        or not 1 <= concurrency <= MAX_CONCURRENCY
+    ):
+        raise ValueError(
+            f"concurrency must be an int from 1 to {MAX_CONCURRENCY}, not {concurrency!r}"
+        )
+    return Registration(
+        handler=handler,
+        name=name,
+        binding_keys=keys,
+        dead_letter=bool(dead_letter),
+        durable=bool(durable),
+        exclusive=bool(exclusive),
+        auto_delete=bool(auto_delete),
+        max_retries=max_retries,
+        concurrency=concurrency,
+    )
