@@ -165,6 +165,7 @@ def redact(url: str) -> str:
     Works on malformed URLs too (e.g. a password holding an unescaped ``/``,
     ``?`` or ``#``), so that error messages about them stay free of secrets.
     """
+    url = _tls.redact_query(url)
     scheme, separator, rest = url.partition("://")
     if not separator:
         return url

@@ -6,6 +6,7 @@ This is the one place where pika's connection errors are translated.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -161,3 +162,17 @@ def close_quietly(connection: pika.BlockingConnection | None) -> None:
             connection.close()
     except Exception:  # closing a broken connection may raise anything
         log.debug("Ignoring an error while closing a connection", exc_info=True)
+
+
+def connection_info(config: BrokerConfig) -> _tls.ConnectionInfo:
+    """Connect once and tell which node answered, over TLS or not (for ``status``).
+
+    Raises:
+        AuthenticationError, TLSError, BrokerUnavailableError: as :func:`connect`.
+    """
+    connection = connect(config, f"domain-event-broker status (pid {os.getpid()})")
+    try:
+        params = connection._impl.params
+        return _tls.ConnectionInfo(params.host, params.port, _tls.session_info(connection))
+    finally:
+        close_quietly(connection)

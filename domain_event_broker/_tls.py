@@ -99,6 +99,16 @@ def split_url(url: str, shown: str) -> tuple[str, TLSSettings]:
     return pika_url, _settings(values, url, shown)
 
 
+#: pika's own ``ssl_options`` query parameter (a dict literal) may hold a key
+#: passphrase: its value is never shown.
+_SSL_OPTIONS_VALUE = re.compile(r"([?&]ssl_options=)[^&#]*", re.IGNORECASE)
+
+
+def redact_query(url: str) -> str:
+    """``url`` with the value of pika's ``ssl_options`` parameter replaced by ``***``."""
+    return _SSL_OPTIONS_VALUE.sub(r"\1***", url)
+
+
 def _settings(values: dict[str, str], url: str, shown: str) -> TLSSettings:
     def fail(reason: str) -> ConfigurationError:
         return ConfigurationError(f"malformed AMQP URL {shown!r}: {reason}")
@@ -465,3 +475,41 @@ def _asn1_time(tag: int, text: str) -> datetime.datetime:
     elif not (tag == 0x18 and re.fullmatch(r"\d{14}Z", text)):  # GeneralizedTime
         raise ValueError("not a UTC time")
     return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """Which node a connection reached, and how (for ``status``)."""
+
+    host: str
+    port: int
+    #: ``None`` for plain AMQP.
+    tls: SessionInfo | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        details = {"tls": False} if self.tls is None else self.tls.as_dict()
+        return {"host": self.host, "port": self.port, **details}
+
+    def describe(self, now: datetime.datetime | None = None) -> str:
+        """One line, e.g. ``localhost:5671 TLSv1.3 TLS_AES_256_GCM_SHA384, server
+        certificate expires 2027-01-31 12:00 UTC (in 64 days)``."""
+        where = f"{self.host}:{self.port}"
+        if self.tls is None:
+            return f"{where} plain AMQP (no TLS)"
+        text = f"{where} {self.tls.version} {self.tls.cipher}"
+        expiry = self.tls.not_after
+        if expiry is None:
+            return f"{text}, server certificate expiry unknown"
+        left = expiry - (now or datetime.datetime.now(datetime.timezone.utc))
+        when = expiry.strftime("%Y-%m-%d %H:%M UTC")
+        if left.total_seconds() < 0:
+            return f"{text}, server certificate EXPIRED {when} ({_span(-left)} ago)"
+        return f"{text}, server certificate expires {when} (in {_span(left)})"
+
+
+def _span(delta: datetime.timedelta) -> str:
+    if delta.days >= 2:
+        return f"{delta.days} days"
+    hours = int(delta.total_seconds() // 3600)
+    return f"{hours} hours" if hours >= 2 else f"{int(delta.total_seconds() // 60)} minutes"
