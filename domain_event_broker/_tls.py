@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import os
 import re
 import ssl
 import urllib.parse
@@ -94,6 +95,11 @@ def split_url(url: str, shown: str) -> tuple[str, TLSSettings]:
         values[name] = urllib.parse.unquote_plus(field.partition("=")[2])
     if not values:
         return url, TLSSettings()
+    if any(urllib.parse.unquote_plus(field.partition("=")[0]) == "ssl_options" for field in kept):
+        raise ConfigurationError(
+            f"malformed AMQP URL {shown!r}: pika's ssl_options cannot be combined with "
+            f"{', '.join(sorted(values))}; use the latter only"
+        )
     remaining = "&".join(kept)
     pika_url = base + ("?" + remaining if remaining else "") + hash_mark + fragment
     return pika_url, _settings(values, url, shown)
@@ -208,6 +214,31 @@ def build_context(settings: TLSSettings) -> ssl.SSLContext:
     return context
 
 
+def _context_for(settings: TLSSettings) -> ssl.SSLContext:
+    """:func:`build_context`, built again only when one of its files changed.
+
+    Building one from the system's trust store takes some 20 ms, and a
+    connection attempt needs one per node; a renewed certificate must still
+    be picked up at the next connection.
+    """
+    stamps = []
+    for path in (settings.cacertfile, settings.certfile, settings.keyfile):
+        if path:
+            try:
+                stat = os.stat(path)
+            except OSError:
+                return build_context(settings)  # raises the clear error
+            stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+    return _cached_context(settings, tuple(stamps))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_context(
+    settings: TLSSettings, stamps: tuple[tuple[int, int, int], ...]
+) -> ssl.SSLContext:
+    return build_context(settings)
+
+
 class _EncryptedKeyError(Exception):
     pass
 
@@ -268,7 +299,7 @@ def parameters(
     if urllib.parse.urlsplit(pika_url).port is None:
         params.port = pika.ConnectionParameters.DEFAULT_SSL_PORT
     if tls:
-        context = build_context(settings) if context is None else context
+        context = _context_for(settings) if context is None else context
         server_name = settings.server_name_indication or params.host
         params.ssl_options = pika.SSLOptions(context, server_name)
     if settings.external:

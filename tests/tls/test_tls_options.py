@@ -37,6 +37,10 @@ from .certs import Certificates
         ("amqps://h/%2F?cacertfile=/a&cacertfile=/b", "cacertfile is given twice"),
         ("amqps://h/%2F?cacertfile=", "cacertfile is empty"),
         (
+            "amqps://h/%2F?ssl_options={'password':'pw-secret'}&verify=verify_none",
+            "pika's ssl_options cannot be combined with verify",
+        ),
+        (
             "amqps://u:pw-secret@h/%2F?auth_mechanism=external&certfile=/c",
             "auth_mechanism=external logs in with the client certificate: "
             "leave the user name and password out of the URL",
@@ -77,6 +81,18 @@ def test_ssl_context_must_be_a_context_and_must_not_clash(certs: Certificates) -
         Publisher("amqps://h/%2F", ssl_context=object())  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="cacertfile cannot be combined with ssl_context"):
         Publisher(f"amqps://h/%2F?cacertfile={certs.ca}", ssl_context=ssl.create_default_context())
+
+
+def test_context_built_again_only_when_a_file_changed(tmp_path: Path, certs: Certificates) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(certs.ca.read_bytes())
+    settings = _tls.split_url(f"amqps://h/%2F?cacertfile={ca}", "")[1]
+    first = _tls._context_for(settings)
+    assert _tls._context_for(settings) is first
+    ca.write_bytes(certs.ca_and_other_ca.read_bytes())  # renewed: another size
+    renewed = _tls._context_for(settings)
+    assert renewed is not first
+    assert len(renewed.get_ca_certs()) == 2
 
 
 def test_verification_on_by_default() -> None:
