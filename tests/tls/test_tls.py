@@ -24,6 +24,7 @@ import pika
 import pytest
 
 from domain_event_broker import (
+    BrokerUnavailableError,
     ConfigurationError,
     DomainEvent,
     Publisher,
@@ -277,6 +278,19 @@ def test_client_certificate_from_an_unknown_ca(tls: TLS) -> None:
     assert "refused the client certificate: it is not signed by a certificate authority" in str(
         error
     )
+
+
+def test_a_silent_tls_port_does_not_hang(certs: Certificates) -> None:
+    # Accepts TCP and never answers the TLS handshake: the deadline still holds.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        started = time.monotonic()
+        with (
+            pytest.raises(BrokerUnavailableError, match="could not connect") as caught,
+            Publisher(url(port=silent.getsockname()[1], cacertfile=certs.ca), timeout=2) as p,
+        ):
+            p.connect()
+        assert time.monotonic() - started < 10
+        assert not isinstance(caught.value, TLSError)
 
 
 def test_a_dead_node_and_a_misconfigured_tls_node(tls: TLS) -> None:

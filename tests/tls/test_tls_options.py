@@ -111,7 +111,7 @@ _OTHER = st.sampled_from(["heartbeat", "socket_timeout", "channel_max", "frame_m
 _TLS_NAMES = st.sampled_from(["cacertfile", "server_name_indication", "verify"])
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.tuples(_OTHER, st.integers(1, 600)), max_size=4, unique_by=lambda p: p[0]),
     st.dictionaries(_TLS_NAMES, st.text(min_size=1, max_size=20), max_size=3),
@@ -144,6 +144,7 @@ def test_split_url_keeps_other_options_and_decodes_tls_ones(
 _SECRET = st.text(alphabet=st.characters(categories=("Lu", "Ll", "Nd")), min_size=8, max_size=30)
 
 
+@settings(deadline=None, max_examples=30)  # pika builds a context per amqps:// URL it parses
 @given(_SECRET)
 def test_passwords_and_passphrases_never_shown(secret: str) -> None:
     with_password = f"amqps://app:{secret}@h/%2F?verify=nope"
@@ -258,7 +259,7 @@ def _certificate(not_after: datetime.datetime) -> bytes:
     return cert.public_bytes(Encoding.DER)
 
 
-@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.datetimes(
         min_value=datetime.datetime(1950, 1, 2),
