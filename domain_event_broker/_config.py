@@ -111,7 +111,8 @@ def configure(
             ``keyfile`` and ``verify`` options; ``None`` goes back to those.
 
     Raises:
-        ConfigurationError: a URL is malformed or the timeout not positive.
+        ConfigurationError: a URL is malformed, a TLS file cannot be used,
+            or the timeout not positive.
         TypeError: ``ssl_context`` is not an :class:`ssl.SSLContext`.
 
     .. versionadded:: 4.0
@@ -129,6 +130,8 @@ def configure(
         elif not isinstance(broker, _Unset):
             if broker is not None:
                 _parse_urls(_as_tuple(broker))
+                context = _defaults.ssl_context if isinstance(ssl_context, _Unset) else ssl_context
+                _check_tls(_as_tuple(broker), context is not None)  # e.g. a missing CA file
             _defaults.broker = broker
         if not isinstance(timeout, _Unset):
             _defaults.timeout = check_timeout(timeout)

@@ -66,6 +66,11 @@ def test_files_are_checked_before_connecting(tmp_path: Path, certs: Certificates
         Publisher(f"amqps://h/%2F?certfile={missing}")
 
 
+def test_configure_checks_the_files_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="cannot be read"):
+        configure(broker=f"amqps://h/%2F?cacertfile={tmp_path / 'missing.pem'}")
+
+
 def test_encrypted_key_is_refused_without_a_prompt(certs: Certificates) -> None:
     key = certs.client_encrypted_key
     with pytest.raises(ConfigurationError) as caught:
