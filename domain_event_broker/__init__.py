@@ -21,6 +21,7 @@ from .errors import (
     MalformedEventError,
     PublishError,
     PublishTimeoutError,
+    TLSError,
 )
 from .events import DomainEvent
 from .publish import Publisher, publish_domain_event
@@ -53,6 +54,7 @@ __all__ = [
     "Publisher",
     "Retry",
     "Subscriber",
+    "TLSError",
     "__version__",
     "configure",
     "publish_domain_event",

@@ -31,6 +31,7 @@ from .errors import (
     BrokerUnavailableError,
     ConfigurationError,
     HandlerThreadError,
+    TLSError,
     translate_pika_error,
 )
 
@@ -162,7 +163,7 @@ class ConsumeLoop:
                     self._ensure_consuming()
                     recovery.on_connected()
                     self._poll(deadline)
-                except (AuthenticationError, ConfigurationError, HandlerThreadError):
+                except (AuthenticationError, ConfigurationError, HandlerThreadError, TLSError):
                     raise
                 except (BrokerUnavailableError, *CONNECTION_ERRORS) as exc:
                     pause = recovery.on_lost(exc, _hint(exc))

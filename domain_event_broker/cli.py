@@ -37,8 +37,9 @@ from typing import Any, Final, TextIO
 
 import pika
 
-from . import _headers, replay
+from . import _config, _headers, _tls, replay
 from ._config import UNSET, ConnectionSettings
+from ._connection import connection_info
 from .errors import ConfigurationError, DomainEventBrokerError
 from .events import DomainEvent
 from .publish import Publisher
@@ -341,8 +342,9 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     status = replay.handler_status(args.name, _settings(args), delays=args.delay or ())
+    link = _connection_info(_settings(args))
     if args.json:
-        out.write(json.dumps(status.as_dict(), indent=2) + "\n")
+        out.write(json.dumps({**status.as_dict(), "connection": link.as_dict()}, indent=2) + "\n")
     if not status.queue.exists and not status.dead_letter_queue.exists:
         raise DomainEventBrokerError(f"no handler named {args.name!r}: its queue does not exist")
     if args.json:
@@ -364,7 +366,14 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
             f"{PROG}: note: the broker's management API did not answer, so delay queues "
             f"were looked up by delay only (10 s and --delay)\n"
         )
+    out.write(f"{'connection':<20} {link.describe()}\n")
     return EXIT_OK
+
+
+def _connection_info(settings: ConnectionSettings) -> _tls.ConnectionInfo:
+    config = _config.resolve(settings)
+    assert config is not None  # handler_status() refused None already
+    return connection_info(config)
 
 
 def _duration(seconds: float | None) -> str:

@@ -13,6 +13,7 @@ Hierarchy::
     ├── BrokerError                 anything that went wrong talking to RabbitMQ
     │   ├── BrokerUnavailableError  no node answered within the deadline
     │   ├── AuthenticationError     credentials or vhost refused: not retried
+    │   ├── TLSError                TLS failed (certificate, plain port): not retried
     │   └── PublishError            the broker did not confirm a publish
     │       └── PublishTimeoutError the broker blocked the connection too long (resource alarm)
     ├── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
@@ -37,6 +38,7 @@ __all__ = [
     "MalformedEventError",
     "PublishError",
     "PublishTimeoutError",
+    "TLSError",
 ]
 
 
@@ -59,6 +61,19 @@ class BrokerError(DomainEventBrokerError):
 class BrokerUnavailableError(BrokerError):
     """No broker node could be reached, or the connection was lost, within
     the configured deadline."""
+
+
+class TLSError(BrokerError):
+    """A TLS connection could not be set up, for a reason retrying cannot fix.
+
+    The server's certificate failed verification (unknown CA, expired, issued
+    for another host name), the broker refused the client certificate, or
+    the port does not speak TLS (e.g. a plain AMQP port behind ``amqps://``).
+    The message names the cause. Not retried (like
+    :class:`AuthenticationError`), and never followed by a plain-text attempt.
+
+    .. versionadded:: 4.1
+    """
 
 
 class AuthenticationError(BrokerError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import ssl
 import threading
 import time
 import weakref
@@ -78,8 +79,14 @@ class Publisher:
         timeout: seconds one publish may take, reconnecting included, before
             a :class:`~domain_event_broker.BrokerError` is raised (default 30,
             see :func:`~domain_event_broker.configure`).
+        ssl_context: the :class:`ssl.SSLContext` for ``amqps://`` URLs
+            (default: the one given to :func:`~domain_event_broker.configure`,
+            else one built from the URL's TLS options).
 
     Use it as a context manager, or call :meth:`close` when done.
+
+    .. versionchanged:: 4.1
+       The ``ssl_context`` argument.
     """
 
     def __init__(
@@ -89,8 +96,11 @@ class Publisher:
         exchange_type: str = DEFAULT_EXCHANGE_TYPE,
         *,
         timeout: float | _Unset = UNSET,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._config: BrokerConfig | None = _config.resolve(connection_settings, timeout)
+        self._config: BrokerConfig | None = _config.resolve(
+            connection_settings, timeout, UNSET if ssl_context is None else ssl_context
+        )
         self.exchange = exchange
         self.exchange_type = exchange_type
         self._lock = threading.RLock()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -75,6 +76,8 @@ class Subscriber:
         timeout: seconds to wait for the broker when connecting in
             :meth:`register` (default 30). While consuming, the subscriber
             reconnects for as long as it runs.
+        ssl_context: the :class:`ssl.SSLContext` for ``amqps://`` URLs
+            (default: as for :class:`~domain_event_broker.Publisher`).
 
     Raises:
         ConfigurationError: a URL is malformed.
@@ -89,12 +92,15 @@ class Subscriber:
         *,
         prefetch_count: int = DEFAULT_PREFETCH_COUNT,
         timeout: float | _Unset = UNSET,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int):
             raise ValueError(f"prefetch_count must be an int, not {prefetch_count!r}")
         if not 0 < prefetch_count <= 65535:
             raise ValueError(f"prefetch_count must be between 1 and 65535, not {prefetch_count}")
-        self._config: BrokerConfig | None = _config.resolve(connection_settings, timeout)
+        self._config: BrokerConfig | None = _config.resolve(
+            connection_settings, timeout, UNSET if ssl_context is None else ssl_context
+        )
         self.exchange = exchange
         self.exchange_type = exchange_type
         self.prefetch_count = prefetch_count

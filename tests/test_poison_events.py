@@ -221,7 +221,7 @@ def test_register_from_inside_a_handler(names: Names) -> None:
 def test_timeout_zero_returns_promptly_and_negative_is_refused(names: Names) -> None:
     name = names.new("timeout")
     subscriber = Subscriber()
-    subscriber.register(lambda event: None, name, ["#"])
+    subscriber.register(lambda event: None, name, [f"{name}.#"])
     started = time.monotonic()
     subscriber.start_consuming(timeout=0)
     assert time.monotonic() - started < 5
