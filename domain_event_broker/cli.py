@@ -37,7 +37,7 @@ from typing import Any, Final, TextIO
 
 import pika
 
-from . import _headers, replay
+from . import _headers, _worker_command, replay
 from ._config import UNSET, ConnectionSettings
 from .errors import ConfigurationError, DomainEventBrokerError
 from .events import DomainEvent
@@ -486,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(run=_cmd_status)
+    _worker_command.add_parsers(commands, sub)  # worker, health
     return parser
 
 
