@@ -24,7 +24,9 @@ class Otel:
     tracer: trace.Tracer
 
     def finished(self, name_prefix: str = "") -> list[ReadableSpan]:
-        return [span for span in self.spans.get_finished_spans() if span.name.startswith(name_prefix)]
+        return [
+            span for span in self.spans.get_finished_spans() if span.name.startswith(name_prefix)
+        ]
 
     def points(self, metric_name: str) -> list[Any]:
         """The data points of one metric (all attribute sets)."""

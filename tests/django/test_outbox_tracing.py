@@ -20,8 +20,9 @@ def test_the_relays_publish_continues_the_request_that_wrote_the_row(
     db_alias: str, event_queue: EventQueue
 ) -> None:
     tel = otel()
-    with tel.tracer.start_as_current_span("POST /users") as request, transaction.atomic(
-        using=db_alias
+    with (
+        tel.tracer.start_as_current_span("POST /users") as request,
+        transaction.atomic(using=db_alias),
     ):
         event = publish_via_outbox(event_queue.key(), {"id": 7}, using=db_alias)
     untraced = publish_via_outbox(event_queue.key(), {"id": 8}, using=db_alias)
