@@ -80,6 +80,7 @@ STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 #: Default address of the metrics endpoint: every interface, for a scraper
 #: on another host (use --metrics-host 127.0.0.1 to keep it local).
 ALL_INTERFACES: Final = "0.0.0.0"  # noqa: S104
+STDIN_FILENO: Final = 0
 #: Exit statuses.
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -299,8 +300,10 @@ def _stop_when_parent_goes(subscriber: Subscriber) -> None:
     standard input closes (the parent died without passing a signal on)."""
 
     def wait_for_eof() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            while sys.stdin.buffer.read(4096):
+        # os.read, not sys.stdin: a daemon thread blocked in a buffered
+        # reader holds its lock and aborts the interpreter's shutdown.
+        with contextlib.suppress(OSError):
+            while os.read(STDIN_FILENO, 4096):
                 pass
         log.warning("The supervising process is gone; stopping")
         subscriber.stop_consuming()
