@@ -42,6 +42,8 @@ Hook API (what the subscriber calls, from any thread)::
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager
@@ -197,48 +199,87 @@ else:
             return list(carrier.keys())
 
     _GETTER: Final = _HeaderGetter()
+    _CONFIRMED: Final = ("outcome", "confirmed")
     _tracer = _trace.get_tracer(INSTRUMENTATION_NAME, _version())
     _meter = _metrics.get_meter(INSTRUMENTATION_NAME, _version())
 
-    _published = _meter.create_counter(
+    _Key = tuple[tuple[str, str], ...]
+
+    class _Tally:
+        """Cumulative counts in plain ints, reported when metrics are collected
+        (through observable instruments): counting an event costs a dict
+        update, not a measurement through the SDK."""
+
+        __slots__ = ("_counts", "_lock")
+
+        def __init__(self) -> None:
+            self._counts: dict[_Key, int] = {}
+            self._lock = threading.Lock()
+
+        def add(self, key: _Key, amount: int = 1) -> None:
+            with self._lock:
+                self._counts[key] = self._counts.get(key, 0) + amount
+
+        def observe(self, options: Any) -> list[Any]:
+            with self._lock:
+                items = list(self._counts.items())
+            return [_metrics.Observation(value, dict(key)) for key, value in items]
+
+        def reset_after_fork(self) -> None:
+            self._lock = threading.Lock()
+            self._counts = {}  # a child process counts its own events
+
+    def _tally(name: str, unit: str, description: str, *, up_down: bool = False) -> _Tally:
+        tally = _Tally()
+        create = (
+            _meter.create_observable_up_down_counter
+            if up_down
+            else _meter.create_observable_counter
+        )
+        create(name, callbacks=[tally.observe], unit=unit, description=description)
+        os.register_at_fork(after_in_child=tally.reset_after_fork)
+        return tally
+
+    _published = _tally(
         "domain_event_broker.events.published",
-        unit="{event}",
-        description="Events published, by outcome (confirmed or failed) and exchange.",
+        "{event}",
+        "Events published, by outcome (confirmed or failed) and exchange.",
     )
-    _handled = _meter.create_counter(
+    _handled = _tally(
         "domain_event_broker.events.handled",
-        unit="{event}",
-        description="Events a handler returned from, per handler.",
+        "{event}",
+        "Events a handler returned from, per handler.",
     )
-    _retried = _meter.create_counter(
+    _retried = _tally(
         "domain_event_broker.events.retried",
-        unit="{event}",
-        description="Events a handler asked to retry later, per handler.",
+        "{event}",
+        "Events a handler asked to retry later, per handler.",
     )
-    _dead_lettered = _meter.create_counter(
+    _dead_lettered = _tally(
         "domain_event_broker.events.dead_lettered",
-        unit="{event}",
-        description="Events moved to a dead-letter queue, per handler and exception type.",
+        "{event}",
+        "Events moved to a dead-letter queue, per handler and exception type.",
     )
-    _malformed = _meter.create_counter(
+    _malformed = _tally(
         "domain_event_broker.events.malformed",
-        unit="{message}",
-        description="Messages that were no domain event, per handler.",
+        "{message}",
+        "Messages that were no domain event, per handler.",
+    )
+    _in_flight = _tally(
+        "domain_event_broker.events.in_flight",
+        "{event}",
+        "Events being handled right now, per handler.",
+        up_down=True,
+    )
+    _reconnects = _tally(
+        "domain_event_broker.reconnects",
+        "{connection}",
+        "Connections reopened after a loss, per component.",
     )
     _duration = _meter.create_histogram(
         "domain_event_broker.handler.duration",
         unit="s",
-        description="Seconds from the start of a handler to its outcome, per handler.",
-    )
-    _in_flight = _meter.create_up_down_counter(
-        "domain_event_broker.events.in_flight",
-        unit="{event}",
-        description="Events being handled right now, per handler.",
-    )
-    _reconnects = _meter.create_counter(
-        "domain_event_broker.reconnects",
-        unit="{connection}",
-        description="Connections reopened after a loss, per component.",
+        description="Seconds from the start of a handler to its outcome, per handler and outcome.",
     )
 
     def _base_attributes(
@@ -269,7 +310,7 @@ else:
     class _ProducerSpan:
         """A PRODUCER span around one publish; injects its context."""
 
-        __slots__ = ("_attributes", "_exchange", "_headers", "_links", "_name", "_span", "_token")
+        __slots__ = ("_attributes", "_exchange", "_headers", "_links", "_name", "_span")
 
         def __init__(
             self,
@@ -285,7 +326,6 @@ else:
             self._exchange = exchange
             self._links = links
             self._span: Any = None
-            self._token: Any = None
 
         def __enter__(self) -> _ProducerSpan:
             span = _tracer.start_span(
@@ -295,9 +335,8 @@ else:
                 links=self._links,
             )
             self._span = span
-            self._token = _context.attach(_trace.set_span_in_context(span))
             carrier: dict[str, str] = {}
-            _propagate.inject(carrier)
+            _propagate.inject(carrier, context=_trace.set_span_in_context(span))
             if carrier:  # only a valid span replaces the context that was there
                 for key in TRACE_HEADERS:
                     self._headers.pop(key, None)
@@ -311,14 +350,17 @@ else:
             tb: TracebackType | None,
         ) -> None:
             span = self._span
-            attributes = {"messaging.destination.name": self._exchange}
             if exc is None:
-                attributes["outcome"] = "confirmed"
+                _published.add((("messaging.destination.name", self._exchange), _CONFIRMED))
             else:
-                attributes["outcome"] = "failed"
-                attributes["error.type"] = _fail(span, exc)
-            _published.add(1, attributes)
-            _context.detach(self._token)
+                error_type = _fail(span, exc)
+                _published.add(
+                    (
+                        ("messaging.destination.name", self._exchange),
+                        ("outcome", "failed"),
+                        ("error.type", error_type),
+                    )
+                )
             span.end()
 
     def publish_span(event: Any, exchange: str, headers: MutableMapping[str, Any]) -> Scope:
@@ -361,7 +403,7 @@ else:
         __slots__ = (
             "_attributes",
             "_handler",
-            "_metric_attributes",
+            "_key",
             "_outcome",
             "_parent",
             "_span",
@@ -380,7 +422,7 @@ else:
             if message_id is not None:
                 attributes["messaging.message.id"] = message_id
             self._attributes = attributes
-            self._metric_attributes: dict[str, Any] = {"handler": handler}
+            self._key: _Key = (("handler", handler),)
             self._outcome: str | None = None
             self._span: Any = None
             self._token: Any = None
@@ -394,7 +436,7 @@ else:
                 attributes=self._attributes,
             )
             self._token = _context.attach(_trace.set_span_in_context(self._span))
-            _in_flight.add(1, self._metric_attributes)
+            _in_flight.add(self._key)
             self._started = time.perf_counter()
             return self
 
@@ -429,15 +471,14 @@ else:
                 span.set_attribute("error.type", exception_type)
             if outcome in ("dead_letter", "malformed"):
                 span.set_status(_Status(_StatusCode.ERROR, exception_type or outcome))
-            attributes = self._metric_attributes
             if outcome == "handled":
-                _handled.add(1, attributes)
+                _handled.add(self._key)
             elif outcome == "retry":
-                _retried.add(1, attributes)
+                _retried.add(self._key)
             elif outcome == "dead_letter":
-                _dead_lettered.add(1, {**attributes, "error.type": exception_type or "unknown"})
+                _dead_lettered.add((*self._key, ("error.type", exception_type or "unknown")))
             elif outcome == "malformed":
-                _malformed.add(1, attributes)
+                _malformed.add(self._key)
 
         def __exit__(
             self,
@@ -450,9 +491,9 @@ else:
                 _fail(span, exc)
             _duration.record(
                 time.perf_counter() - self._started,
-                {**self._metric_attributes, "outcome": self._outcome or "unknown"},
+                {"handler": self._handler, "outcome": self._outcome or "unknown"},
             )
-            _in_flight.add(-1, self._metric_attributes)
+            _in_flight.add(self._key, -1)
             _context.detach(self._token)
             span.end()
 
@@ -485,7 +526,7 @@ else:
     def record_reconnect(component: str) -> None:
         """Count a connection reopened after a loss (``publisher``,
         ``subscriber``, ...)."""
-        _reconnects.add(1, {"component": component})
+        _reconnects.add((("component", component),))
 
     def trace_headers() -> dict[str, str]:
         """The current trace context as headers (empty when there is none),
