@@ -87,9 +87,12 @@ def main() -> int:
 
 def trace_to_console() -> None:
     """``--trace``: print every span (OpenTelemetry SDK, console exporter)."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+    from opentelemetry import trace  # noqa: PLC0415  # only with --trace (optional SDK)
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import (  # noqa: PLC0415
+        ConsoleSpanExporter,
+        SimpleSpanProcessor,
+    )
 
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
