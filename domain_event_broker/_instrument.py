@@ -28,7 +28,8 @@ W3C trace context travels in the AMQP headers ``traceparent`` and
 
 Hook API (what the subscriber calls, from any thread)::
 
-    scope = process_span(handler_name, event_or_None, routing_key, headers)
+    scope = process_span(handler_name, event_or_None, routing_key, headers,
+                         message_id=properties.message_id)
     with scope:                      # span current in this thread
         ...call the handler...
         scope.set_outcome("handled")                 # or
@@ -165,7 +166,12 @@ if _trace is None:
         return NOOP
 
     def process_span(
-        handler: str, event: Any, routing_key: str, headers: Mapping[str, Any] | None
+        handler: str,
+        event: Any,
+        routing_key: str,
+        headers: Mapping[str, Any] | None,
+        *,
+        message_id: str | None = None,
     ) -> ProcessHook:
         """See the module docstring (no-op: OpenTelemetry is not installed)."""
         return NOOP
@@ -412,14 +418,19 @@ else:
         )
 
         def __init__(
-            self, handler: str, event: Any, routing_key: str, headers: Mapping[str, Any] | None
+            self,
+            handler: str,
+            event: Any,
+            routing_key: str,
+            headers: Mapping[str, Any] | None,
+            message_id: str | None = None,
         ) -> None:
             self._handler = handler
             self._parent = _propagate.extract(headers or {}, getter=_GETTER)
             attributes = _base_attributes("process", "process", None, routing_key)
             attributes["messaging.consumer.group.name"] = handler
-            message_id = _message_id(event)
-            if message_id is not None:
+            message_id = _message_id(event) or message_id
+            if isinstance(message_id, str):
                 attributes["messaging.message.id"] = message_id
             self._attributes = attributes
             self._key: _Key = (("handler", handler),)
@@ -516,12 +527,18 @@ else:
             )
 
     def process_span(
-        handler: str, event: Any, routing_key: str, headers: Mapping[str, Any] | None
+        handler: str,
+        event: Any,
+        routing_key: str,
+        headers: Mapping[str, Any] | None,
+        *,
+        message_id: str | None = None,
     ) -> ProcessHook:
         """A CONSUMER span for one delivery to ``handler``, continuing the
         trace found in ``headers`` (see :class:`ProcessHook`). ``event`` is
-        ``None`` when the message could not be decoded."""
-        return _ProcessScope(handler, event, routing_key, headers)
+        ``None`` when it is not decoded (yet, or at all); ``message_id`` (the
+        AMQP property) then stands in for its ``uuid_string``."""
+        return _ProcessScope(handler, event, routing_key, headers, message_id)
 
     def record_reconnect(component: str) -> None:
         """Count a connection reopened after a loss (``publisher``,

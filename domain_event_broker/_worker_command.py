@@ -280,8 +280,7 @@ def _attach_heartbeat(subscriber: Subscriber, heartbeat: Heartbeat) -> Callable[
     def watch() -> None:  # interim only: remove once add_tick_callback exists
         busy_since: float | None = None
         while not stop.wait(min(1.0, heartbeat.interval)):
-            channel = getattr(subscriber, "_channel", None)
-            if channel is None or not channel.is_open:
+            if not _connected(subscriber):
                 continue
             now = time.monotonic()
             if getattr(subscriber, "_busy", False):
@@ -293,6 +292,16 @@ def _attach_heartbeat(subscriber: Subscriber, heartbeat: Heartbeat) -> Callable[
     thread = threading.Thread(target=watch, name="domain-event-broker-heartbeat", daemon=True)
     thread.start()
     return stop.set
+
+
+def _connected(subscriber: Subscriber) -> bool:
+    """Interim: whether the subscriber's connection is open, read from its
+    private state (4.0's ``_channel``, or the rebuilt one's ``_link``)."""
+    link = getattr(subscriber, "_link", None)
+    if link is not None:
+        return bool(getattr(link, "is_open", False))
+    channel = getattr(subscriber, "_channel", None)
+    return channel is not None and bool(channel.is_open)
 
 
 def _stop_when_parent_goes(subscriber: Subscriber) -> None:

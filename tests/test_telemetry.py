@@ -448,3 +448,14 @@ def test_nothing_at_all_without_the_opentelemetry_api(names) -> None:
     assert json.loads(result.stdout) == []  # no OpenTelemetry module was loaded
     [(_, properties, _)] = wait_for(lambda: get_messages(name), message="the event")
     assert properties.headers is None  # no trace context, no other header
+
+
+def test_the_message_id_property_stands_in_for_an_undecoded_event(tel: Otel) -> None:
+    with instrument.process_span("tel-id", None, "a.b", None, message_id="m-1") as scope:
+        scope.set_outcome("handled")
+    event = DomainEvent("a.b", {})
+    with instrument.process_span("tel-id", event, "a.b", None, message_id="m-2") as scope:
+        scope.set_outcome("handled")
+    first, second = tel.finished("process ")
+    assert first.attributes["messaging.message.id"] == "m-1"
+    assert second.attributes["messaging.message.id"] == event.uuid_string
