@@ -61,22 +61,28 @@ _current: ContextVar[dict[str, Any] | None] = ContextVar(
 
 
 def log_fields(
-    event: Any = None, *, routing_key: str | None = None, handler: str | None = None
+    event: Any = None,
+    *,
+    routing_key: str | None = None,
+    handler: str | None = None,
+    event_uuid: str | None = None,
 ) -> dict[str, Any]:
     """The ``extra=`` mapping for a log call about an event.
 
     Args:
         event: a :class:`~domain_event_broker.DomainEvent`, or ``None`` when
-            there is none (a malformed message).
+            there is none (not decoded yet, or a malformed message).
         routing_key: the routing key; default: the event's.
         handler: the handler name, if any.
+        event_uuid: the uuid when there is no event (e.g. the message's
+            ``message_id`` property).
 
     Returns:
         ``{"event_uuid": ..., "routing_key": ..., "handler": ...}``.
 
     .. versionadded:: 4.1
     """
-    uuid_string = getattr(event, "uuid_string", None)
+    uuid_string = getattr(event, "uuid_string", None) or event_uuid
     if routing_key is None:
         routing_key = getattr(event, "routing_key", None)
     return {"event_uuid": uuid_string, "routing_key": routing_key, "handler": handler}
@@ -92,6 +98,7 @@ class event_log_context:  # lower case: used like a function, in a with statemen
         event: the event being handled, or ``None``.
         routing_key: its routing key; default: the event's.
         handler: the handler name.
+        event_uuid: the uuid when there is no event (yet).
 
     .. versionadded:: 4.1
     """
@@ -99,9 +106,16 @@ class event_log_context:  # lower case: used like a function, in a with statemen
     __slots__ = ("_fields", "_token")
 
     def __init__(
-        self, event: Any = None, *, routing_key: str | None = None, handler: str | None = None
+        self,
+        event: Any = None,
+        *,
+        routing_key: str | None = None,
+        handler: str | None = None,
+        event_uuid: str | None = None,
     ) -> None:
-        self._fields = log_fields(event, routing_key=routing_key, handler=handler)
+        self._fields = log_fields(
+            event, routing_key=routing_key, handler=handler, event_uuid=event_uuid
+        )
         self._token: Token[dict[str, Any] | None] | None = None
 
     def __enter__(self) -> dict[str, Any]:

@@ -357,6 +357,8 @@ def test_log_fields_and_the_filter(caplog: pytest.LogCaptureFixture) -> None:
         "routing_key": "x.y",
         "handler": None,
     }
+    assert log_fields(None, routing_key="x.y", event_uuid="m-1")["event_uuid"] == "m-1"
+    assert log_fields(event, event_uuid="m-1")["event_uuid"] == event.uuid_string
     logger = logging.getLogger("tests.telemetry.logfields")
     log_filter = EventLogFilter()
     caplog.handler.addFilter(log_filter)
@@ -459,3 +461,27 @@ def test_the_message_id_property_stands_in_for_an_undecoded_event(tel: Otel) -> 
     first, second = tel.finished("process ")
     assert first.attributes["messaging.message.id"] == "m-1"
     assert second.attributes["messaging.message.id"] == event.uuid_string
+
+
+field_values = st.one_of(st.none(), st.text(max_size=30))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    extra=st.fixed_dictionaries(
+        {},
+        optional={"event_uuid": field_values, "routing_key": field_values, "handler": field_values},
+    ),
+    current=st.tuples(field_values, field_values, field_values),
+)
+def test_the_filter_keeps_extras_and_fills_the_rest_from_the_handled_event(
+    extra: dict[str, str | None], current: tuple[str | None, str | None, str | None]
+) -> None:
+    uuid_string, routing_key, handler = current
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "msg", None, None)
+    record.__dict__.update(extra)
+    with event_log_context(None, routing_key=routing_key, handler=handler, event_uuid=uuid_string):
+        assert EventLogFilter().filter(record) is True
+    expected = {"event_uuid": uuid_string, "routing_key": routing_key, "handler": handler}
+    expected.update(extra)
+    assert {name: getattr(record, name) for name in expected} == expected

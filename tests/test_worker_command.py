@@ -22,8 +22,11 @@ from pathlib import Path
 
 import pika.exceptions
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from domain_event_broker import publish_domain_event
+from domain_event_broker._worker_command import check_health
 
 from .helpers import BROKER_URL, raw_connection, wait_for
 
@@ -328,3 +331,18 @@ def test_the_django_management_command(start_worker) -> None:
         message="handled",
     )
     assert worker.stop() == 0, worker.text()
+
+
+@settings(max_examples=50, deadline=None)
+@given(age=st.floats(0, 10_000), max_age=st.floats(0.5, 10_000))
+def test_check_health_compares_the_files_age_with_the_limit(
+    tmp_path_factory: pytest.TempPathFactory, age: float, max_age: float
+) -> None:
+    path = tmp_path_factory.mktemp("health") / "file"
+    path.touch()
+    modified = time.time() - age
+    os.utime(path, (modified, modified))
+    healthy, text = check_health(path, max_age)
+    if abs(age - max_age) > 1:  # the clock moves between utime and the check
+        assert healthy == (age <= max_age), text
+    assert text.startswith("healthy" if healthy else "unhealthy")
