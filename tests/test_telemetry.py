@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ from domain_event_broker.telemetry import (
 )
 
 from .helpers import BROKER_URL, get_messages, raw_connection, wait_for
-from .otel_support import Otel, otel
+from .otel_support import Otel, otel, tracing_off
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Nothing listens here (never the shared broker).
@@ -45,6 +46,12 @@ CLOSED_PORT_URL = "amqp://guest:guest@127.0.0.1:5799/%2F?connection_attempts=1"
 @pytest.fixture
 def tel() -> Otel:
     return otel()
+
+
+@pytest.fixture(autouse=True)
+def _tracing_off_after() -> Iterator[None]:
+    yield
+    tracing_off()  # the rest of the suite sees no trace headers
 
 
 def traceparent_ids(headers: dict[str, object]) -> tuple[int, int]:

@@ -4,7 +4,9 @@ the relay's publish continues that trace (issue 13)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
+import pytest
 from django.db import transaction
 
 from domain_event_broker.django.models import OutboxEvent
@@ -12,8 +14,14 @@ from domain_event_broker.django.outbox import publish_via_outbox
 from domain_event_broker.django.relay import OutboxRelay
 
 from ..helpers import get_messages, wait_for
-from ..otel_support import otel
+from ..otel_support import otel, tracing_off
 from .support import EventQueue
+
+
+@pytest.fixture(autouse=True)
+def _tracing_off_after() -> Iterator[None]:
+    yield
+    tracing_off()
 
 
 def test_the_relays_publish_continues_the_request_that_wrote_the_row(
