@@ -318,12 +318,15 @@ def test_a_wrong_target_is_a_usage_error(spec: str, message: str) -> None:
     assert message in result.stderr
 
 
-def test_the_django_management_command(start_worker) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_django_management_command(start_worker, processes: int) -> None:
     worker = start_worker(
+        "--processes",
+        str(processes),
         command=[sys.executable, "-m", "django", "run_domain_event_worker", APP],
         env={"DJANGO_SETTINGS_MODULE": "tests.django.settings"},
     )
-    wait_for(lambda: consumers(start_worker.name) == 1, timeout=30, message="a consumer")
+    wait_for(lambda: consumers(start_worker.name) == processes, timeout=30, message="consumers")
     event = publish_domain_event(start_worker.key, {})
     wait_for(
         lambda: any(event.uuid_string in name for name in worker.handled()),

@@ -30,7 +30,7 @@ class Command(BaseCommand):
         worker_options = _worker_command.options_from(options)
         # Children run this same management command, through the same
         # manage.py (or django-admin), so each sets Django up first.
-        command = [sys.executable, os.path.abspath(sys.argv[0]), "run_domain_event_worker"]
+        command = [*_this_program(), "run_domain_event_worker"]
         if options.get("settings"):
             command.append(f"--settings={options['settings']}")
         if options.get("pythonpath"):
@@ -41,3 +41,13 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         if status:
             sys.exit(status)
+
+
+def _this_program() -> list[str]:
+    """How this process was started: ``python manage.py`` (a script) or
+    ``python -m django`` (a module: running its file would put the
+    package's own directory first on the import path)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return [sys.executable, "-m", spec.name.removesuffix(".__main__")]
+    return [sys.executable, os.path.abspath(sys.argv[0])]
