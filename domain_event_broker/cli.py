@@ -37,7 +37,7 @@ from typing import Any, Final, TextIO
 
 import pika
 
-from . import _config, _headers, _tls, replay
+from . import _config, _headers, _tls, _worker_command, replay
 from ._config import UNSET, ConnectionSettings
 from ._connection import connection_info
 from .errors import ConfigurationError, DomainEventBrokerError
@@ -503,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(run=_cmd_status)
+    _worker_command.add_parsers(commands, sub)  # worker, health
     return parser
 
 

@@ -47,7 +47,7 @@ import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _config, _headers, _management, _names
+from . import _config, _headers, _instrument, _management, _names
 from ._config import UNSET, BrokerConfig, ConnectionSettings
 from ._connection import CONNECTION_ERRORS, close_quietly, connect
 from .errors import (
@@ -549,14 +549,20 @@ class _DeadLetterSession:
         """Publish a copy to the handler's retry exchange, in the current
         batch; the dead letter is acknowledged when the batch is committed."""
         channel = self._publishing_channel()
+        copy = _replay_properties(properties)
+        headers = dict(copy.headers or {})
         try:
-            channel.basic_publish(
-                exchange=self.exchange,
-                routing_key=frame.routing_key,
-                body=body,
-                properties=_replay_properties(properties),
-                mandatory=True,
-            )
+            with _instrument.replay_span(
+                copy.message_id, self.exchange, frame.routing_key, headers
+            ):
+                copy.headers = headers or None  # with the replay span's trace context
+                channel.basic_publish(
+                    exchange=self.exchange,
+                    routing_key=frame.routing_key,
+                    body=body,
+                    properties=copy,
+                    mandatory=True,
+                )
         except CONNECTION_ERRORS as exc:
             raise self._publish_error(exc, f"replaying {frame.routing_key!r}") from exc
         self._batch.append(frame)
