@@ -8,7 +8,7 @@ Which blocks run (see "Documentation examples" in README.rst):
   line, say) must be written as a ``.. code-block::`` with its own language;
 * except a block preceded by the RST comment ``.. test: skip`` (readers do
   not see comments), for fragments that cannot run on their own, such as a
-  Django settings excerpt.
+  Django settings excerpt; it is still checked for undefined names.
 
 Other comments readers do not see:
 
@@ -340,10 +340,10 @@ EXAMPLES = all_examples()
 def test_documentation_example_runs(
     example: Example, virtual_hosts: VirtualHosts, tmp_path: Path
 ) -> None:
-    if example.skip:
-        pytest.skip("marked '.. test: skip' in the page")
     problems = static_problems(example)
     assert not problems, f"{example.id} is not complete:\n{problems}"
+    if example.skip:
+        pytest.skip("marked '.. test: skip' in the page (checked, not run)")
     result = run_example(example, virtual_hosts.url_for(example.page), tmp_path)
     assert result.returncode == 0, (
         f"{example.id} failed (exit status {result.returncode}):\n{result.stdout}\n{result.stderr}"
