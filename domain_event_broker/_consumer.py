@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import pika
@@ -70,6 +71,9 @@ class ConsumeLoop:
         exchange: the events exchange.
         exchange_type: its type.
         prefetch_count: unacknowledged events per consumer.
+        tick_callbacks: called after every poll while connected (at least
+            every POLL_INTERVAL) with how long the longest-running handler
+            call has run so far (0 when idle).
     """
 
     def __init__(
@@ -80,8 +84,10 @@ class ConsumeLoop:
         exchange: str,
         exchange_type: str,
         prefetch_count: int,
+        tick_callbacks: Sequence[Callable[[float], object]] = (),
     ) -> None:
         self._link = link
+        self._tick_callbacks = tuple(tick_callbacks)
         self._registrations = registrations
         self._declared = declared
         self._exchange = exchange
@@ -153,7 +159,9 @@ class ConsumeLoop:
             HandlerThreadError: a handler thread died.
         """
         self.io_thread = threading.current_thread()
-        recovery = Recovery(log, self._link.config.display, "consuming again")
+        recovery = Recovery(
+            log, self._link.config.display, "consuming again", component="subscriber"
+        )
         try:
             while not self.stop_requested:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -186,6 +194,18 @@ class ConsumeLoop:
         self._drain()
         self._check_pools()
         _raise_if_closed(self._link)
+        self._tick()
+
+    def _tick(self) -> None:
+        """Tell the tick callbacks the loop is alive and connected."""
+        if not self._tick_callbacks:
+            return
+        busy_for = max((pool.busy_for() for pool in self._all_pools()), default=0.0)
+        for callback in self._tick_callbacks:
+            try:
+                callback(busy_for)
+            except Exception:  # a health probe must not stop the worker
+                log.warning("A tick callback failed", exc_info=True)
 
     def _ensure_consuming(self) -> None:
         if self._link.is_open and self._consuming_generation == self._link.generation:

@@ -65,8 +65,10 @@ __all__ = [
 ]
 
 #: What became of one delivery, as :meth:`ProcessHook.set_outcome` takes it.
-Outcome = Literal["handled", "retry", "dead_letter", "malformed", "requeued"]
-OUTCOMES: Final = frozenset({"handled", "retry", "dead_letter", "malformed", "requeued"})
+Outcome = Literal["handled", "retry", "dead_letter", "discarded", "malformed", "requeued"]
+OUTCOMES: Final = frozenset(
+    {"handled", "retry", "dead_letter", "discarded", "malformed", "requeued"}
+)
 
 #: The W3C trace-context headers this module reads and writes.
 TRACE_HEADERS: Final = ("traceparent", "tracestate")
@@ -480,7 +482,7 @@ else:
                 span.set_attribute("domain_event_broker.retry.delay_ms", int(delay_ms))
             if exception_type is not None:
                 span.set_attribute("error.type", exception_type)
-            if outcome in ("dead_letter", "malformed"):
+            if outcome in ("dead_letter", "discarded", "malformed"):
                 span.set_status(_Status(_StatusCode.ERROR, exception_type or outcome))
             if outcome == "handled":
                 _handled.add(self._key)

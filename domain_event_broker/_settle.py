@@ -126,6 +126,7 @@ class Settler:
                 outcome.action.value,
                 type(exc).__name__,
                 exc,
+                extra=_dispatch.fields(delivery),
             )
             self._requeue(channel, delivery.delivery_tag)
             return
@@ -147,6 +148,7 @@ class Settler:
                 "are dead-lettered from now on",
                 registration.name,
                 reason,
+                extra=_dispatch.fields(outcome.delivery),
             )
             raise
 
@@ -169,6 +171,7 @@ class Settler:
                 delivery.registration.name,
                 sorted(set(headers) - set(kept), key=repr),
                 outcome.action.value,
+                extra=_dispatch.fields(delivery),
             )
             properties = _headers.copy_properties(delivery.properties, kept)
         try:

@@ -264,44 +264,17 @@ def serve_metrics(port: int, host: str = ALL_INTERFACES) -> None:
 
 
 def _attach_heartbeat(subscriber: Subscriber, heartbeat: Heartbeat) -> Callable[[], None]:
-    """Have ``subscriber`` tick ``heartbeat``; returns a function that detaches it.
+    """Have ``subscriber`` tick ``heartbeat`` from its consuming loop.
 
-    The final design is the subscriber's own hook: its consuming loop calls
-    ``heartbeat.tick(handler_busy_for)`` while connected (see
-    ``Subscriber.add_tick_callback``). Until a Subscriber has it, a watcher
-    thread stands in, reading the subscriber's connection state.
+    The loop calls ``heartbeat.tick(handler_busy_for)`` after every poll while
+    connected, so the file goes stale when the worker is disconnected, its
+    loop is stuck, or a handler runs longer than the stall limit.
+
+    Returns:
+        A function that detaches it (the subscriber keeps no other state).
     """
-    add_tick_callback = getattr(subscriber, "add_tick_callback", None)
-    if add_tick_callback is not None:
-        add_tick_callback(heartbeat.tick)
-        return lambda: None
-    stop = threading.Event()
-
-    def watch() -> None:  # interim only: remove once add_tick_callback exists
-        busy_since: float | None = None
-        while not stop.wait(min(1.0, heartbeat.interval)):
-            if not _connected(subscriber):
-                continue
-            now = time.monotonic()
-            if getattr(subscriber, "_busy", False):
-                busy_since = now if busy_since is None else busy_since
-            else:
-                busy_since = None
-            heartbeat.tick(0.0 if busy_since is None else now - busy_since)
-
-    thread = threading.Thread(target=watch, name="domain-event-broker-heartbeat", daemon=True)
-    thread.start()
-    return stop.set
-
-
-def _connected(subscriber: Subscriber) -> bool:
-    """Interim: whether the subscriber's connection is open, read from its
-    private state (4.0's ``_channel``, or the rebuilt one's ``_link``)."""
-    link = getattr(subscriber, "_link", None)
-    if link is not None:
-        return bool(getattr(link, "is_open", False))
-    channel = getattr(subscriber, "_channel", None)
-    return channel is not None and bool(channel.is_open)
+    subscriber.add_tick_callback(heartbeat.tick)
+    return lambda: None
 
 
 def _stop_when_parent_goes(subscriber: Subscriber) -> None:

@@ -112,6 +112,7 @@ class Subscriber:
         self._loop: ConsumeLoop | None = None
         self._lock = threading.Lock()
         self._stub_run: Callable[[], object] | None = None
+        self._tick_callbacks: list[Callable[[float], object]] = []
 
     def __repr__(self) -> str:
         where = "no broker" if self._config is None else self._config.display
@@ -341,6 +342,7 @@ class Subscriber:
                 self.exchange,
                 self.exchange_type,
                 self.prefetch_count,
+                self._tick_callbacks,
             )
             self._loop = loop
 
@@ -356,6 +358,24 @@ class Subscriber:
             self._drop_connection()
         if loop.stop_error is not None:
             raise loop.stop_error
+
+    def add_tick_callback(self, callback: Callable[[float], object]) -> None:
+        """Have ``callback`` called regularly while consuming and connected.
+
+        The consuming thread calls it after every poll (at least every 0.2 s)
+        with how long the longest-running handler call has run so far, in
+        seconds (0 when idle). A health check uses it: no calls means the
+        worker is disconnected or its loop is stuck; a large value means a
+        handler is stuck. Exceptions it raises are logged and ignored.
+
+        Args:
+            callback: takes the busy time; keep it fast.
+
+        .. versionadded:: 4.1
+        """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        self._tick_callbacks.append(callback)
 
     def stop_consuming(self) -> None:
         """Stop consuming gracefully. Safe from any thread and from a handler.

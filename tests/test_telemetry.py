@@ -492,3 +492,45 @@ def test_the_filter_keeps_extras_and_fills_the_rest_from_the_handled_event(
     expected = {"event_uuid": uuid_string, "routing_key": routing_key, "handler": handler}
     expected.update(extra)
     assert {name: getattr(record, name) for name in expected} == expected
+
+
+def test_the_real_worker_traces_retry_dead_letter_and_replay(names, tel: Otel) -> None:
+    """One event through the Subscriber: a retry and a dead letter stay in the
+    publish's trace; the replayed attempt is in a new trace linked to it."""
+    from domain_event_broker import Retry, Subscriber, replay_all
+
+    from .test_subscriber import consume_until
+
+    name = names.new("tel")
+    key = f"{name}.created"
+    attempts: list[int] = []
+    fixed = threading.Event()
+
+    def handler(event: DomainEvent) -> None:
+        attempts.append(event.retries)
+        if fixed.is_set():
+            return
+        if event.retries == 0:
+            raise Retry(0.05)
+        raise KeyError("still down")
+
+    subscriber = Subscriber()
+    subscriber.register(handler, name, [key], dead_letter=True, max_retries=3)
+    with Publisher() as publisher:
+        event = publisher.publish_event(DomainEvent(key, {}))
+    consume_until(subscriber, lambda: len(attempts) == 2 and _count(f"{name}-dl") == 1)
+    fixed.set()
+    assert replay_all(name) == 0  # none left in -dl
+    consume_until(subscriber, lambda: len(attempts) == 3 and len(tel.finished("process ")) == 3)
+
+    [publish] = tel.finished("publish ")
+    processes = tel.finished("process ")
+    outcomes = [span.attributes["domain_event_broker.outcome"] for span in processes]
+    assert outcomes == ["retry", "dead_letter", "handled"]
+    assert all(span.attributes["messaging.message.id"] == event.uuid_string for span in processes)
+    first, dead, replayed = processes
+    assert first.context.trace_id == dead.context.trace_id == publish.context.trace_id
+    assert dead.attributes["error.type"] == "KeyError"
+    [replay] = tel.finished("replay ")
+    assert replayed.context.trace_id == replay.context.trace_id != publish.context.trace_id
+    assert [link.context.trace_id for link in replay.links] == [publish.context.trace_id]
