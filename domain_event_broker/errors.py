@@ -13,10 +13,12 @@ Hierarchy::
     ├── BrokerError                 anything that went wrong talking to RabbitMQ
     │   ├── BrokerUnavailableError  no node answered within the deadline
     │   ├── AuthenticationError     credentials or vhost refused: not retried
+    │   ├── TLSError                TLS failed (certificate, plain port): not retried
     │   └── PublishError            the broker did not confirm a publish
-    │       ├── PublishTimeoutError no confirm in time (e.g. a resource alarm)
+    │       ├── PublishTimeoutError the broker blocked the connection too long (resource alarm)
     │       └── BatchPublishError   some events of a batch were not confirmed
-    └── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
+    ├── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
+    └── HandlerThreadError          a subscriber's handler thread died
 
 Translation from pika's exceptions happens in one place,
 :func:`translate_pika_error`.
@@ -40,9 +42,11 @@ __all__ = [
     "ConfigurationError",
     "DeadLetterQueueNotFoundError",
     "DomainEventBrokerError",
+    "HandlerThreadError",
     "MalformedEventError",
     "PublishError",
     "PublishTimeoutError",
+    "TLSError",
 ]
 
 
@@ -67,6 +71,19 @@ class BrokerUnavailableError(BrokerError):
     the configured deadline."""
 
 
+class TLSError(BrokerError):
+    """A TLS connection could not be set up, for a reason retrying cannot fix.
+
+    The server's certificate failed verification (unknown CA, expired, issued
+    for another host name), the broker refused the client certificate, or
+    the port does not speak TLS (e.g. a plain AMQP port behind ``amqps://``).
+    The message names the cause. Not retried (like
+    :class:`AuthenticationError`), and never followed by a plain-text attempt.
+
+    .. versionadded:: 4.1
+    """
+
+
 class AuthenticationError(BrokerError):
     """The broker refused the credentials or the virtual host.
 
@@ -79,8 +96,8 @@ class PublishError(BrokerError):
 
 
 class PublishTimeoutError(PublishError):
-    """The broker did not confirm a publish in time, typically because a
-    resource alarm blocks publishers."""
+    """The broker blocked the publishing connection (a memory or disk alarm)
+    for longer than ``blocked_connection_timeout``."""
 
 
 class BatchPublishError(PublishError):
@@ -120,6 +137,16 @@ _AUTH_ERRORS = (
     pika.exceptions.ProbableAccessDeniedError,
     pika.exceptions.AuthenticationError,
 )
+
+
+class HandlerThreadError(DomainEventBrokerError):
+    """A subscriber's handler thread died; ``start_consuming()`` stops with this.
+
+    Raised instead of going on without handling events. Unacknowledged events
+    are redelivered. The thread's exception is chained (``__cause__``).
+
+    .. versionadded:: 4.1
+    """
 
 
 def is_auth_error(exc: BaseException) -> bool:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import ssl
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final
 
@@ -25,7 +26,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _config
+from . import _config, _instrument
 from ._config import UNSET, BrokerConfig, ConnectionSettings, _Unset
 from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
 from ._names import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE
@@ -35,7 +36,6 @@ from .errors import (
     BrokerUnavailableError,
     DomainEventBrokerError,
     PublishError,
-    PublishTimeoutError,
     translate_pika_error,
 )
 from .events import DomainEvent, new_event, validate_routing_key
@@ -206,8 +206,14 @@ class Publisher:
         timeout: seconds one publish may take, reconnecting included, before
             a :class:`~domain_event_broker.BrokerError` is raised (default 30,
             see :func:`~domain_event_broker.configure`).
+        ssl_context: the :class:`ssl.SSLContext` for ``amqps://`` URLs
+            (default: the one given to :func:`~domain_event_broker.configure`,
+            else one built from the URL's TLS options).
 
     Use it as a context manager, or call :meth:`close` when done.
+
+    .. versionchanged:: 4.1
+       The ``ssl_context`` argument.
     """
 
     def __init__(
@@ -217,8 +223,11 @@ class Publisher:
         exchange_type: str = DEFAULT_EXCHANGE_TYPE,
         *,
         timeout: float | _Unset = UNSET,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._config: BrokerConfig | None = _config.resolve(connection_settings, timeout)
+        self._config: BrokerConfig | None = _config.resolve(
+            connection_settings, timeout, UNSET if ssl_context is None else ssl_context
+        )
         self.exchange = exchange
         self.exchange_type = exchange_type
         self._lock = threading.RLock()
@@ -329,7 +338,9 @@ class Publisher:
         if self._config is None:
             log.debug("No broker configured: not publishing %r", event)
             return event
-        self._publish(body, event.routing_key, _event_properties(event, headers))
+        sent_headers = dict(headers) if headers else {}
+        with _instrument.publish_span(event, self.exchange, sent_headers):  # fills trace context
+            self._publish(body, event.routing_key, _event_properties(event, sent_headers))
         return event
 
     def publish_many(self, events: Iterable[DomainEvent]) -> list[DomainEvent]:
@@ -370,16 +381,35 @@ class Publisher:
         return self._publish_batch(batch, bodies)
 
     def _publish_batch(
-        self, batch: list[DomainEvent], bodies: list[bytes], *, mandatory: bool = False
+        self,
+        batch: list[DomainEvent],
+        bodies: list[bytes],
+        *,
+        parents: Sequence[Mapping[str, Any] | None] | None = None,
+        mandatory: bool = False,
     ) -> list[DomainEvent]:
-        """Publish checked events with their encoded bodies; see :meth:`publish_many`."""
+        """Publish checked events with their encoded bodies; see :meth:`publish_many`.
+
+        ``parents``: per event, the trace context (W3C headers) its publish
+        span continues, e.g. the one stored with an outbox row; by default
+        the current one.
+        """
         if not batch or any([_captured(event) for event in batch]):
             return batch
         if self._config is None:
             log.debug("No broker configured: not publishing %d event(s)", len(batch))
             return batch
         config = self._config
-        properties = [_event_properties(event) for event in batch]
+        spans: list[Any] = []
+        properties = []
+        for index, event in enumerate(batch):
+            headers: dict[str, Any] = {}
+            if _instrument.ENABLED:  # a publish span per event, ended by its confirm
+                span = _instrument.publish_span(event, self.exchange, headers)
+                with _instrument.use_trace_headers(parents[index] if parents else None):
+                    span.__enter__()
+                spans.append(span)
+            properties.append(_event_properties(event, headers))
         #: index in the batch -> None (confirmed) or why it failed
         results: dict[int, DomainEventBrokerError | None] = {}
         deadline = time.monotonic() + config.timeout
@@ -404,13 +434,14 @@ class Publisher:
                             time.monotonic() - self._lost_since,
                         )
                         self._lost_since = None
+                        _instrument.record_reconnect("publisher")
                     continue
                 except _NoConfirmInTime:
                     self._abort()
                     fail_the_rest(
-                        PublishTimeoutError(
+                        BrokerUnavailableError(
                             f"publishing a batch of {len(batch)} to {config.display}: no "
-                            f"confirm within {config.timeout:g}s"
+                            f"confirm within {config.timeout:g}s (connection dropped)"
                         )
                     )
                     break
@@ -454,6 +485,9 @@ class Publisher:
                     break
                 log.debug("Publishing a batch failed (%r), retrying in %.2fs", last, pause)
                 time.sleep(pause)
+        for index, span in enumerate(spans):
+            error = results.get(index)
+            span.__exit__(type(error) if error else None, error, None)
         failed = [(batch[index], error) for index, error in sorted(results.items()) if error]
         if failed:
             confirmed = [batch[index] for index, error in sorted(results.items()) if not error]
@@ -562,6 +596,7 @@ class Publisher:
                             time.monotonic() - self._lost_since,
                         )
                         self._lost_since = None
+                        _instrument.record_reconnect("publisher")
                     return
                 except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
                     raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
@@ -768,7 +803,8 @@ class _PublisherPool:
     A thread checks one out for each publish and gives it back after the
     confirm, so threads publishing at the same moment each have their own
     connection. The pool grows on demand up to ``configure(max_connections=...)``;
-    past it, threads wait (at most the timeout) for a publisher to be free.
+    past it, threads wait (at most the timeout, then BrokerUnavailableError)
+    for a publisher to be free.
     The most recently used publisher is handed out first, so that spare
     connections stay idle.
     """
@@ -803,12 +839,16 @@ class _PublisherPool:
                 if self._idle:
                     return self._idle.pop()
                 if len(self._all) < _config.max_connections():
-                    publisher = Publisher(list(self.config.urls), timeout=self.config.timeout)
+                    publisher = Publisher(
+                        list(self.config.urls),
+                        timeout=self.config.timeout,
+                        ssl_context=self.config.ssl_context,
+                    )
                     self._all.append(publisher)
                     return publisher
                 time_left = deadline - time.monotonic()
                 if time_left <= 0:
-                    raise PublishTimeoutError(
+                    raise BrokerUnavailableError(
                         f"no publishing connection to {self.config.display} was free within "
                         f"{self.config.timeout:g}s (all {len(self._all)} busy; see "
                         f"configure(max_connections=...))"
@@ -864,7 +904,12 @@ def _resolve(connection_settings: ConnectionSettings) -> BrokerConfig | None:
     broker = defaults.broker
     if not isinstance(broker, (str, _Unset, type(None))):
         broker = tuple(broker)  # a list given to configure() may be changed later
-    key = (os.environ.get(_config.ENVIRONMENT_VARIABLE), broker, defaults.timeout)
+    key = (
+        os.environ.get(_config.ENVIRONMENT_VARIABLE),
+        broker,
+        defaults.timeout,
+        defaults.ssl_context,
+    )
     cached = _default_config
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -33,6 +33,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from django.db import (
 )
 from django.utils import timezone
 
+from .. import _instrument
 from .._config import UNSET, ConnectionSettings, _Unset
 from .._connection import backoff_delays
 from ..errors import BatchPublishError, BrokerError
@@ -69,6 +71,17 @@ MAX_REASON_LENGTH: Final = 2000
 #: First and longest pause (seconds) after a broker or database failure.
 INITIAL_BACKOFF: Final = 0.5
 MAX_BACKOFF: Final = 30.0
+
+
+def _trace_headers(stored: str) -> dict[str, str] | None:
+    """The trace context stored with a row (``None``: none, or unreadable)."""
+    if not stored or not _instrument.ENABLED:
+        return None
+    try:
+        headers = json.loads(stored)
+    except ValueError:
+        return None
+    return headers if isinstance(headers, dict) else None
 
 
 class OutboxRelay:
@@ -148,14 +161,16 @@ class OutboxRelay:
                 rows = list(
                     pending.select_for_update(skip_locked=True)
                     .order_by("id")
-                    .values_list("id", "body")[: self.batch_size]
+                    .values_list("id", "body", "trace_context")[: self.batch_size]
                 )
                 sent, error = self._publish(rows, should_stop)
                 self._mark_sent(sent)
         else:
             # No row locks: do not hold a transaction (SQLite would lock the
             # whole database) while waiting for the broker.
-            rows = list(pending.order_by("id").values_list("id", "body")[: self.batch_size])
+            rows = list(
+                pending.order_by("id").values_list("id", "body", "trace_context")[: self.batch_size]
+            )
             sent, error = self._publish(rows, should_stop)
             self._mark_sent(sent)
         if error is not None:
@@ -171,7 +186,7 @@ class OutboxRelay:
         return self._set_aside
 
     def _publish(
-        self, rows: list[tuple[int, str]], should_stop: Callable[[], bool] | None
+        self, rows: list[tuple[int, str, str]], should_stop: Callable[[], bool] | None
     ) -> tuple[list[int], BrokerError | None]:
         """Publish ``rows`` as one batch; the ids confirmed, and the error if any."""
         if not rows or (should_stop is not None and should_stop()):
@@ -179,7 +194,8 @@ class OutboxRelay:
         ids: list[int] = []
         events: list[DomainEvent] = []
         bodies: list[bytes] = []
-        for pk, body in rows:
+        parents: list[dict[str, str] | None] = []
+        for pk, body, trace_context in rows:
             try:
                 event = DomainEvent.from_json(body)
                 validate_routing_key(event.routing_key)
@@ -188,10 +204,11 @@ class OutboxRelay:
                 continue
             ids.append(pk)
             events.append(event)
-            bodies.append(body.encode("utf-8"))
+            bodies.append(event.to_json().encode("utf-8"))
+            parents.append(_trace_headers(trace_context))
         try:
-            # The stored body is the exact JSON written by publish_via_outbox.
-            self._publisher._publish_batch(events, bodies)
+            # Each event's publish span continues the trace stored with its row.
+            self._publisher._publish_batch(events, bodies, parents=parents)
         except BatchPublishError as exc:
             confirmed = {id(event) for event in exc.confirmed}
             sent = [pk for pk, event in zip(ids, events, strict=True) if id(event) in confirmed]

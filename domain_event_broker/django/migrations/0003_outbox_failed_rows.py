@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("domain_event_broker_django", "0001_initial"),
+        ("domain_event_broker_django", "0002_outboxevent_trace_context"),
     ]
 
     operations = [
