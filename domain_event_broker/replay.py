@@ -66,7 +66,9 @@ from ._deadletters import (
     failure_reason,
     from_record,
     parked_properties,
+    parse_age,
     to_record,
+    topic_matches,
 )
 from ._rotation import BATCH_SIZE, SKIP, Item, Session
 from .errors import (
@@ -94,11 +96,13 @@ __all__ = [
     "handler_status",
     "import_dead_letters",
     "inspect_dead_letters",
+    "parse_age",
     "replay_all",
     "replay_dead_letters",
     "replay_event",
     "retry_event",
     "summarize_dead_letters",
+    "topic_matches",
 ]
 
 log = logging.getLogger(__name__)
@@ -325,11 +329,14 @@ def _walk(
     limit: int | None = None,
     on_progress: Progress | None = None,
     before_commit: Callable[[], None] | None = None,
+    counts_skipped: bool = True,
 ) -> ReplayResult:
     """Visit the dead letters of ``name`` present at the start, once each.
 
     ``decide`` returns the action for an item, or ``None`` when it already
-    flushed the session itself. ``limit`` bounds the items not skipped.
+    flushed the session itself. ``limit`` bounds the items not skipped;
+    ``counts_skipped=False`` promises none is skipped (so progress reports
+    ``limit`` as the total when it is smaller).
     """
     total = 0
 
@@ -339,6 +346,8 @@ def _walk(
 
     with Session(name, config, purpose, on_done=done, before_commit=before_commit) as session:
         total = session.count_at_start
+        if limit is not None and not counts_skipped:
+            total = min(total, limit)
         log.info("Going through %d dead letter(s) of %s (%s)", total, session.queue, purpose)
         chosen = 0
         try:
@@ -431,7 +440,15 @@ def _replay(
             session.flush()
         return None
 
-    return _walk(name, config, "replay", decide, limit=limit, on_progress=on_progress)
+    return _walk(
+        name,
+        config,
+        "replay",
+        decide,
+        limit=limit,
+        on_progress=on_progress,
+        counts_skipped=not everything,
+    )
 
 
 def replay_dead_letters(
@@ -612,6 +629,7 @@ def discard_dead_letters(
         limit=limit,
         on_progress=on_progress,
         before_commit=None if export_to is None else lambda: _sync(export_to),
+        counts_skipped=not everything,
     )
 
 
