@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -90,6 +91,16 @@ SKIP: Final = "skip"
 #: Dead letters carried out per transaction, at most (and so held
 #: unacknowledged at most, plus the one being decided).
 BATCH_SIZE: Final = 100
+#: Dead letters the broker may send ahead of the one being visited: the
+#: batch being decided plus the next one (acknowledgements in a transaction
+#: free their place only when it is committed).
+PREFETCH: Final = 2 * BATCH_SIZE
+#: Seconds without a delivery after which the queue is checked for being
+#: empty (it is, when it has fewer messages than counted at the start).
+IDLE_WAIT: Final = 0.5
+#: Seconds without a delivery, although the queue has ready messages, after
+#: which a run gives up.
+STALL_TIMEOUT: Final = 60.0
 #: Reconnections in a row, without a committed batch in between, before a
 #: run gives up.
 MAX_RECOVERIES: Final = 5
@@ -104,7 +115,7 @@ _PRECONDITION_FAILED: Final = 406
 class Item:
     """One dead letter taken by a run, and what to do with it."""
 
-    frame: pika.spec.Basic.GetOk
+    frame: pika.spec.Basic.Deliver
     properties: pika.BasicProperties
     body: bytes
     #: Its own routing key and properties (without this library's headers).
@@ -190,6 +201,7 @@ class Session:
         purpose: shown in the connection's name.
         on_done: called with each item once its action is committed.
         before_commit: called before each commit (e.g. to flush an export).
+        prefetch: dead letters the broker may send ahead, unacknowledged.
     """
 
     def __init__(
@@ -200,6 +212,7 @@ class Session:
         *,
         on_done: Callable[[Item], None] | None = None,
         before_commit: Callable[[], None] | None = None,
+        prefetch: int = PREFETCH,
     ) -> None:
         self.name = name
         self.queue = _names.dead_letter_queue(name)
@@ -212,8 +225,14 @@ class Session:
         self._before_commit = before_commit
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self._prefetch = prefetch
+        #: Delivered by the broker, not taken yet.
+        self._deliveries: deque[tuple[pika.spec.Basic.Deliver, pika.BasicProperties, bytes]]
+        self._deliveries = deque()
+        self._consumer_tag: str | None = None
         #: Taken and not committed yet, in the order taken.
         self._held: list[Item] = []
+        self._pending = 0
         #: A message taken while reconciling, to hand out next.
         self._lookahead: Item | None = None
         self._returned: list[tuple[str, str]] = []
@@ -267,11 +286,15 @@ class Session:
         try:
             channel = connection.channel()
             channel.tx_select()
+            channel.basic_qos(prefetch_count=self._prefetch)
             channel.add_on_return_callback(self._on_returned)
         except CONNECTION_ERRORS as exc:
             close_quietly(connection)
             raise self._error(exc, "opening a channel") from exc
         self._connection, self._channel = connection, channel
+        # Deliveries of the old channel are back in the queue.
+        self._deliveries.clear()
+        self._consumer_tag = None
 
     def _error(self, exc: BaseException, doing: str) -> DomainEventBrokerError:
         return translate_pika_error(exc, f"{doing} (dead-letter queue {self.queue!r})")
@@ -309,6 +332,35 @@ class Session:
             raise self._error(exc, "looking up the queue") from exc
         return int(frame.method.message_count)
 
+    def finish(self) -> int:
+        """Stop taking dead letters, return those the broker sent ahead (at
+        most :data:`PREFETCH`, behind everything visited) to their places,
+        and count the dead-letter queue.
+
+        Call after the last :meth:`flush`.
+
+        Returns:
+            The messages in the dead-letter queue now.
+        """
+        while True:
+            try:
+                assert self._channel is not None
+                if self._consumer_tag is not None:
+                    self._channel.basic_cancel(self._consumer_tag)
+                    self._consumer_tag = None
+                # Delivery tag 0 with multiple: every unacknowledged message.
+                self._channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
+                self._channel.tx_commit()
+                self._deliveries.clear()
+                # On the same channel, so counted after the requeue.
+                frame = self._channel.queue_declare(self.queue, passive=True)
+                return int(frame.method.message_count)
+            except CONNECTION_ERRORS as exc:
+                if self._held:
+                    raise
+                # Nothing held: a fresh connection has nothing to return.
+                self._recover(exc, committing=False)
+
     # -- taking ------------------------------------------------------------------
 
     def get(self) -> Item | None:
@@ -328,12 +380,36 @@ class Session:
             return taken
 
     def _take(self) -> Item | None:
-        assert self._channel is not None
-        method, properties, body = self._channel.basic_get(self.queue, auto_ack=False)
-        if method is None:
-            return None
+        assert self._channel is not None and self._connection is not None
+        if self._consumer_tag is None:
+            # Started only now, after the count at the start was read.
+            self._consumer_tag = self._channel.basic_consume(self.queue, self._on_delivery)
+        idle = 0.0
+        while not self._deliveries:
+            self._connection.process_data_events(time_limit=IDLE_WAIT)
+            if self._deliveries:
+                break
+            idle += IDLE_WAIT
+            ready = self.count()
+            if ready == 0 and idle >= 2 * IDLE_WAIT:
+                return None  # fewer messages than counted: someone else took some
+            if idle >= STALL_TIMEOUT:
+                raise BrokerError(
+                    f"the broker sent no dead letter of {self.queue!r} for {STALL_TIMEOUT:g} s "
+                    f"although {ready} are ready"
+                )
+        method, properties, body = self._deliveries.popleft()
         key, logical = logical_view(method.routing_key, properties)
         return Item(method, properties, body, key, logical)
+
+    def _on_delivery(
+        self,
+        channel: BlockingChannel,
+        method: pika.spec.Basic.Deliver,
+        properties: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        self._deliveries.append((method, properties, body))
 
     def keepalive(self) -> None:
         """Service the connection (heartbeats) while the caller waits; if it
@@ -351,12 +427,14 @@ class Session:
 
     def decide(self, item: Item, action: str) -> None:
         """Set what to do with ``item``, taken with :meth:`get`."""
+        if item.action is None:
+            self._pending += 1
         item.action = action
 
     @property
     def pending(self) -> int:
         """Dead letters decided and not committed yet."""
-        return sum(1 for item in self._held if item.action is not None)
+        return self._pending
 
     def flush(self) -> None:
         """Carry out every decided dead letter, in one transaction.
@@ -364,7 +442,7 @@ class Session:
         Raises:
             BrokerError: the broker failed in a way reconnecting cannot help.
         """
-        while any(item.action is not None for item in self._held):
+        while self._pending:
             try:
                 self._commit()
             except CONNECTION_ERRORS as exc:
@@ -477,6 +555,7 @@ class Session:
     def _done(self, items: list[Item]) -> None:
         done = {id(item) for item in items}
         self._held = [item for item in self._held if id(item) not in done]
+        self._pending -= len(items)
         self._recoveries = 0
         counts = self.counts
         for item in items:

@@ -54,6 +54,7 @@ from typing import IO, Any, Final
 
 import pika
 import pika.exceptions
+import pika.spec
 
 from . import _config, _names
 from ._config import UNSET, BrokerConfig, ConnectionSettings
@@ -373,7 +374,7 @@ def _walk(
                     log.warning("Carrying out the answers given before failed", exc_info=True)
             raise
         session.flush()
-        result = _result(session, session.count())
+        result = _result(session, session.finish())
     log.info(
         "%s: replayed %d, discarded %d, left %d, skipped %d, unroutable %d; %d remaining",
         session.queue,
@@ -416,12 +417,23 @@ def _replay(
     # at once, before it is asked about the next event.
     interactive = "keepalive" in wanted
     everything = where.matches_everything
+    visited = 0
 
     def decide(item: Item, session: Session) -> str | None:
         if not everything and not where.matches(_letter(item)):
             return SKIP
-        frame = item.frame
-        frame.routing_key = item.routing_key  # its own, even after a move
+        nonlocal visited
+        visited += 1
+        # What basic.get gave 3.0.2's callbacks; the routing key is the
+        # event's own, even after a move to the tail.
+        delivered = item.frame
+        frame = pika.spec.Basic.GetOk(
+            delivered.delivery_tag,
+            delivered.redelivered,
+            delivered.exchange,
+            item.routing_key,
+            max(0, session.count_at_start - visited),
+        )
         arguments: dict[str, Any] = {"frame": frame, "header": item.logical, "body": item.body}
         if "event" in wanted:
             arguments["event"] = decode_event(item.body)
@@ -677,7 +689,7 @@ def inspect_dead_letters(
         return []
     letters: list[DeadLetter] = []
     if limit is not None and limit <= INSPECT_WINDOW:
-        with Session(name, config, "inspect") as session:
+        with Session(name, config, "inspect", prefetch=max(1, limit)) as session:
             for _ in range(min(limit, session.count_at_start)):
                 item = session.get()
                 if item is None:

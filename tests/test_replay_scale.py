@@ -109,7 +109,7 @@ def numbers(queue: str) -> list[int]:
 # -- holding nothing -------------------------------------------------------------------
 
 
-def test_a_leave_run_holds_at_most_one_batch_and_keeps_order_and_headers(handler: str) -> None:
+def test_a_leave_run_holds_a_bounded_window_and_keeps_order_and_headers(handler: str) -> None:
     count = rotation.BATCH_SIZE * 2 + 30
     before = fill(handler, count)
     wait_size(f"{handler}-dl", count)
@@ -124,7 +124,7 @@ def test_a_leave_run_holds_at_most_one_batch_and_keeps_order_and_headers(handler
     result = replay_dead_letters(handler, leave)
 
     assert (result.left, result.remaining) == (count, count)
-    assert max(unacked) <= rotation.BATCH_SIZE + 1
+    assert max(unacked) <= rotation.PREFETCH
     after = letters_in(f"{handler}-dl")
     assert [dead.body for dead in after] == [body for body, _ in before]
     for dead, (_, properties) in zip(after, before, strict=True):
@@ -401,3 +401,30 @@ def test_unroutable_events_are_counted_and_the_rest_is_done(handler: str) -> Non
     wait_size(handler, 3)
     assert numbers(handler) == [0, 4, 5]
     assert sorted(numbers(f"{handler}-dl")) == [2, 3]
+
+
+def test_an_interactive_run_survives_losing_its_connection_while_waiting(
+    handler: str, proxy: TcpProxy, broker_url: str
+) -> None:
+    fill(handler, 4)
+    wait_size(f"{handler}-dl", 4)
+    assert replay_all(handler, lambda **kwargs: LEAVE) == 4  # now moved: keys in a header
+    asked: list[tuple[int, str]] = []
+
+    def prompt(frame: Any, event: DomainEvent | None, keepalive: Any) -> str:
+        assert event is not None
+        asked.append((event.data["n"], frame.routing_key))
+        if event.data["n"] == 1:
+            # As if the broker's consumer_timeout closed the channel, or the
+            # network went, while the operator was thinking.
+            assert proxy.cut() >= 1
+            keepalive()
+        return RETRY if event.data["n"] % 2 else LEAVE
+
+    result = replay_dead_letters(handler, prompt, proxy.url(broker_url))
+
+    assert asked == [(n, f"{handler}.happened") for n in range(4)]
+    assert (result.replayed, result.left) == (2, 2)
+    wait_size(handler, 2)
+    assert numbers(handler) == [1, 3]
+    assert numbers(f"{handler}-dl") == [0, 2]
