@@ -23,7 +23,9 @@ probe: its copy is committed first, with ``mandatory`` set, and its dead
 letter acknowledged only once the copy was routed; an unroutable copy leaves
 its dead letter in place (moved to the tail, counted as unroutable).
 
-So at most one batch (:data:`BATCH_SIZE`) is unacknowledged at any time,
+Dead letters are consumed with a prefetch of two batches (:data:`PREFETCH`):
+the broker sends the next batch while this one is decided, and at most that
+many are unacknowledged at any time,
 whatever the queue's length; nothing is requeued in bulk at the end (which
 RabbitMQ does in time growing faster than linearly, blocking the queue);
 events dead-lettered during the run land behind the copies and are not
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,6 +104,12 @@ IDLE_WAIT: Final = 0.5
 #: Seconds without a delivery, although the queue has ready messages, after
 #: which a run gives up.
 STALL_TIMEOUT: Final = 60.0
+#: Seconds to wait, beyond two heartbeat intervals (the longest the broker
+#: takes to notice a silently lost connection), for it to release the dead
+#: letters that connection held.
+RELEASE_MARGIN: Final = 30.0
+#: Seconds between two looks at whether they were released.
+RELEASE_POLL: Final = 0.2
 #: Reconnections in a row, without a committed batch in between, before a
 #: run gives up.
 MAX_RECOVERIES: Final = 5
@@ -606,6 +615,28 @@ class Session:
 
     # -- recovering ------------------------------------------------------------
 
+    def _wait_for_release(self) -> None:
+        """Wait until the broker noticed that the old connection is gone and
+        put its unacknowledged dead letters back: until the queue has no
+        consumer (a broker that missed the loss notices it within two
+        heartbeat intervals)."""
+        timeout = 2 * (self._config.heartbeat or 60.0) + RELEASE_MARGIN
+        deadline = time.monotonic() + timeout
+        assert self._connection is not None
+        while True:
+            channel = self._connection.channel()
+            consumers = int(channel.queue_declare(self.queue, passive=True).method.consumer_count)
+            channel.close()
+            if consumers == 0:
+                return
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"{self.queue!r} still has {consumers} consumer(s) {timeout:g} s after "
+                    "the connection was lost; the dead letters this run held are still reserved "
+                    "(is another replay running?); nothing taken was lost"
+                )
+            self._connection.sleep(RELEASE_POLL)
+
     def _recover(self, exc: BaseException, *, committing: bool, counted: bool = True) -> None:
         """Reconnect after ``exc`` and take the held dead letters again (or
         learn that their transaction was committed)."""
@@ -619,6 +650,9 @@ class Session:
             log.warning("Lost the connection to %s (%r); reconnecting", self.queue, exc)
         self.close()
         self._open()
+        # Also when nothing is held: what the broker sent ahead must be back
+        # at the head before this run takes anything more.
+        self._wait_for_release()
         held = self._held
         if not held:
             return

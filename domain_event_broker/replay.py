@@ -11,7 +11,7 @@ A run (:func:`replay_dead_letters`, :func:`replay_all`,
 :func:`export_dead_letters`) visits the events that were in the dead-letter
 queue when it started, oldest first, each exactly once, over one connection:
 
-* it holds at most one batch (100) of dead letters unacknowledged, whatever
+* it holds at most two batches (200) of dead letters unacknowledged, whatever
   the queue's length and however long a callback takes to answer;
 * an event kept in place (:data:`LEAVE`, or passed over by a filter) is
   moved to the tail of the queue, with every property and header, in the
@@ -71,7 +71,7 @@ from ._deadletters import (
     to_record,
     topic_matches,
 )
-from ._rotation import BATCH_SIZE, SKIP, Item, Session
+from ._rotation import BATCH_SIZE, PREFETCH, SKIP, Item, Session
 from .errors import (
     ConfigurationError,
     DomainEventBrokerError,
@@ -331,6 +331,7 @@ def _walk(
     on_progress: Progress | None = None,
     before_commit: Callable[[], None] | None = None,
     counts_skipped: bool = True,
+    prefetch: int = PREFETCH,
 ) -> ReplayResult:
     """Visit the dead letters of ``name`` present at the start, once each.
 
@@ -345,7 +346,9 @@ def _walk(
         if on_progress is not None:
             on_progress(_result(session), total)
 
-    with Session(name, config, purpose, on_done=done, before_commit=before_commit) as session:
+    with Session(
+        name, config, purpose, on_done=done, before_commit=before_commit, prefetch=prefetch
+    ) as session:
         total = session.count_at_start
         if limit is not None and not counts_skipped:
             total = min(total, limit)
@@ -460,6 +463,8 @@ def _replay(
         limit=limit,
         on_progress=on_progress,
         counts_skipped=not everything,
+        # A person answering holds only the event on screen.
+        prefetch=1 if interactive else PREFETCH,
     )
 
 

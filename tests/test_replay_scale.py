@@ -428,3 +428,22 @@ def test_an_interactive_run_survives_losing_its_connection_while_waiting(
     wait_size(handler, 2)
     assert numbers(handler) == [1, 3]
     assert numbers(f"{handler}-dl") == [0, 2]
+
+
+def test_an_interactive_run_holds_only_the_event_on_screen(handler: str) -> None:
+    count = 5
+    fill(handler, count)
+    wait_size(f"{handler}-dl", count)
+    held: list[int] = []
+
+    def prompt(event: DomainEvent | None, keepalive: Any) -> str:
+        keepalive()
+        ready = queue_size(f"{handler}-dl")
+        assert ready is not None
+        held.append(count - ready)
+        return LEAVE
+
+    assert replay_all(handler, prompt) == count
+
+    assert held == [1] * count
+    assert numbers(f"{handler}-dl") == list(range(count))
