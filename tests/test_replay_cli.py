@@ -226,3 +226,45 @@ def test_interactive_says_replayed_only_when_it_was(handler: str) -> None:
         f"{handler}: replayed 2, discarded 0, left 0, not replayable 1; "
         f"1 dead letter(s) remaining in {handler}-dl"
     )
+
+
+# -- progress ---------------------------------------------------------------------------
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from io import StringIO
+
+    from domain_event_broker import cli as cli_module
+    from domain_event_broker.replay import ReplayResult
+
+    clock = iter(float(n) for n in range(100))
+    monkeypatch.setattr(cli_module.time, "monotonic", lambda: next(clock))
+    terminal, pipe = StringIO(), StringIO()
+    bar = cli_module._Tracker("h", 1.0, terminal, tty=True)
+    lines = cli_module._Tracker("h", 1.0, pipe, tty=False)
+    for n in (1, 2, 4):
+        for tracker in (bar, lines):
+            tracker(ReplayResult(skipped=n), 4)
+    bar.end()
+    lines.end()
+
+    assert terminal.getvalue() == (
+        "\rh: [#######.......................] 1/4  25%"
+        "\rh: [###############...............] 2/4  50%"
+        "\rh: [##############################] 4/4 100%\n"
+    )
+    assert pipe.getvalue().splitlines() == [
+        "h: 1/4 (replayed 0, discarded 0, left 0, skipped 1)",
+        "h: 2/4 (replayed 0, discarded 0, left 0, skipped 2)",
+        "h: 4/4 (replayed 0, discarded 0, left 0, skipped 4)",
+    ]
+    assert bar.latest == ReplayResult(skipped=4)
+
+
+def test_a_filter_of_the_wrong_type_is_refused_before_connecting() -> None:
+    from domain_event_broker.replay import replay_all
+
+    with pytest.raises(TypeError, match="DeadLetterFilter"):
+        replay_all("x", where={"exception": "KeyError"}, connection_settings="amqp://h:1/")  # type: ignore[arg-type]
