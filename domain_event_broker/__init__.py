@@ -17,9 +17,11 @@ from .errors import (
     ConfigurationError,
     DeadLetterQueueNotFoundError,
     DomainEventBrokerError,
+    HandlerThreadError,
     MalformedEventError,
     PublishError,
     PublishTimeoutError,
+    TLSError,
 )
 from .events import DomainEvent
 from .publish import Publisher, publish_domain_event
@@ -45,12 +47,14 @@ __all__ = [
     "DeadLetterQueueNotFoundError",
     "DomainEvent",
     "DomainEventBrokerError",
+    "HandlerThreadError",
     "MalformedEventError",
     "PublishError",
     "PublishTimeoutError",
     "Publisher",
     "Retry",
     "Subscriber",
+    "TLSError",
     "__version__",
     "configure",
     "publish_domain_event",

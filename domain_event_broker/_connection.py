@@ -6,6 +6,7 @@ This is the one place where pika's connection errors are translated.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -15,8 +16,9 @@ import pika
 import pika.exceptions
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
+from . import _tls
 from ._config import BrokerConfig
-from .errors import AuthenticationError, BrokerUnavailableError, is_auth_error
+from .errors import AuthenticationError, BrokerUnavailableError, TLSError, is_auth_error
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ def connect(
 
     Raises:
         AuthenticationError: credentials or vhost refused (not retried).
+        TLSError: TLS failed on a node and no other node answered in this
+            round (not retried).
         BrokerUnavailableError: no node answered in time; chains pika's error.
     """
     deadline = time.monotonic() + (config.timeout if timeout is None else timeout)
@@ -84,6 +88,7 @@ def connect(
     last_error: BaseException | None = None
     attempts = 0
     while True:
+        tls_failure: tuple[str, BaseException] | None = None
         for index in range(len(config.urls)):
             # Each attempt gets a share of what is left of the deadline, so a
             # silent node neither stretches the round past it nor starves
@@ -104,6 +109,11 @@ def connect(
                     ) from exc
                 last_error = exc
                 log.debug("Connecting to %s failed: %r", params.host, exc)
+                tls_failure = tls_failure or _tls_failure(exc, params)
+        if tls_failure is not None:
+            raise TLSError(
+                f"could not connect securely to the broker at {config.display}: {tls_failure[0]}"
+            ) from tls_failure[1]
         pause = backoff.next()
         if time.monotonic() + pause >= deadline or (should_stop is not None and should_stop()):
             raise BrokerUnavailableError(
@@ -111,6 +121,18 @@ def connect(
                 f"attempt(s): {_describe(last_error)}"
             ) from last_error
         time.sleep(pause)
+
+
+def _tls_failure(
+    exc: BaseException, params: pika.ConnectionParameters
+) -> tuple[str, BaseException] | None:
+    """(cause, error) when ``exc`` is a TLS failure that retrying cannot fix."""
+    if params.ssl_options is None:
+        return None
+    cause = _tls.failure_cause(
+        exc, params.host, params.port, params.ssl_options.server_hostname or params.host
+    )
+    return None if cause is None else (cause, exc)
 
 
 def _auth_in_chain(exc: BaseException) -> bool:
@@ -140,3 +162,17 @@ def close_quietly(connection: pika.BlockingConnection | None) -> None:
             connection.close()
     except Exception:  # closing a broken connection may raise anything
         log.debug("Ignoring an error while closing a connection", exc_info=True)
+
+
+def connection_info(config: BrokerConfig) -> _tls.ConnectionInfo:
+    """Connect once and tell which node answered, over TLS or not (for ``status``).
+
+    Raises:
+        AuthenticationError, TLSError, BrokerUnavailableError: as :func:`connect`.
+    """
+    connection = connect(config, f"domain-event-broker status (pid {os.getpid()})")
+    try:
+        params = connection._impl.params
+        return _tls.ConnectionInfo(params.host, params.port, _tls.session_info(connection))
+    finally:
+        close_quietly(connection)

@@ -59,7 +59,7 @@ import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _headers, _names
+from . import _headers, _instrument, _names
 from ._config import BrokerConfig
 from ._connection import CONNECTION_ERRORS, close_quietly, connect
 from ._deadletters import DELIVERY_COUNT, logical_view, parked_properties
@@ -488,13 +488,17 @@ class Session:
 
     def _publish_copy(self, item: Item) -> None:
         assert self._channel is not None
-        self._channel.basic_publish(
-            exchange=self.exchange,
-            routing_key=item.routing_key,
-            body=item.body,
-            properties=replay_properties(item.logical),
-            mandatory=True,
-        )
+        copy = replay_properties(item.logical)
+        headers = dict(copy.headers or {})
+        with _instrument.replay_span(copy.message_id, self.exchange, item.routing_key, headers):
+            copy.headers = headers or None  # with the replay span's trace context
+            self._channel.basic_publish(
+                exchange=self.exchange,
+                routing_key=item.routing_key,
+                body=item.body,
+                properties=copy,
+                mandatory=True,
+            )
 
     def _park(self, item: Item) -> None:
         assert self._channel is not None

@@ -45,8 +45,9 @@ from typing import Any, Final, TextIO
 
 import pika
 
-from . import _headers, replay
+from . import _config, _headers, _tls, _worker_command, replay
 from ._config import UNSET, ConnectionSettings
+from ._connection import connection_info
 from .errors import ConfigurationError, DomainEventBrokerError
 from .events import DomainEvent
 from .publish import Publisher
@@ -623,8 +624,9 @@ def _inspect_summary(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     status = replay.handler_status(args.name, _settings(args), delays=args.delay or ())
+    link = _connection_info(_settings(args))
     if args.json:
-        out.write(json.dumps(status.as_dict(), indent=2) + "\n")
+        out.write(json.dumps({**status.as_dict(), "connection": link.as_dict()}, indent=2) + "\n")
     if not status.queue.exists and not status.dead_letter_queue.exists:
         raise DomainEventBrokerError(f"no handler named {args.name!r}: its queue does not exist")
     if args.json:
@@ -638,7 +640,14 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
             continue
         consumers = f"  {queue.consumers} consumer(s)" if label == "queue" else ""
         out.write(f"{label:<16} {queue.name:<{width}}  {queue.messages} message(s){consumers}\n")
+    out.write(f"{'connection':<16} {link.describe()}\n")
     return EXIT_OK
+
+
+def _connection_info(settings: ConnectionSettings) -> _tls.ConnectionInfo:
+    config = _config.resolve(settings)
+    assert config is not None  # handler_status() refused None already
+    return connection_info(config)
 
 
 def _duration(seconds: float | None) -> str:
@@ -859,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(run=_cmd_status)
+    _worker_command.add_parsers(commands, sub)  # worker, health
     return parser
 
 

@@ -13,9 +13,11 @@ Hierarchy::
     ├── BrokerError                 anything that went wrong talking to RabbitMQ
     │   ├── BrokerUnavailableError  no node answered within the deadline
     │   ├── AuthenticationError     credentials or vhost refused: not retried
+    │   ├── TLSError                TLS failed (certificate, plain port): not retried
     │   └── PublishError            the broker did not confirm a publish
     │       └── PublishTimeoutError no confirm in time (e.g. a resource alarm)
-    └── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
+    ├── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
+    └── HandlerThreadError          a subscriber's handler thread died
 
 Translation from pika's exceptions happens in one place,
 :func:`translate_pika_error`.
@@ -32,9 +34,11 @@ __all__ = [
     "ConfigurationError",
     "DeadLetterQueueNotFoundError",
     "DomainEventBrokerError",
+    "HandlerThreadError",
     "MalformedEventError",
     "PublishError",
     "PublishTimeoutError",
+    "TLSError",
 ]
 
 
@@ -57,6 +61,19 @@ class BrokerError(DomainEventBrokerError):
 class BrokerUnavailableError(BrokerError):
     """No broker node could be reached, or the connection was lost, within
     the configured deadline."""
+
+
+class TLSError(BrokerError):
+    """A TLS connection could not be set up, for a reason retrying cannot fix.
+
+    The server's certificate failed verification (unknown CA, expired, issued
+    for another host name), the broker refused the client certificate, or
+    the port does not speak TLS (e.g. a plain AMQP port behind ``amqps://``).
+    The message names the cause. Not retried (like
+    :class:`AuthenticationError`), and never followed by a plain-text attempt.
+
+    .. versionadded:: 4.1
+    """
 
 
 class AuthenticationError(BrokerError):
@@ -85,6 +102,16 @@ _AUTH_ERRORS = (
     pika.exceptions.ProbableAccessDeniedError,
     pika.exceptions.AuthenticationError,
 )
+
+
+class HandlerThreadError(DomainEventBrokerError):
+    """A subscriber's handler thread died; ``start_consuming()`` stops with this.
+
+    Raised instead of going on without handling events. Unacknowledged events
+    are redelivered. The thread's exception is chained (``__cause__``).
+
+    .. versionadded:: 4.1
+    """
 
 
 def is_auth_error(exc: BaseException) -> bool:
