@@ -341,6 +341,18 @@ class Session:
             raise self._error(exc, "looking up the queue") from exc
         return int(frame.method.message_count)
 
+    def stop_taking(self) -> None:
+        """Tell the broker to send no more dead letters (before the last
+        :meth:`flush`, whose commit would otherwise make room for more)."""
+        if self._consumer_tag is None:
+            return
+        try:
+            assert self._channel is not None
+            self._channel.basic_cancel(self._consumer_tag)
+            self._consumer_tag = None
+        except CONNECTION_ERRORS as exc:
+            self._recover(exc, committing=False)
+
     def finish(self) -> int:
         """Stop taking dead letters, return those the broker sent ahead (at
         most :data:`PREFETCH`, behind everything visited) to their places,

@@ -346,6 +346,8 @@ def _walk(
         if on_progress is not None:
             on_progress(_result(session), total)
 
+    if limit is not None and not counts_skipped:
+        prefetch = max(1, min(prefetch, limit))  # replay_event: one, not two batches
     with Session(
         name, config, purpose, on_done=done, before_commit=before_commit, prefetch=prefetch
     ) as session:
@@ -376,6 +378,7 @@ def _walk(
                 except DomainEventBrokerError:
                     log.warning("Carrying out the answers given before failed", exc_info=True)
             raise
+        session.stop_taking()
         session.flush()
         result = _result(session, session.finish())
     log.info(

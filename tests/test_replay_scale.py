@@ -29,6 +29,7 @@ from domain_event_broker.replay import (
     import_dead_letters,
     replay_all,
     replay_dead_letters,
+    replay_event,
     summarize_dead_letters,
 )
 
@@ -447,3 +448,16 @@ def test_an_interactive_run_holds_only_the_event_on_screen(handler: str) -> None
 
     assert held == [1] * count
     assert numbers(f"{handler}-dl") == list(range(count))
+
+
+def test_replaying_one_event_takes_only_that_one(handler: str) -> None:
+    fill(handler, 5)
+    wait_size(f"{handler}-dl", 5)
+
+    assert replay_event(handler) == 4
+
+    wait_size(handler, 1)
+    remaining = get_messages(f"{handler}-dl")
+    assert [DomainEvent.from_json(body).data["n"] for _, _, body in remaining] == [1, 2, 3, 4]
+    # Never sent to the replay, so never returned: not marked redelivered.
+    assert [method.redelivered for method, _, _ in remaining] == [False] * 4
