@@ -11,7 +11,7 @@ from typing import Any
 
 import pika
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain_event_broker._deadletters import (
@@ -54,6 +54,7 @@ def reference_topic(pattern: str, key: str) -> bool:
     return match(0, 0)
 
 
+@settings(deadline=None)  # a shared, loaded machine: no per-example deadline
 @given(patterns, keys)
 def test_topic_matches_like_rabbitmq(pattern: str, key: str) -> None:
     assert topic_matches(pattern, key) == reference_topic(pattern, key)
@@ -165,6 +166,7 @@ def reference_match(where: DeadLetterFilter, dead: DeadLetter) -> bool:
     return all(checks)
 
 
+@settings(deadline=None)  # a shared, loaded machine: no per-example deadline
 @given(filters, letters)
 def test_filter_picks_exactly_what_the_reference_picks(
     where: DeadLetterFilter, dead: DeadLetter
@@ -206,6 +208,7 @@ def test_filter_is_keyword_only_and_frozen() -> None:
 # -- summary ---------------------------------------------------------------------------
 
 
+@settings(deadline=None)  # a shared, loaded machine: no per-example deadline
 @given(st.lists(letters, max_size=50))
 def test_summary_counts_every_letter_once_per_field(dead_letters: list[DeadLetter]) -> None:
     summary = DeadLetterSummary()
@@ -283,6 +286,7 @@ properties_strategy = st.builds(
 )
 
 
+@settings(deadline=None)  # a shared, loaded machine: no per-example deadline
 @given(keys, properties_strategy, st.binary())
 def test_export_record_round_trips_exactly(
     key: str, properties: pika.BasicProperties, body: bytes

@@ -178,29 +178,40 @@ def test_events_dead_lettered_during_the_run_are_not_visited(handler: str) -> No
     assert [n for n in remaining if n >= 100] == [100, 101, 102, 103, 104]
 
 
-def test_a_slow_dead_letter_publish_is_not_blocked_by_a_long_run(handler: str) -> None:
-    count = 2000
+def test_dead_letters_published_during_a_long_run_are_confirmed_and_not_visited(
+    handler: str,
+) -> None:
+    # Their confirmation time is measured by benchmarks/bench_replay.py;
+    # here: they are confirmed while the run goes on, and left for the next.
+    count = 1000
     fill(handler, count)
     wait_size(f"{handler}-dl", count)
     connection = raw_connection()
     channel = connection.channel()
     channel.confirm_delivery()
-    slowest: list[float] = []
+    late = 0
+    offered = 0
 
-    def leave(body: bytes) -> str:
-        if len(slowest) < 20 and int(time.monotonic() * 1000) % 7 == 0:
-            started = time.monotonic()
-            channel.basic_publish(f"{handler}-dlx", f"{handler}.late", b"{}", mandatory=True)
-            slowest.append(time.monotonic() - started)
+    def leave(event: DomainEvent | None) -> str:
+        nonlocal late, offered
+        assert event is not None and event.data.get("late") is None
+        offered += 1
+        if offered % 100 == 0:
+            channel.basic_publish(  # raises if not confirmed
+                f"{handler}-dlx",
+                f"{handler}.late",
+                DomainEvent(routing_key=f"{handler}.late", data={"late": True}).to_json().encode(),
+                mandatory=True,
+            )
+            late += 1
         return LEAVE
 
     try:
         result = replay_dead_letters(handler, leave)
     finally:
         connection.close()
-    assert result.left == count
-    assert result.remaining == count + len(slowest)
-    assert max(slowest, default=0) < 1.0
+    assert (offered, late) == (count, 10)
+    assert (result.left, result.remaining) == (count, count + late)
 
 
 # -- a lost connection -------------------------------------------------------------------
