@@ -250,6 +250,8 @@ class Session:
         self._exchange_checked = False
         self._exchange_missing: BaseException | None = None
         self._recoveries = 0
+        #: Acknowledged dead letters whose copy came back: to put back.
+        self._to_repark: list[Item] = []
 
     @property
     def channel(self) -> BlockingChannel:
@@ -463,8 +465,11 @@ class Session:
         Raises:
             BrokerError: the broker failed in a way reconnecting cannot help.
         """
-        while self._pending:
+        while self._pending or self._to_repark:
             try:
+                if self._to_repark:
+                    self._repark()
+                    continue
                 self._commit()
             except CONNECTION_ERRORS as exc:
                 if self._is_missing_exchange(exc):
@@ -611,16 +616,20 @@ class Session:
         lost = [
             item
             for item in items
-            if item.action == RETRY and not item.unroutable and item.routing_key in keys
+            if item.action == RETRY
+            and not item.unroutable
+            and not item.copied
+            and item.routing_key in keys
         ]
         for item in lost:
             self._routable.discard(item.routing_key)
-            self._park(item)
-        self._commit_now()
-        for item in lost:
             self._mark_unroutable(item, "no queue is bound for routing key")
             self.counts.replayed -= 1
             self.counts.unroutable += 1
+        # Kept in memory until committed, also across a reconnection (if the
+        # connection goes during that commit, they may be put back twice).
+        self._to_repark = lost
+        self._repark()
         log.warning(
             "%d replayed cop(ies) to %s came back unroutable; their dead letters were put back "
             "at the tail of %s",
@@ -628,6 +637,12 @@ class Session:
             self.exchange,
             self.queue,
         )
+
+    def _repark(self) -> None:
+        for item in self._to_repark:
+            self._park(item)
+        self._commit_now()
+        self._to_repark = []
 
     # -- recovering ------------------------------------------------------------
 

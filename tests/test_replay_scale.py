@@ -472,3 +472,30 @@ def test_replaying_one_event_takes_only_that_one(handler: str) -> None:
     assert [DomainEvent.from_json(body).data["n"] for _, _, body in remaining] == [1, 2, 3, 4]
     # Never sent to the replay, so never returned: not marked redelivered.
     assert [method.redelivered for method, _, _ in remaining] == [False] * 4
+
+
+def test_events_whose_handler_is_unbound_mid_run_are_put_back(handler: str) -> None:
+    count = rotation.BATCH_SIZE + 50
+    fill(handler, count)
+    wait_size(f"{handler}-dl", count)
+
+    def retry(event: DomainEvent | None) -> str:
+        assert event is not None
+        if event.data["n"] == rotation.BATCH_SIZE + 20:  # its key was routed in batch 1
+            connection = raw_connection()
+            connection.channel().queue_unbind(handler, f"{handler}-retry", f"{handler}.*")
+            connection.close()
+        return RETRY
+
+    with pytest.raises(ReplayIncompleteError) as caught:
+        replay_dead_letters(handler, retry)
+
+    result = caught.value.result
+    assert (result.replayed, result.unroutable, result.remaining) == (
+        rotation.BATCH_SIZE,
+        50,
+        50,
+    )
+    wait_size(handler, rotation.BATCH_SIZE)
+    assert numbers(handler) == list(range(rotation.BATCH_SIZE))
+    assert numbers(f"{handler}-dl") == list(range(rotation.BATCH_SIZE, count))
