@@ -38,9 +38,19 @@ their transaction was committed. If the first message at the head is the
 batch's first dead letter (same body, routing key and properties, marked
 redelivered), the batch was not carried out and is carried out again with
 the answers already given; otherwise it was, and the run goes on. Nothing is
-lost and nothing already done is done again. One window remains: a probe
+lost and nothing already done is done again. Two windows remain: a probe
 copy (the first event of a routing key) whose commit was under way when the
-connection was lost may have reached the handler, and is published again.
+connection was lost may have reached the handler, and is published again;
+and a dead letter whose copy came back unroutable although its key was
+routed earlier in the run (the handler's queue was unbound meanwhile) is put
+back with a second commit, which a connection lost at that moment may make
+happen twice. Only a process killed between two commits loses what it held
+in memory in that second case; what the broker holds is never lost.
+
+After a reconnection the run first waits until the queue has no consumer:
+until the broker noticed that the old connection is gone and put back what
+it held (at once for a closed socket; within two heartbeat intervals for a
+silent network).
 """
 
 from __future__ import annotations

@@ -27,8 +27,10 @@ queue when it started, oldest first, each exactly once, over one connection:
   goes on with the others and raises :class:`ReplayIncompleteError`, with
   the counts, at the end;
 * a lost connection is reconnected; the run goes on where it was, losing
-  nothing and doing nothing twice (see :mod:`domain_event_broker._rotation`
-  for the one remaining window).
+  nothing and doing nothing twice. One window remains: the first event of
+  each routing key is replayed on its own (to learn whether its copy can be
+  routed) before its dead letter is removed; if the connection goes during
+  that commit, that copy may reach the handler twice.
 
 Message callbacks are called with keyword arguments only. A callback taking
 ``**kwargs`` (as most written for 3.0.2 do) receives ``frame`` (pika's
