@@ -28,8 +28,8 @@ the broker sends the next batch while this one is decided, and at most that
 many are unacknowledged at any time,
 whatever the queue's length; nothing is requeued in bulk at the end (which
 RabbitMQ does in time growing faster than linearly, blocking the queue);
-events dead-lettered during the run land behind the copies and are not
-visited, because the run stops after the count it read at the start.
+events dead-lettered during the run land behind the copies made so far and
+are not visited, because the run stops after the count it read at the start.
 
 **Lost connections.** When the connection (or the channel, e.g. after the
 broker's ``consumer_timeout``) is lost, the run reconnects and reconciles:

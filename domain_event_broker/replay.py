@@ -16,8 +16,9 @@ queue when it started, oldest first, each exactly once, over one connection:
 * an event kept in place (:data:`LEAVE`, or passed over by a filter) is
   moved to the tail of the queue, with every property and header, in the
   same transaction that removes it from the head; events kept keep their
-  order relative to each other, and end up behind any event dead-lettered
-  during the run (which the run does not visit);
+  order relative to each other; an event dead-lettered during the run lands
+  among them (behind those moved before it arrived), and the run does not
+  visit it;
 * a replayed copy keeps every property and header of the dead letter (a
   persistent event stays persistent), dropping only RabbitMQ's ``x-death``
   bookkeeping and resetting the retry count, so the handler gets its
@@ -727,8 +728,8 @@ def summarize_dead_letters(
     handler, routing key and age, in one pass and bounded memory.
 
     Nothing is removed: each dead letter moves to the tail of the queue,
-    so their order is kept (events dead-lettered meanwhile end up before
-    them).
+    so their order is kept (events dead-lettered meanwhile land among them,
+    behind those moved before they arrived).
 
     Args:
         name: the handler (queue) name.
