@@ -47,6 +47,17 @@ back with a second commit, which a connection lost at that moment may make
 happen twice. Only a process killed between two commits loses what it held
 in memory in that second case; what the broker holds is never lost.
 
+What the transaction does not cover: RabbitMQ documents that a *broker*
+failure during ``tx.commit`` may leave a transaction that spans two queues
+(a RETRY copy into the handler's queue, the acknowledgement in ``-dl``)
+partly applied. A node crash in the few milliseconds of a commit could thus
+persist the acknowledgement without the copy. The alternative (commit the
+copies first, acknowledge in a second transaction) closes that window but
+opens another: a connection lost during the first commit leaves the copies'
+fate unknown, so up to a batch would be replayed twice. Client-side losses
+are far more common than node crashes mid-commit, so this module chose the
+single transaction.
+
 After a reconnection the run first waits until the queue has no consumer:
 until the broker noticed that the old connection is gone and put back what
 it held (at once for a closed socket; within two heartbeat intervals for a
