@@ -47,7 +47,11 @@ def backoff_delays(initial: float = INITIAL_BACKOFF, maximum: float = MAX_BACKOF
 
 
 class Backoff:
-    """Exponential backoff with full jitter, capped at ``maximum``."""
+    """Exponential backoff with equal jitter, capped at ``maximum``.
+
+    Each pause is drawn uniformly between half and all of the current step;
+    the step doubles after every pause.
+    """
 
     def __init__(self, initial: float, maximum: float) -> None:
         self._next = initial

@@ -633,14 +633,22 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_OK
     rows = [("queue", status.queue), ("dead letters", status.dead_letter_queue)]
     rows += [("delayed retries", queue) for queue in status.delay_queues]
-    width = max(len(queue.name) for _, queue in rows)
+    labels = ["retry exchange", "dead-letter exchange"]
+    width = max(len(name) for name in [*(queue.name for _, queue in rows), *status.exchanges])
     for label, queue in rows:
         if not queue.exists:
-            out.write(f"{label:<16} {queue.name:<{width}}  (none)\n")
+            out.write(f"{label:<20} {queue.name:<{width}}  (none)\n")
             continue
         consumers = f"  {queue.consumers} consumer(s)" if label == "queue" else ""
-        out.write(f"{label:<16} {queue.name:<{width}}  {queue.messages} message(s){consumers}\n")
-    out.write(f"{'connection':<16} {link.describe()}\n")
+        out.write(f"{label:<20} {queue.name:<{width}}  {queue.messages} message(s){consumers}\n")
+    for label, (exchange, exists) in zip(labels, status.exchanges.items(), strict=False):
+        out.write(f"{label:<20} {exchange:<{width}}  {'exists' if exists else '(none)'}\n")
+    if not status.delay_queues_listed:
+        sys.stderr.write(
+            f"{PROG}: note: the broker's management API did not answer, so delay queues "
+            f"were looked up by delay only (10 s and --delay)\n"
+        )
+    out.write(f"{'connection':<20} {link.describe()}\n")
     return EXIT_OK
 
 

@@ -15,7 +15,7 @@ Hierarchy::
     │   ├── AuthenticationError     credentials or vhost refused: not retried
     │   ├── TLSError                TLS failed (certificate, plain port): not retried
     │   └── PublishError            the broker did not confirm a publish
-    │       └── PublishTimeoutError no confirm in time (e.g. a resource alarm)
+    │       └── PublishTimeoutError the broker blocked the connection too long (resource alarm)
     ├── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
     └── HandlerThreadError          a subscriber's handler thread died
 
@@ -88,8 +88,8 @@ class PublishError(BrokerError):
 
 
 class PublishTimeoutError(PublishError):
-    """The broker did not confirm a publish in time, typically because a
-    resource alarm blocks publishers."""
+    """The broker blocked the publishing connection (a memory or disk alarm)
+    for longer than ``blocked_connection_timeout``."""
 
 
 class DeadLetterQueueNotFoundError(DomainEventBrokerError):

@@ -9,7 +9,10 @@ from django.utils import timezone
 class OutboxEvent(models.Model):
     """A domain event written in the caller's transaction, waiting for the relay.
 
-    ``body`` is the exact JSON the relay publishes; ``routing_key`` and
+    ``body`` is the event's JSON as :func:`~domain_event_broker.django.outbox.publish_via_outbox`
+    wrote it. The relay decodes it into a :class:`~domain_event_broker.DomainEvent` and
+    publishes that event, encoded again (keys the event format does not know are
+    dropped; a body that is no event stays pending). ``routing_key`` and
     ``uuid_string`` are copies for operators. ``sent_at`` is set once the
     broker confirmed the event. Rows are relayed in ``id`` order.
     ``trace_context`` (4.1) lets the relay's publish continue the trace of
