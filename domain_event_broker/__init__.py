@@ -20,6 +20,7 @@ from .errors import (
     MalformedEventError,
     PublishError,
     PublishTimeoutError,
+    UnroutableError,
 )
 from .events import DomainEvent
 from .publish import Publisher, publish_domain_event
@@ -51,6 +52,7 @@ __all__ = [
     "Publisher",
     "Retry",
     "Subscriber",
+    "UnroutableError",
     "__version__",
     "configure",
     "publish_domain_event",

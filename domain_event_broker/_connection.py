@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable
 from typing import Final
 
 import pika
 import pika.exceptions
-from pika.adapters.utils.connection_workflow import AMQPConnectorException
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectorException,
+    AMQPConnectorStackTimeout,
+)
 
 from ._config import BrokerConfig
 from .errors import AuthenticationError, BrokerUnavailableError, is_auth_error
@@ -79,9 +83,12 @@ def connect(
         AuthenticationError: credentials or vhost refused (not retried).
         BrokerUnavailableError: no node answered in time; chains pika's error.
     """
-    deadline = time.monotonic() + (config.timeout if timeout is None else timeout)
+    started = time.monotonic()
+    deadline = started + (config.timeout if timeout is None else timeout)
     backoff = backoff_delays()
     last_error: BaseException | None = None
+    #: The last reason each node gave, by "host:port", in the order tried.
+    reasons: dict[str, str] = {}
     attempts = 0
     while True:
         for index in range(len(config.urls)):
@@ -100,15 +107,17 @@ def connect(
                 if is_auth_error(exc) or _auth_in_chain(exc):
                     raise AuthenticationError(
                         f"the broker at {config.display} refused the credentials or "
-                        f"virtual host ({type(exc).__name__})"
+                        f"virtual host: {describe_error(exc)}"
                     ) from exc
                 last_error = exc
+                reasons[f"{params.host}:{params.port}"] = describe_error(exc)
                 log.debug("Connecting to %s failed: %r", params.host, exc)
         pause = backoff.next()
         if time.monotonic() + pause >= deadline or (should_stop is not None and should_stop()):
             raise BrokerUnavailableError(
-                f"could not connect to the broker at {config.display} after {attempts} "
-                f"attempt(s): {_describe(last_error)}"
+                f"could not connect to the broker at {config.display}: "
+                f"{_summary(reasons, last_error)} ({attempts} attempt(s) in "
+                f"{time.monotonic() - started:.1f}s)"
             ) from last_error
         time.sleep(pause)
 
@@ -121,14 +130,80 @@ def _auth_in_chain(exc: BaseException) -> bool:
     return False
 
 
-def _describe(exc: BaseException | None) -> str:
+def _summary(reasons: dict[str, str], last_error: BaseException | None) -> str:
+    """One line: the last reason of each node tried."""
+    if not reasons:
+        return describe_error(last_error)
+    if len(set(reasons.values())) == 1:
+        (reason,) = set(reasons.values())
+        return f"{reason} (nodes tried: {', '.join(reasons)})"
+    return "; ".join(f"{node}: {reason}" for node, reason in reasons.items())
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost error behind ``exc``, following pika's wrappers.
+
+    pika wraps the real reason in ``args`` (``AMQPConnectionError``), in
+    ``.exception`` (connector phase errors) or in ``.exceptions`` (workflow
+    failures); others chain it with ``raise ... from``.
+    """
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner: BaseException | None = None
+        nested = getattr(exc, "exception", None)
+        if isinstance(nested, BaseException):
+            inner = nested
+        elif getattr(exc, "exceptions", None):
+            last = exc.exceptions[-1]  # type: ignore[attr-defined]
+            inner = last if isinstance(last, BaseException) else None
+        if inner is None:
+            inner = next((a for a in exc.args if isinstance(a, BaseException)), None)
+        if inner is None:
+            inner = exc.__cause__
+        if inner is None:
+            return exc
+        exc = inner
+    return exc
+
+
+def describe_error(exc: BaseException | None) -> str:  # noqa: PLR0911  # one return per cause
+    """The underlying reason of ``exc`` in a few words, e.g. "connection refused".
+
+    Args:
+        exc: an error from pika or the socket layer (or a library error
+            chaining one).
+    """
     if exc is None:
         return "no attempt made"
-    inner = [arg for arg in exc.args if isinstance(arg, BaseException)]
-    if inner:
-        exc = inner[0]
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+    if is_auth_error(exc) or _auth_in_chain(exc):
+        cause = root_cause(exc)
+        detail = f" ({_text(cause)})" if _text(cause) else ""
+        return f"access refused{detail}"
+    cause = root_cause(exc)
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, socket.gaierror):
+        return (cause.strerror or "host name not found").lower()
+    if isinstance(cause, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(cause, AMQPConnectorStackTimeout):
+        return "no AMQP handshake in time (is this the AMQP port of a RabbitMQ node?)"
+    if isinstance(cause, pika.exceptions.IncompatibleProtocolError):
+        return "the peer does not speak AMQP 0-9-1 (is this the AMQP port?)"
+    if isinstance(cause, pika.exceptions.ConnectionClosedByBroker):
+        return f"closed by the broker ({cause.reply_code} {cause.reply_text})"
+    if isinstance(cause, pika.exceptions.ChannelClosedByBroker):
+        return f"channel closed by the broker ({cause.reply_code} {cause.reply_text})"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    text = _text(cause)
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+def _text(exc: BaseException) -> str:
+    text = str(exc)
+    return "" if text == type(exc).__name__ else text[:500]
 
 
 def close_quietly(connection: pika.BlockingConnection | None) -> None:

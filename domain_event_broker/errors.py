@@ -14,7 +14,8 @@ Hierarchy::
     │   ├── BrokerUnavailableError  no node answered within the deadline
     │   ├── AuthenticationError     credentials or vhost refused: not retried
     │   └── PublishError            the broker did not confirm a publish
-    │       └── PublishTimeoutError no confirm in time (e.g. a resource alarm)
+    │       ├── PublishTimeoutError no confirm in time (e.g. a resource alarm)
+    │       └── UnroutableError     no queue bound, and the publisher required one
     └── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
 
 Translation from pika's exceptions happens in one place,
@@ -35,6 +36,7 @@ __all__ = [
     "MalformedEventError",
     "PublishError",
     "PublishTimeoutError",
+    "UnroutableError",
 ]
 
 
@@ -73,6 +75,14 @@ class PublishError(BrokerError):
 class PublishTimeoutError(PublishError):
     """The broker did not confirm a publish in time, typically because a
     resource alarm blocks publishers."""
+
+
+class UnroutableError(PublishError):
+    """No queue was bound for the routing key, and the publisher asked to be
+    told (``require_route=True``): the broker returned the message.
+
+    .. versionadded:: 4.1
+    """
 
 
 class DeadLetterQueueNotFoundError(DomainEventBrokerError):
@@ -114,7 +124,10 @@ def translate_pika_error(exc: BaseException, context: str) -> DomainEventBrokerE
     if isinstance(exc, pika.exceptions.NackError):
         return PublishError(f"{context}: the broker refused (nacked) the message")
     if isinstance(exc, pika.exceptions.UnroutableError):
-        return PublishError(f"{context}: the message could not be routed")
+        return UnroutableError(
+            f"{context}: no queue is bound for this routing key, so the broker returned "
+            f"the message (is the subscriber's handler registered?)"
+        )
     if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):
         return PublishTimeoutError(
             f"{context}: the broker blocked the connection (resource alarm) for too long"

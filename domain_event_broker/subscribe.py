@@ -29,7 +29,7 @@ import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _config, _headers, _names
+from . import _config, _headers, _names, _validate
 from ._config import UNSET, BrokerConfig, ConnectionSettings, _Unset
 from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
 from .errors import (
@@ -283,17 +283,9 @@ class Subscriber:
     ) -> _Registration:
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
-        if not isinstance(name, str) or not name:
-            raise ValueError("name must be a non-empty str")
-        if len(name.encode("utf-8")) > 200:
-            raise ValueError("name must be at most 200 bytes (derived queue names add suffixes)")
-        if isinstance(binding_keys, str):
-            raise ValueError("binding_keys must be a list of str, not one str")
-        keys = tuple(binding_keys)
-        if not keys:
-            raise ValueError("binding_keys must hold at least one binding key")
-        if not all(isinstance(key, str) and key for key in keys):
-            raise ValueError("every binding key must be a non-empty str")
+        # Before anything is declared: never a pika error, never half a topology.
+        name = _validate.handler_name(name)
+        keys = _validate.binding_keys(binding_keys)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
         if any(r.name == name for r in self._registrations):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import signal
 import threading
 from types import FrameType
@@ -19,9 +21,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return value
 
 
