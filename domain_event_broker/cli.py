@@ -214,13 +214,8 @@ class InteractivePrompt:
             self._write("Timed out. Message left in queue.", "\n")
             return replay.LEAVE
         answer = answer.strip()
-        if not answer:
-            if getattr(self._reader, "at_end", False):
-                self._write(
-                    "End of input. This message and the ones after it stay in the queue.", "\n"
-                )
-            else:
-                self._write("Message left in queue.", "\n")
+        if not answer:  # also the end of the input: the events after it are not shown
+            self._write("Message left in queue.", "\n")
             return replay.LEAVE
         choice = answer[0].upper()
         if choice == "R":
@@ -553,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args, sys.stdout)
     except (UsageError, ConfigurationError) as exc:
         _command_parser(parser, args).print_usage(sys.stderr)
-        sys.stderr.write(f"{PROG} {args.command}: error: {exc}\n")
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write(f"\n{PROG}: interrupted; unanswered events stay where they were\n")
