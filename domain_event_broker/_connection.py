@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import time
 from collections.abc import Callable
 from typing import Final
 
 import pika
 import pika.exceptions
-from pika.adapters.utils.connection_workflow import (
-    AMQPConnectorException,
-    AMQPConnectorStackTimeout,
-)
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from ._config import BrokerConfig
-from .errors import AuthenticationError, BrokerUnavailableError, is_auth_error
+from .errors import AuthenticationError, BrokerUnavailableError, describe_error, is_auth_error
 
 log = logging.getLogger(__name__)
 
@@ -138,72 +134,6 @@ def _summary(reasons: dict[str, str], last_error: BaseException | None) -> str:
         (reason,) = set(reasons.values())
         return f"{reason} (nodes tried: {', '.join(reasons)})"
     return "; ".join(f"{node}: {reason}" for node, reason in reasons.items())
-
-
-def root_cause(exc: BaseException) -> BaseException:
-    """The innermost error behind ``exc``, following pika's wrappers.
-
-    pika wraps the real reason in ``args`` (``AMQPConnectionError``), in
-    ``.exception`` (connector phase errors) or in ``.exceptions`` (workflow
-    failures); others chain it with ``raise ... from``.
-    """
-    seen: set[int] = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner: BaseException | None = None
-        nested = getattr(exc, "exception", None)
-        if isinstance(nested, BaseException):
-            inner = nested
-        elif getattr(exc, "exceptions", None):
-            last = exc.exceptions[-1]  # type: ignore[attr-defined]
-            inner = last if isinstance(last, BaseException) else None
-        if inner is None:
-            inner = next((a for a in exc.args if isinstance(a, BaseException)), None)
-        if inner is None:
-            inner = exc.__cause__
-        if inner is None:
-            return exc
-        exc = inner
-    return exc
-
-
-def describe_error(exc: BaseException | None) -> str:  # noqa: PLR0911  # one return per cause
-    """The underlying reason of ``exc`` in a few words, e.g. "connection refused".
-
-    Args:
-        exc: an error from pika or the socket layer (or a library error
-            chaining one).
-    """
-    if exc is None:
-        return "no attempt made"
-    if is_auth_error(exc) or _auth_in_chain(exc):
-        cause = root_cause(exc)
-        detail = f" ({_text(cause)})" if _text(cause) else ""
-        return f"access refused{detail}"
-    cause = root_cause(exc)
-    if isinstance(cause, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(cause, socket.gaierror):
-        return (cause.strerror or "host name not found").lower()
-    if isinstance(cause, (TimeoutError, socket.timeout)):
-        return "timed out"
-    if isinstance(cause, AMQPConnectorStackTimeout):
-        return "no AMQP handshake in time (is this the AMQP port of a RabbitMQ node?)"
-    if isinstance(cause, pika.exceptions.IncompatibleProtocolError):
-        return "the peer does not speak AMQP 0-9-1 (is this the AMQP port?)"
-    if isinstance(cause, pika.exceptions.ConnectionClosedByBroker):
-        return f"closed by the broker ({cause.reply_code} {cause.reply_text})"
-    if isinstance(cause, pika.exceptions.ChannelClosedByBroker):
-        return f"channel closed by the broker ({cause.reply_code} {cause.reply_text})"
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror.lower()
-    text = _text(cause)
-    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
-
-
-def _text(exc: BaseException) -> str:
-    text = str(exc)
-    return "" if text == type(exc).__name__ else text[:500]
 
 
 def close_quietly(connection: pika.BlockingConnection | None) -> None:

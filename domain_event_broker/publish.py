@@ -18,12 +18,13 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from . import _config, _validate
 from ._config import UNSET, BrokerConfig, ConnectionSettings, _Unset
-from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect, describe_error
+from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
 from ._names import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE
 from .errors import (
     AuthenticationError,
     BrokerUnavailableError,
     PublishError,
+    describe_error,
     translate_pika_error,
 )
 from .events import DomainEvent, check_event, new_event, validate_routing_key
