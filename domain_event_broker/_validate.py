@@ -104,13 +104,14 @@ def binding_keys(value: object) -> tuple[str, ...]:
     """The binding keys of a handler, as a tuple.
 
     Raises:
+        TypeError: not a list (or other iterable).
         ValueError: one str instead of a list, no key, or a key that is not
             a non-empty str of at most 255 bytes in UTF-8.
     """
     if isinstance(value, (str, bytes)):
         raise ValueError("binding_keys must be a list of str, not one str")
     if not isinstance(value, Iterable):
-        raise ValueError(f"binding_keys must be a list of str, not {type(value).__name__}")
+        raise TypeError(f"binding_keys must be a list of str, not {type(value).__name__}")
     keys = tuple(value)
     if not keys:
         raise ValueError("binding_keys must hold at least one binding key")

@@ -16,7 +16,8 @@ Hierarchy::
     │   └── PublishError            the broker did not confirm a publish
     │       ├── PublishTimeoutError no confirm in time (e.g. a resource alarm)
     │       └── UnroutableError     no queue bound, and the publisher required one
-    └── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
+    ├── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
+    └── HandlerThreadError          a subscriber's handler thread died
 
 Translation from pika's exceptions happens in one place,
 :func:`translate_pika_error`.
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigurationError",
     "DeadLetterQueueNotFoundError",
     "DomainEventBrokerError",
+    "HandlerThreadError",
     "MalformedEventError",
     "PublishError",
     "PublishTimeoutError",
@@ -98,6 +100,16 @@ _AUTH_ERRORS = (
     pika.exceptions.ProbableAccessDeniedError,
     pika.exceptions.AuthenticationError,
 )
+
+
+class HandlerThreadError(DomainEventBrokerError):
+    """A subscriber's handler thread died; ``start_consuming()`` stops with this.
+
+    Raised instead of going on without handling events. Unacknowledged events
+    are redelivered. The thread's exception is chained (``__cause__``).
+
+    .. versionadded:: 4.1
+    """
 
 
 def is_auth_error(exc: BaseException) -> bool:

@@ -10,6 +10,7 @@ start_consuming()'s outcome: 0 when it returned normally.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ def main() -> int:
         time.sleep(pause)
         (state / f"finished-{event.uuid_string}{suffix}").touch()
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
     subscriber = Subscriber()
     subscriber.register(handler, name, [binding_key])
     (state / "ready").touch()

@@ -232,7 +232,7 @@ def test_reserved_name_is_a_configuration_error(broker_url: str) -> None:
     name = f"amq.edges-{uuid.uuid4().hex[:8]}"
     with pytest.raises(ConfigurationError, match="reserves"):
         subscriber.register(lambda event: None, name, ["a.b"], dead_letter=True)
-    assert subscriber._connection is None  # refused before connecting
+    assert subscriber._link is None  # refused before connecting
     assert not exists("exchange", f"{name}-dlx")
 
 

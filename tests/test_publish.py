@@ -740,7 +740,9 @@ def test_custom_exchange_is_declared_durable(channel: BlockingChannel, names: Na
     names.exchanges.append(exchange)
     with Publisher(exchange=exchange, exchange_type="fanout") as publisher:
         publisher.connect()
-    # Declaring it again as a durable fanout must not raise PRECONDITION_FAILED.
+    channel.exchange_declare(exchange, passive=True)  # it exists (404 otherwise)
+    # Declaring it again as a durable fanout must not raise PRECONDITION_FAILED
+    # (it would, had it been declared non-durable or of another type).
     channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
 
 

@@ -299,7 +299,9 @@ def test_stop_consuming_during_an_outage(
     subscriber = Subscriber(BROKER_URL, timeout=60)
     subscriber.register(Recorder(), name, [unique()])
     runner = run_subscriber(subscriber)
-    wait_for(lambda: subscriber._consuming_on is not None, message="consuming")
+    wait_for(
+        lambda: subscriber._loop is not None and subscriber._loop.consuming, message="consuming"
+    )
     rabbitmq.stop_app()
     wait_for(
         lambda: _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER),

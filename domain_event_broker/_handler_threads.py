@@ -1,0 +1,137 @@
+"""Handler threads: deliveries in, outcomes out, supervised.
+
+A :class:`HandlerThreads` pool runs :func:`dispatch` on each delivery it is
+given and posts the outcome to a :class:`Mailbox`, the one way out, which
+wakes the I/O thread. Threads never call their owner. If a thread dies
+anyway (a bug, or the mailbox failing), the death itself is posted, so the
+I/O thread can raise it instead of waiting in silence for outcomes that will
+never come.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+from ._dispatch import Action, Delivery, Outcome, dispatch
+
+__all__ = ["HandlerThreads", "Mailbox", "ThreadDied"]
+
+log = logging.getLogger(__name__)
+
+_STOP: Final = object()
+
+
+class ThreadDied:
+    """Posted to the mailbox by a handler thread that is about to die."""
+
+    def __init__(self, thread_name: str, error: BaseException) -> None:
+        self.thread_name = thread_name
+        self.error = error
+
+
+class Mailbox:
+    """Outcomes posted by handler threads, taken by the I/O thread.
+
+    Args:
+        wake: called (from the posting thread) after the first post since the
+            last :meth:`take`; must be safe from any thread.
+    """
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._items: deque[Outcome | ThreadDied] = deque()
+
+    def post(self, item: Outcome | ThreadDied) -> None:
+        """Add one outcome (any thread); wakes the I/O thread."""
+        with self._lock:
+            first = not self._items
+            self._items.append(item)
+        if first:
+            self._wake()
+
+    def take(self) -> list[Outcome | ThreadDied]:
+        """Everything posted so far, oldest first (I/O thread)."""
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+
+class HandlerThreads:
+    """``count`` daemon threads running handlers for deliveries submitted.
+
+    With one thread, deliveries are handled one at a time in the order
+    submitted. Deliveries for which ``skip`` returns true (their channel is
+    gone, or the subscriber is stopping) are not handled: they come out as
+    :attr:`Action.SKIP`.
+
+    Args:
+        name: thread name prefix.
+        count: how many threads.
+        mailbox: where outcomes go.
+        skip: asked, on the handler thread, before each delivery.
+    """
+
+    def __init__(
+        self, name: str, count: int, mailbox: Mailbox, skip: Callable[[Delivery], bool]
+    ) -> None:
+        self._name = name
+        self._mailbox = mailbox
+        self._skip = skip
+        self._inbox: queue.SimpleQueue[Delivery | object] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{index}", daemon=True)
+            for index in range(count)
+        ]
+        if count == 1:
+            self._threads[0].name = name
+
+    def start(self) -> None:
+        """Start the threads."""
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, delivery: Delivery) -> None:
+        """Queue one delivery for a handler thread (any thread)."""
+        self._inbox.put(delivery)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask every thread to finish after the deliveries queued, and wait.
+
+        Args:
+            timeout: longest wait per thread (``None``: as long as it takes);
+                a thread stuck in a handler after that is left behind (it is
+                a daemon and does not keep the process alive).
+        """
+        for _ in self._threads:
+            self._inbox.put(_STOP)
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout)
+
+    def _run(self) -> None:
+        name = threading.current_thread().name
+        try:
+            while True:
+                item = self._inbox.get()
+                if item is _STOP:
+                    return
+                assert isinstance(item, Delivery)
+                outcome = Outcome(item, Action.SKIP) if self._skip(item) else dispatch(item)
+                self._mailbox.post(outcome)
+        except BaseException as exc:  # report any death, never die in silence
+            log.critical("Handler thread %s died: %r", name, exc, exc_info=True)
+            try:
+                self._mailbox.post(ThreadDied(name, exc))
+            except BaseException:  # noqa: BLE001  # nothing left to tell; the owner polls is_alive
+                log.critical("Handler thread %s could not report its death", name)
+
+    def alive(self) -> bool:
+        """Whether every thread is still running."""
+        return all(thread.is_alive() for thread in self._threads)

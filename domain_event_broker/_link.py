@@ -1,0 +1,194 @@
+"""A connection link: one connection and confirm channel, and how it recovers.
+
+:class:`Link` opens a connection and a channel in confirm mode lazily, knows
+when they are gone, and never hands a forked child its parent's socket.
+:class:`Recovery` is the backoff and the "lost / recovered" log lines of a
+loop that keeps a link alive. Both are used by every long-lived user of a
+connection, so reconnecting behaves and reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+from ._config import BrokerConfig
+from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
+from .errors import translate_pika_error
+
+__all__ = ["Link", "Recovery"]
+
+log = logging.getLogger(__name__)
+
+
+class Link:
+    """A lazily opened connection with one confirm-mode channel.
+
+    Only the thread that owns the link may use it (pika's blocking adapter is
+    not thread-safe), except :meth:`wake` (safe from any thread).
+
+    Args:
+        config: the resolved broker settings.
+        connection_name: shown in the management UI.
+        should_stop: polled between connection attempts; true ends them.
+    """
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        connection_name: str,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.config = config
+        self._connection_name = connection_name
+        self._should_stop = should_stop
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._pid = os.getpid()
+        #: Counts channels opened; a delivery tag is only valid on its own.
+        self.generation = 0
+
+    @property
+    def connection(self) -> pika.BlockingConnection | None:
+        """The open connection, or ``None``."""
+        self._forget_after_fork()
+        return self._connection
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the channel is open (as far as pika knows)."""
+        self._forget_after_fork()
+        return self._channel is not None and self._channel.is_open
+
+    def channel(self) -> BlockingChannel:
+        """The open channel, opening the connection and channel if needed.
+
+        Raises:
+            AuthenticationError: credentials refused.
+            BrokerUnavailableError: no node answered in time, or the channel
+                could not be opened; chains pika's error.
+        """
+        self._forget_after_fork()
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        self.drop()
+        connection = connect(
+            self.config,
+            f"{self._connection_name} (pid {os.getpid()})",
+            should_stop=self._should_stop,
+        )
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+        except CONNECTION_ERRORS as exc:
+            close_quietly(connection)
+            raise translate_pika_error(exc, "opening a channel") from exc
+        self._connection, self._channel = connection, channel
+        self.generation += 1
+        return channel
+
+    def closing_reason(self) -> BaseException | None:
+        """Why pika closed the channel, if it did and said so."""
+        reason = getattr(self._channel, "_closing_reason", None)  # set by pika when closed
+        return reason if isinstance(reason, BaseException) else None
+
+    def drop(self) -> None:
+        """Close the connection, if any, ignoring errors (it may be dead)."""
+        self._forget_after_fork()
+        connection, self._connection, self._channel = self._connection, None, None
+        close_quietly(connection)
+
+    def wake(self) -> None:
+        """Have the owner's ``process_data_events`` return soon (any thread)."""
+        connection = self._connection
+        if connection is None:
+            return
+        try:
+            connection.add_callback_threadsafe(_noop)
+        except Exception:  # closed: the owner polls anyway
+            log.debug("Could not wake the connection's thread", exc_info=True)
+
+    def call_soon(self, callback: Callable[[], None]) -> bool:
+        """Run ``callback`` on the owner's thread at its next poll (any thread).
+
+        Returns:
+            False when there is no open connection to schedule it on.
+        """
+        connection = self._connection
+        if connection is None:
+            return False
+        try:
+            connection.add_callback_threadsafe(callback)
+        except Exception:  # closed or closing
+            log.debug("Could not schedule a callback", exc_info=True)
+            return False
+        return True
+
+    def _forget_after_fork(self) -> None:
+        if self._pid != os.getpid():
+            # A forked child never uses (or closes) its parent's socket.
+            self._connection = self._channel = None
+            self._pid = os.getpid()
+
+
+class Recovery:
+    """Backoff and log lines for a loop that reconnects after losing a link.
+
+    One WARNING when the link is lost, DEBUG lines for failed attempts, one
+    INFO when it is back, with how long it was down. Lines are written to the
+    caller's logger, so they carry the caller's module name.
+
+    Args:
+        logger: where the lines go.
+        where: the broker, as shown to people (password hidden).
+        resumed: what the INFO line says happens next (e.g. "consuming again").
+    """
+
+    def __init__(self, logger: logging.Logger, where: str, resumed: str = "") -> None:
+        self._log = logger
+        self._where = where
+        self._resumed = f"; {resumed}" if resumed else ""
+        self._backoff = backoff_delays()
+        self._lost_since: float | None = None
+
+    @property
+    def lost(self) -> bool:
+        """Whether the link is down (lost and not recovered yet)."""
+        return self._lost_since is not None
+
+    def on_lost(self, exc: BaseException, advice: str = "") -> float:
+        """Note a loss or a failed attempt; return how long to pause (seconds)."""
+        if self._lost_since is None:
+            self._lost_since = time.monotonic()
+            self._log.warning(
+                "Lost the connection to the broker (%s: %s); reconnecting%s",
+                type(exc).__name__,
+                exc,
+                advice,
+            )
+        else:
+            self._log.debug("Reconnecting failed: %r", exc)
+        return self._backoff.next()
+
+    def on_connected(self) -> None:
+        """Note a working link; log the recovery if it had been lost."""
+        if self._lost_since is None:
+            return
+        self._log.info(
+            "Reconnected to %s after %.1fs%s",
+            self._where,
+            time.monotonic() - self._lost_since,
+            self._resumed,
+        )
+        self._lost_since = None
+        self._backoff = backoff_delays()
+
+
+def _noop() -> None:
+    """Wakes a connection's thread."""
