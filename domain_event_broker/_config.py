@@ -182,6 +182,20 @@ def default_timeout(timeout: float | _Unset = UNSET) -> float:
 
 #: A scheme-like start of a string that lacks "://" (e.g. "amqp:" or "amqp//").
 _SCHEME_LIKE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*(?::/{0,2}|/{1,2})")
+#: What a URL scheme may look like (RFC 3986).
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def _split_scheme(url: str) -> tuple[str, str]:
+    """``(scheme, rest)`` when ``url`` starts with ``scheme://``, else ``("", url)``.
+
+    A "://" after something that cannot be a scheme (e.g. inside a password,
+    as in ``user:pa://ss@host``) does not count.
+    """
+    scheme, separator, rest = url.partition("://")
+    if separator and _SCHEME.fullmatch(scheme):
+        return scheme, rest
+    return "", url
 
 
 def redact(url: str) -> str:
@@ -192,7 +206,8 @@ def redact(url: str) -> str:
     ``scheme://user:password@`` prefix; a port that is not a number (it may
     be a password whose host was forgotten) is hidden too.
     """
-    scheme, separator, rest = url.partition("://")
+    scheme, rest = _split_scheme(url)
+    separator = "://" if scheme else ""
     if separator:
         prefix = scheme + separator
     else:
@@ -222,7 +237,7 @@ def _redact_port(hostpart: str) -> str:
 
 def _secrets(url: str) -> list[str]:
     """Every substring of ``url`` that may be (part of) a password, longest first."""
-    rest = url.partition("://")[2] or url
+    rest = _split_scheme(url)[1]
     userinfo = rest.rpartition("@")[0]
     candidates = {userinfo, userinfo.partition(":")[2]}
     netloc = re.split(r"[/?#]", rest.rpartition("@")[2] if userinfo else rest, maxsplit=1)[0]
@@ -243,9 +258,9 @@ def _scrub(text: str, url: str) -> str:
 def _shape_problem(url: str) -> str | None:
     """What is wrong with the start of ``url``, in words; ``None`` if nothing."""
     example = "amqp://user:password@host:5672/%2F"
-    scheme, separator, _ = url.partition("://")
+    scheme = _split_scheme(url)[0]
     lowered = url.lower()
-    if not separator:
+    if not scheme:
         for name in ("amqps", "amqp"):
             if lowered.startswith(f"{name}:/"):
                 return f"write two slashes after '{name}:' (e.g. {example})"
@@ -255,7 +270,7 @@ def _shape_problem(url: str) -> str | None:
                 return f"':' is missing between '{name}' and '//' (e.g. {example})"
         return f"it must start with amqp:// or amqps:// (e.g. {example})"
     if scheme.lower() not in ("amqp", "amqps"):
-        return f"the scheme must be amqp:// or amqps://, not {redact(scheme)[:20]!r}"
+        return f"the scheme must be amqp:// or amqps://, not {scheme[:20]!r}"
     return None
 
 

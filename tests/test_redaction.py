@@ -149,6 +149,8 @@ def outcome(call: Any) -> str:
 @example(user="guest", password="PwS3cr etZz", which=0)
 @example(user="guest", password="PwS3cr,etZz", which=0)
 @example(user="guest", password="PwS3cretZz", which=2)
+@example(user="guest", password="Pw://S3cretZz", which=4)  # no scheme, "://" in the password
+@example(user="guest", password="Pw:S3cretZz", which=7)
 def test_no_generated_password_in_errors_logs_or_reprs(
     broker_url: str, caplog: pytest.LogCaptureFixture, user: str, password: str, which: int
 ) -> None:
