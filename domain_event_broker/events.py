@@ -134,9 +134,19 @@ class DomainEvent:
     def datetime(self) -> datetime:
         """:attr:`timestamp` as a timezone-aware UTC datetime.
 
+        Raises:
+            TypeError: the timestamp is not a number.
+            ValueError: it is not a date Python can represent (e.g. NaN, or
+                beyond the year 9999), as a received event's may be.
+
         .. versionadded:: 4.0
         """
-        return datetime.fromtimestamp(self.timestamp, tz=timezone.utc)
+        try:
+            return datetime.fromtimestamp(self.timestamp, tz=timezone.utc)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise ValueError(
+                f"timestamp {self.timestamp!r:.40} is not a representable date"
+            ) from exc
 
     def to_json(self) -> str:
         """Serialize the event to its JSON wire format (byte-compatible with 3.0.2).

@@ -5,6 +5,7 @@ subscriber accepts too."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import io
@@ -347,6 +348,8 @@ def test_domain_event_arguments(
 ) -> None:
     event = DomainEvent(routing_key, data, None, uuid_string, timestamp, retries)
     repr(event)
+    with contextlib.suppress(TypeError, ValueError):
+        event.datetime  # noqa: B018  # a property that may raise
     try:
         body = event.to_json()
     except (TypeError, ValueError):
