@@ -9,20 +9,26 @@ BIN := $(VENV)/bin
 VPY := $(BIN)/python
 COMPAT_VERSION := 3.0.2
 COMPAT_DIR := build/compat
+# 3.0.2's wheel, downloaded once and reused (tests/test_wire_format.py looks here too).
+COMPAT_WHEEL_DIR := build/wheel-302
+COMPAT_WHEEL := $(COMPAT_WHEEL_DIR)/domain_event_broker-$(COMPAT_VERSION)-py3-none-any.whl
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: demo test unit compat lint tox docs bench soak faults broker clean venv
 
-$(VENV)/.core: pyproject.toml setup.py
+# The metadata and the development tools are all in pyproject.toml (setup.py
+# is a shim without content). The tools are the `dev` dependency group
+# (PEP 735), which pip installs from 25.1 on.
+$(VENV)/.core: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 		{ echo "Python 3.10 or newer is needed (PYTHON=$(PYTHON))" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q --upgrade 'pip>=25.1'
 	$(VPY) -m pip install -q -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.core
-	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q -e '.[django]' --group dev
 	touch $@
 
 venv: $(VENV)/.dev
@@ -40,10 +46,13 @@ unit: $(VENV)/.dev broker
 
 # 3.0.2's own test suite, downloaded at test time and run unmodified against
 # this library (except the tests that patch 3.0.2's private modules).
-compat: $(VENV)/.dev broker
-	rm -rf $(COMPAT_DIR) && mkdir -p $(COMPAT_DIR)/wheel
-	$(VPY) -m pip download -q --no-deps --dest $(COMPAT_DIR)/wheel domain-event-broker==$(COMPAT_VERSION)
-	$(VPY) scripts/prepare_compat.py $(COMPAT_DIR)/wheel $(COMPAT_DIR)
+$(COMPAT_WHEEL): | $(VENV)/.core
+	$(VPY) -m pip download -q --no-deps --dest $(COMPAT_WHEEL_DIR) domain-event-broker==$(COMPAT_VERSION)
+	@test -f $@ || { echo "pip did not download $@" >&2; exit 1; }
+
+compat: $(VENV)/.dev broker $(COMPAT_WHEEL)
+	rm -rf $(COMPAT_DIR) && mkdir -p $(COMPAT_DIR)
+	$(VPY) scripts/prepare_compat.py $(COMPAT_WHEEL_DIR) $(COMPAT_DIR)
 	$(VPY) scripts/compat_cleanup.py
 	status=0; (cd $(COMPAT_DIR) && ../../$(VPY) -m pytest -c pytest.ini deb302_tests) || status=$$?; \
 		$(VPY) scripts/compat_cleanup.py; exit $$status

@@ -7,6 +7,24 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# docs/_ext: this documentation's own extensions (the topology picture).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "_ext"))
+
+# The Django integration's API is documented with autodoc, which imports its
+# models: give Django minimal settings (nothing connects to a database).
+try:
+    import django
+    from django.conf import settings as django_settings
+except ImportError:  # pragma: no cover - the dev dependency group installs Django
+    django = None
+else:
+    if not django_settings.configured:
+        django_settings.configure(
+            INSTALLED_APPS=["domain_event_broker.django"],
+            DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
+            USE_TZ=True,
+        )
+    django.setup()
 
 project = "domain-event-broker"
 author = "domain-event-broker contributors"
@@ -21,6 +39,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
+    "topology",
 ]
 
 # Docstrings follow the Google style (Args / Returns / Raises).

@@ -21,6 +21,7 @@ from .errors import (
     MalformedEventError,
     PublishError,
     PublishTimeoutError,
+    TLSError,
     UnroutableError,
 )
 from .events import DomainEvent
@@ -54,6 +55,7 @@ __all__ = [
     "Publisher",
     "Retry",
     "Subscriber",
+    "TLSError",
     "UnroutableError",
     "__version__",
     "configure",

@@ -3,7 +3,8 @@
 Resolution order for a broker URL, first match wins:
 
 1. the ``connection_settings`` argument (``None`` disables the broker);
-2. the ``DOMAIN_EVENT_BROKER`` environment variable;
+2. the ``DOMAIN_EVENT_BROKER`` environment variable, or the file named by
+   ``DOMAIN_EVENT_BROKER_FILE`` (a mounted secret; setting both is an error);
 3. the value given to :func:`configure` (the Django app passes its setting);
 4. :data:`DEFAULT_URL`.
 """
@@ -14,6 +15,7 @@ import functools
 import math
 import os
 import re
+import ssl
 import threading
 import urllib.parse
 from collections.abc import Sequence
@@ -22,12 +24,15 @@ from typing import Final
 
 import pika
 
+from . import _tls
 from .errors import ConfigurationError
 
 __all__ = ["UNSET", "configure", "reset_defaults"]
 
 DEFAULT_URL: Final = "amqp://guest:guest@localhost:5672/%2F"
 ENVIRONMENT_VARIABLE: Final = "DOMAIN_EVENT_BROKER"
+#: Names a file holding the URL(s), e.g. a secret mounted by the container platform.
+FILE_ENVIRONMENT_VARIABLE: Final = "DOMAIN_EVENT_BROKER_FILE"
 
 #: Default deadline (seconds) for connecting, and for one publish including
 #: its reconnection attempts.
@@ -72,6 +77,7 @@ ConnectionSettings = str | Sequence[str] | _Unset | None
 class _Defaults:
     broker: str | Sequence[str] | _Unset | None = UNSET
     timeout: float = DEFAULT_TIMEOUT
+    ssl_context: ssl.SSLContext | None = None
     require_route: bool = False
 
 
@@ -92,6 +98,7 @@ def configure(
     *,
     broker: str | Sequence[str] | _Unset | None = UNSET,
     timeout: float | _Unset = UNSET,
+    ssl_context: ssl.SSLContext | _Unset | None = UNSET,
     require_route: bool | _Unset = UNSET,
 ) -> None:
     """Set process-wide defaults used when an argument is left out.
@@ -107,19 +114,27 @@ def configure(
             :class:`~domain_event_broker.UnroutableError` when no queue is
             bound for an event's routing key (default ``False``: the broker
             discards such an event, as in 3.0.2).
+        ssl_context: the :class:`ssl.SSLContext` for ``amqps://`` URLs, in
+            place of the one built from their ``cacertfile``, ``certfile``,
+            ``keyfile`` and ``verify`` options; ``None`` goes back to those.
 
     Raises:
-        ConfigurationError: a URL is malformed, the timeout not positive, or
-            ``require_route`` not a bool.
+        ConfigurationError: a URL is malformed, a TLS file cannot be used,
+            the timeout not positive, or ``require_route`` not a bool.
+        TypeError: ``ssl_context`` is not an :class:`ssl.SSLContext`.
 
     .. versionadded:: 4.0
     .. versionchanged:: 4.1
-       ``require_route``.
+       The ``require_route`` and ``ssl_context`` arguments.
     """
     if not isinstance(require_route, (bool, _Unset)):
         raise ConfigurationError(
             f"require_route must be True or False, not {type(require_route).__name__}"
         )
+    if not isinstance(ssl_context, _Unset):
+        _check_ssl_context(ssl_context)
+        if ssl_context is not None:
+            _tls.warn_if_unverified(ssl_context, "configure()")
     with _defaults_lock:
         if isinstance(broker, str) and not broker.strip():
             # '' meant "the default broker" in 3.0.2 (e.g. an empty Django setting).
@@ -127,9 +142,13 @@ def configure(
         elif not isinstance(broker, _Unset):
             if broker is not None:
                 _parse_urls(_as_tuple(broker))
+                context = _defaults.ssl_context if isinstance(ssl_context, _Unset) else ssl_context
+                _check_tls(_as_tuple(broker), context is not None)  # e.g. a missing CA file
             _defaults.broker = broker
         if not isinstance(timeout, _Unset):
             _defaults.timeout = check_timeout(timeout)
+        if not isinstance(ssl_context, _Unset):
+            _defaults.ssl_context = ssl_context
         if not isinstance(require_route, _Unset):
             _defaults.require_route = require_route
 
@@ -156,6 +175,7 @@ def reset_defaults() -> None:
         _defaults.broker = UNSET
         _defaults.timeout = DEFAULT_TIMEOUT
         _defaults.require_route = False
+        _defaults.ssl_context = None
 
 
 def check_timeout(timeout: object) -> float:
@@ -204,8 +224,10 @@ def redact(url: str) -> str:
     Does not rely on ``url`` being well formed: everything before the last
     ``@`` is hidden, except the scheme and a user name in a well-formed
     ``scheme://user:password@`` prefix; a port that is not a number (it may
-    be a password whose host was forgotten) is hidden too.
+    be a password whose host was forgotten) is hidden too, and so is the
+    value of pika's ``ssl_options`` query parameter.
     """
+    url = _tls.redact_query(url)
     scheme, rest = _split_scheme(url)
     separator = "://" if scheme else ""
     if separator:
@@ -280,6 +302,8 @@ class BrokerConfig:
 
     urls: tuple[str, ...]
     timeout: float
+    #: The caller's context for ``amqps://`` URLs; ``None``: built from the URL.
+    ssl_context: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
         return f"BrokerConfig(urls={self.display!r}, timeout={self.timeout!r})"
@@ -296,7 +320,7 @@ class BrokerConfig:
         A URL's ``heartbeat`` option wins over :data:`HEARTBEAT`.
         """
         asked = [
-            pika.URLParameters(url).heartbeat if "heartbeat" in explicit else HEARTBEAT
+            _pika_parameters(url).heartbeat if "heartbeat" in explicit else HEARTBEAT
             for url, explicit in _parse_urls(self.urls)
         ]
         enabled = [seconds for seconds in asked if isinstance(seconds, int) and seconds > 0]
@@ -306,7 +330,7 @@ class BrokerConfig:
         """Fresh pika parameters for each URL, limited by ``time_left``."""
         result = []
         for url, explicit in _parse_urls(self.urls):
-            params = pika.URLParameters(url)
+            params = _tls.parameters(url, redact(url), self.ssl_context)
             if "socket_timeout" not in explicit:
                 params.socket_timeout = max(0.1, min(SOCKET_TIMEOUT, time_left))
             if "stack_timeout" not in explicit:
@@ -370,8 +394,9 @@ def _parse_urls(urls: tuple[str, ...]) -> tuple[tuple[str, frozenset[str]], ...]
             ) from None
         if parts.netloc and not parts.hostname:
             raise ConfigurationError(f"malformed AMQP URL {shown!r}: no host name")
+        _tls.split_url(url, shown)  # its own ConfigurationError, not wrapped below
         try:
-            pika.URLParameters(url)
+            _tls.parameters(url, shown, None, tls=False)
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(
                 f"malformed AMQP URL {shown!r}: {_scrub(str(exc), url)}"
@@ -384,24 +409,119 @@ def _parse_urls(urls: tuple[str, ...]) -> tuple[tuple[str, frozenset[str]], ...]
 def resolve(
     connection_settings: ConnectionSettings = UNSET,
     timeout: float | _Unset = UNSET,
+    ssl_context: ssl.SSLContext | _Unset | None = UNSET,
 ) -> BrokerConfig | None:
     """Resolve ``connection_settings`` to a :class:`BrokerConfig`, or ``None``
     when the broker is disabled.
 
     Raises:
-        ConfigurationError: a URL is malformed.
+        ConfigurationError: a URL is malformed, a TLS file cannot be used, or
+            the broker file cannot be read.
+        TypeError: ``ssl_context`` is not an :class:`ssl.SSLContext`.
     """
+    if isinstance(ssl_context, _Unset):
+        context = _defaults.ssl_context
+    else:
+        _check_ssl_context(ssl_context)
+        context = ssl_context
+        if context is not None:
+            _tls.warn_if_unverified(context, "this publisher or subscriber")
     seconds = default_timeout(timeout)
     settings: str | Sequence[str] | _Unset | None = connection_settings
     if isinstance(settings, str) and not settings.strip():
         # 3.0.2 used '' to mean "the default broker".
         settings = UNSET
     if isinstance(settings, _Unset):
-        settings = os.environ.get(ENVIRONMENT_VARIABLE, "").strip() or _defaults.broker
+        settings = _from_environment() or _defaults.broker
     if isinstance(settings, _Unset):
         settings = DEFAULT_URL
     if settings is None:
         return None
     urls = _as_tuple(settings)
     _parse_urls(urls)
-    return BrokerConfig(urls=urls, timeout=seconds)
+    _check_tls(urls, context is not None)
+    return BrokerConfig(urls=urls, timeout=seconds, ssl_context=context)
+
+
+# -- TLS and the broker file (issue 15) ----------------------------------------------
+
+
+def _pika_parameters(url: str) -> pika.URLParameters:
+    """pika's parameters for ``url``, TLS left out (cheap: to read other options)."""
+    return _tls.parameters(url, redact(url), None, tls=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_tls(urls: tuple[str, ...], own_context: bool) -> None:
+    """Read the TLS files of ``urls`` once, so that a typo fails before connecting."""
+    for url in urls:
+        shown = redact(url)
+        _tls.check_settings(_tls.split_url(url, shown)[1], shown, own_context)
+
+
+def _check_ssl_context(context: object) -> None:
+    if context is not None and not isinstance(context, ssl.SSLContext):
+        raise TypeError(f"ssl_context must be an ssl.SSLContext, not {type(context).__name__}")
+
+
+def _from_environment() -> str:
+    """The URL(s) from ``DOMAIN_EVENT_BROKER`` or ``DOMAIN_EVENT_BROKER_FILE``; ``''`` if unset.
+
+    Raises:
+        ConfigurationError: both are set, or the file cannot be read.
+    """
+    value = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
+    path = os.environ.get(FILE_ENVIRONMENT_VARIABLE, "").strip()
+    if value and path:
+        raise ConfigurationError(
+            f"both {ENVIRONMENT_VARIABLE} and {FILE_ENVIRONMENT_VARIABLE} are set: set one"
+        )
+    if not path:
+        return value
+    return read_broker_file(path, source=FILE_ENVIRONMENT_VARIABLE)
+
+
+def read_broker_file(path: str, *, source: str = "the broker file") -> str:
+    """The URL(s) held by the file at ``path``: one or more, separated by
+    white space, commas or new lines; lines starting with ``#`` are comments.
+
+    The file is read again when it changes (a rotated secret), not on every
+    call. Error messages name the file, never what it holds.
+
+    Args:
+        path: the file.
+        source: where the path came from, for error messages.
+
+    Raises:
+        ConfigurationError: the file cannot be read, is not UTF-8 text, or
+            holds no URL.
+
+    .. versionadded:: 4.1
+    """
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{source} names {path!r}, which cannot be read: {exc.strerror or exc}"
+        ) from None
+    return _read_broker_file(path, stat.st_mtime_ns, stat.st_size, source)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_broker_file(path: str, mtime_ns: int, size: int, source: str) -> str:
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{source} names {path!r}, which cannot be read: {exc.strerror or exc}"
+        ) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{source} names {path!r}, which is not UTF-8 text") from None
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    urls = " ".join(lines).strip()
+    if not urls:
+        raise ConfigurationError(f"{source} names {path!r}, which holds no AMQP URL")
+    return urls

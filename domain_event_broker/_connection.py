@@ -6,6 +6,7 @@ This is the one place where pika's connection errors are translated.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -15,8 +16,15 @@ import pika
 import pika.exceptions
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
+from . import _tls
 from ._config import BrokerConfig
-from .errors import AuthenticationError, BrokerUnavailableError, describe_error, is_auth_error
+from .errors import (
+    AuthenticationError,
+    BrokerUnavailableError,
+    TLSError,
+    describe_error,
+    is_auth_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,11 @@ def backoff_delays(initial: float = INITIAL_BACKOFF, maximum: float = MAX_BACKOF
 
 
 class Backoff:
-    """Exponential backoff with full jitter, capped at ``maximum``."""
+    """Exponential backoff with equal jitter, capped at ``maximum``.
+
+    Each pause is drawn uniformly between half and all of the current step;
+    the step doubles after every pause.
+    """
 
     def __init__(self, initial: float, maximum: float) -> None:
         self._next = initial
@@ -77,6 +89,8 @@ def connect(
 
     Raises:
         AuthenticationError: credentials or vhost refused (not retried).
+        TLSError: TLS failed on a node and no other node answered in this
+            round (not retried).
         BrokerUnavailableError: no node answered in time; chains pika's error.
     """
     started = time.monotonic()
@@ -87,6 +101,7 @@ def connect(
     reasons: dict[str, str] = {}
     attempts = 0
     while True:
+        tls_failure: tuple[str, BaseException] | None = None
         for index in range(len(config.urls)):
             # Each attempt gets a share of what is left of the deadline, so a
             # silent node neither stretches the round past it nor starves
@@ -108,6 +123,11 @@ def connect(
                 last_error = exc
                 reasons[f"{params.host}:{params.port}"] = describe_error(exc)
                 log.debug("Connecting to %s failed: %r", params.host, exc)
+                tls_failure = tls_failure or _tls_failure(exc, params)
+        if tls_failure is not None:
+            raise TLSError(
+                f"could not connect securely to the broker at {config.display}: {tls_failure[0]}"
+            ) from tls_failure[1]
         pause = backoff.next()
         if time.monotonic() + pause >= deadline or (should_stop is not None and should_stop()):
             raise BrokerUnavailableError(
@@ -116,6 +136,18 @@ def connect(
                 f"{time.monotonic() - started:.1f}s)"
             ) from last_error
         time.sleep(pause)
+
+
+def _tls_failure(
+    exc: BaseException, params: pika.ConnectionParameters
+) -> tuple[str, BaseException] | None:
+    """(cause, error) when ``exc`` is a TLS failure that retrying cannot fix."""
+    if params.ssl_options is None:
+        return None
+    cause = _tls.failure_cause(
+        exc, params.host, params.port, params.ssl_options.server_hostname or params.host
+    )
+    return None if cause is None else (cause, exc)
 
 
 def _auth_in_chain(exc: BaseException) -> bool:
@@ -145,3 +177,17 @@ def close_quietly(connection: pika.BlockingConnection | None) -> None:
             connection.close()
     except Exception:  # closing a broken connection may raise anything
         log.debug("Ignoring an error while closing a connection", exc_info=True)
+
+
+def connection_info(config: BrokerConfig) -> _tls.ConnectionInfo:
+    """Connect once and tell which node answered, over TLS or not (for ``status``).
+
+    Raises:
+        AuthenticationError, TLSError, BrokerUnavailableError: as :func:`connect`.
+    """
+    connection = connect(config, f"domain-event-broker status (pid {os.getpid()})")
+    try:
+        params = connection._impl.params
+        return _tls.ConnectionInfo(params.host, params.port, _tls.session_info(connection))
+    finally:
+        close_quietly(connection)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import pika
@@ -31,6 +32,7 @@ from .errors import (
     BrokerUnavailableError,
     ConfigurationError,
     HandlerThreadError,
+    TLSError,
     translate_pika_error,
 )
 
@@ -69,6 +71,9 @@ class ConsumeLoop:
         exchange: the events exchange.
         exchange_type: its type.
         prefetch_count: unacknowledged events per consumer.
+        tick_callbacks: called after every poll while connected (at least
+            every POLL_INTERVAL) with how long the longest-running handler
+            call has run so far (0 when idle).
     """
 
     def __init__(
@@ -79,8 +84,10 @@ class ConsumeLoop:
         exchange: str,
         exchange_type: str,
         prefetch_count: int,
+        tick_callbacks: Sequence[Callable[[float], object]] = (),
     ) -> None:
         self._link = link
+        self._tick_callbacks = tuple(tick_callbacks)
         self._registrations = registrations
         self._declared = declared
         self._exchange = exchange
@@ -152,7 +159,9 @@ class ConsumeLoop:
             HandlerThreadError: a handler thread died.
         """
         self.io_thread = threading.current_thread()
-        recovery = Recovery(log, self._link.config.display, "consuming again")
+        recovery = Recovery(
+            log, self._link.config.display, "consuming again", component="subscriber"
+        )
         try:
             while not self.stop_requested:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -162,7 +171,7 @@ class ConsumeLoop:
                     self._ensure_consuming()
                     recovery.on_connected()
                     self._poll(deadline)
-                except (AuthenticationError, ConfigurationError, HandlerThreadError):
+                except (AuthenticationError, ConfigurationError, HandlerThreadError, TLSError):
                     raise
                 except (BrokerUnavailableError, *CONNECTION_ERRORS) as exc:
                     pause = recovery.on_lost(exc, _hint(exc))
@@ -185,6 +194,18 @@ class ConsumeLoop:
         self._drain()
         self._check_pools()
         _raise_if_closed(self._link)
+        self._tick()
+
+    def _tick(self) -> None:
+        """Tell the tick callbacks the loop is alive and connected."""
+        if not self._tick_callbacks:
+            return
+        busy_for = max((pool.busy_for() for pool in self._all_pools()), default=0.0)
+        for callback in self._tick_callbacks:
+            try:
+                callback(busy_for)
+            except Exception:  # a health probe must not stop the worker
+                log.warning("A tick callback failed", exc_info=True)
 
     def _ensure_consuming(self) -> None:
         if self._link.is_open and self._consuming_generation == self._link.generation:
@@ -262,11 +283,14 @@ class ConsumeLoop:
         return self.stop_requested or delivery.generation != self._link.generation
 
     def _drain(self) -> None:
-        items = self._mailbox.take()
-        if not items:
-            return
+        outcomes = self._take_outcomes()
+        if outcomes and self._link.is_open:
+            self._settler.settle(self._link.channel(), outcomes)
+
+    def _take_outcomes(self) -> list[Outcome]:
+        """What handler threads reported; raises if one of them died."""
         outcomes: list[Outcome] = []
-        for item in items:
+        for item in self._mailbox.take():
             if isinstance(item, ThreadDied):
                 raise HandlerThreadError(
                     f"the handler thread {item.thread_name} died: {item.error!r}; "
@@ -277,9 +301,7 @@ class ConsumeLoop:
                 self.stop_error = item.error
                 self.request_stop()
             outcomes.append(item)
-        if self._link.is_open:
-            channel = self._link.channel()
-            self._settler.settle(channel, outcomes)
+        return outcomes
 
     def _check_pools(self) -> None:
         for pool in self._all_pools():
@@ -317,15 +339,7 @@ class ConsumeLoop:
         self._cancelled.clear()
         self._consuming_generation = -1
         # Settle nothing of the old channel; keep counting what is in flight.
-        for item in self._mailbox.take():
-            if isinstance(item, ThreadDied):
-                raise HandlerThreadError(
-                    f"the handler thread {item.thread_name} died: {item.error!r}"
-                ) from item.error
-            self._in_flight -= 1
-            if item.action is Action.STOP and self.stop_error is None:
-                self.stop_error = item.error
-                self.stop_requested = True
+        self._take_outcomes()
 
     def _shutdown(self) -> None:
         """Graceful stop: no new deliveries, finish the running handlers."""

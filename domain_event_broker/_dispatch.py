@@ -23,8 +23,9 @@ from . import _headers, _names
 from ._registration import MAX_RETRY_DELAY, Registration, Retry
 from .errors import MalformedEventError
 from .events import DomainEvent
+from .telemetry import log_fields
 
-__all__ = ["Action", "Delivery", "Outcome", "dispatch", "failed", "failure_headers"]
+__all__ = ["Action", "Delivery", "Outcome", "dispatch", "failed", "failure_headers", "fields"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class Action(enum.Enum):
     """What the I/O thread does with a delivery."""
 
     ACK = "ack"
+    #: Acknowledged after a failure, without a dead-letter queue to keep it;
+    #: ``Outcome.headers`` say why, as a dead letter's would.
+    DISCARD = "discard"
     RETRY = "retry"
     DEAD_LETTER = "dead_letter"
     #: Leave the event for redelivery and stop the subscriber (a handler
@@ -111,10 +115,28 @@ def _dispatch(delivery: Delivery) -> Outcome:
             "Handler %s raised %s; stopping; the event will be redelivered",
             registration.name,
             type(exc).__name__,
+            extra=fields(delivery, event),
         )
         return Outcome(delivery, Action.STOP, error=exc)
-    log.debug("Handled %s %s by %s", event.routing_key, event.uuid_string, registration.name)
+    log.debug(
+        "Handled %s %s by %s",
+        event.routing_key,
+        event.uuid_string,
+        registration.name,
+        extra=fields(delivery, event),
+    )
     return Outcome(delivery, Action.ACK)
+
+
+def fields(delivery: Delivery, event: DomainEvent | None = None) -> dict[str, Any]:
+    """Log record attributes for a delivery (``extra=``): uuid, routing key, handler."""
+    message_id = getattr(delivery.properties, "message_id", None)
+    return log_fields(
+        event,
+        routing_key=delivery.routing_key,
+        handler=delivery.registration.name,
+        event_uuid=message_id if isinstance(message_id, str) else None,
+    )
 
 
 def _decode(body: bytes) -> DomainEvent:
@@ -155,6 +177,7 @@ def _retry(delivery: Delivery, event: DomainEvent, request: Retry) -> Outcome:
         event.uuid_string,
         registration.name,
         delay,
+        extra=fields(delivery, event),
     )
     return Outcome(
         delivery,
@@ -186,6 +209,7 @@ def _failure(
     else:
         what = "an event"
     exc_info = (type(exc), exc, exc.__traceback__)
+    headers = failure_headers(registration.name, exc_type, message, _format_traceback(exc), retries)
     if not registration.dead_letter:
         log.error(
             "Handler %s failed on %s (routing key %s): %s: %s; discarded (no dead-letter queue)",
@@ -195,8 +219,9 @@ def _failure(
             exc_type,
             message,
             exc_info=exc_info,
+            extra=fields(delivery),
         )
-        return Outcome(delivery, Action.ACK)
+        return Outcome(delivery, Action.DISCARD, headers=headers)
     log.error(
         "Handler %s failed on %s (routing key %s): %s: %s; dead-lettered to %s",
         registration.name,
@@ -206,6 +231,7 @@ def _failure(
         message,
         _names.dead_letter_queue(registration.name),
         exc_info=exc_info,
+        extra=fields(delivery),
     )
     headers = failure_headers(registration.name, exc_type, message, _format_traceback(exc), retries)
     return Outcome(delivery, Action.DEAD_LETTER, headers=headers)
@@ -286,8 +312,9 @@ def _last_resort(delivery: Delivery) -> Outcome:
         "Handler %s: could not describe a failure; %s",
         registration.name,
         "dead-lettering it" if registration.dead_letter else "discarding it",
+        extra=fields(delivery),
     )
-    if not registration.dead_letter:
-        return Outcome(delivery, Action.ACK)
     headers = failure_headers(registration.name, "<unknown>", UNPRINTABLE, "", 0)
+    if not registration.dead_letter:
+        return Outcome(delivery, Action.DISCARD, headers=headers)
     return Outcome(delivery, Action.DEAD_LETTER, headers=headers)

@@ -13,11 +13,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Final
 
+from . import _headers, _instrument
 from ._dispatch import Action, Delivery, Outcome, dispatch
+from .telemetry import event_log_context
 
 __all__ = ["HandlerThreads", "Mailbox", "ThreadDied"]
 
@@ -91,6 +94,8 @@ class HandlerThreads:
         ]
         if count == 1:
             self._threads[0].name = name
+        #: When each thread started the handler call it is in.
+        self._busy_since: dict[int, float] = {}
 
     def start(self) -> None:
         """Start the threads."""
@@ -123,7 +128,14 @@ class HandlerThreads:
                 if item is _STOP:
                     return
                 assert isinstance(item, Delivery)
-                outcome = Outcome(item, Action.SKIP) if self._skip(item) else dispatch(item)
+                if self._skip(item):
+                    outcome = Outcome(item, Action.SKIP)
+                else:
+                    self._busy_since[threading.get_ident()] = time.monotonic()
+                    try:
+                        outcome = traced_dispatch(item)
+                    finally:
+                        self._busy_since.pop(threading.get_ident(), None)
                 self._mailbox.post(outcome)
         except BaseException as exc:  # report any death, never die in silence
             log.critical("Handler thread %s died: %r", name, exc, exc_info=True)
@@ -132,6 +144,68 @@ class HandlerThreads:
             except BaseException:  # noqa: BLE001  # nothing left to tell; the owner polls is_alive
                 log.critical("Handler thread %s could not report its death", name)
 
+    def busy_for(self) -> float:
+        """How long (seconds) the longest-running handler call has run; 0 when idle."""
+        started = list(self._busy_since.values())
+        return time.monotonic() - min(started) if started else 0.0
+
     def alive(self) -> bool:
         """Whether every thread is still running."""
         return all(thread.is_alive() for thread in self._threads)
+
+
+_MALFORMED: Final = "domain_event_broker.errors.MalformedEventError"
+
+
+def traced_dispatch(delivery: Delivery) -> Outcome:
+    """:func:`dispatch`, inside a process span and the event's log fields.
+
+    Tracing never stands in the way: if the instrumentation fails, the
+    delivery is dispatched all the same (exactly once).
+    """
+    name = delivery.registration.name
+    properties = delivery.properties
+    try:
+        scope = _instrument.process_span(
+            name,
+            None,
+            delivery.routing_key,
+            properties.headers,
+            message_id=properties.message_id,
+        )
+        scope.__enter__()
+    except Exception:  # a tracing failure must not cost the event
+        log.warning("Could not start a trace span for %s", name, exc_info=True)
+        return dispatch(delivery)
+    outcome: Outcome | None = None
+    try:
+        with event_log_context(
+            None, routing_key=delivery.routing_key, handler=name, event_uuid=properties.message_id
+        ):
+            outcome = dispatch(delivery)
+        _record_outcome(scope, outcome)
+    finally:
+        try:
+            scope.__exit__(None, None, None)
+        except Exception:  # see above
+            log.warning("Could not end a trace span for %s", name, exc_info=True)
+    return outcome
+
+
+def _record_outcome(scope: _instrument.ProcessHook, outcome: Outcome) -> None:
+    try:
+        exception_type = outcome.headers.get(_headers.EXCEPTION_TYPE)
+        if outcome.action is Action.ACK:
+            scope.set_outcome("handled")
+        elif outcome.action is Action.RETRY:
+            scope.set_outcome("retry", delay_ms=outcome.delay_ms)
+        elif exception_type == _MALFORMED:
+            scope.set_outcome("malformed", exception_type=exception_type)
+        elif outcome.action is Action.DEAD_LETTER:
+            scope.set_outcome("dead_letter", exception_type=exception_type)
+        elif outcome.action is Action.DISCARD:
+            scope.set_outcome("discarded", exception_type=exception_type)
+        else:
+            scope.set_outcome("requeued")
+    except Exception:  # a tracing failure must not cost the event
+        log.warning("Could not record an outcome in its trace span", exc_info=True)

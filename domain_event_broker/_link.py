@@ -17,6 +17,7 @@ from collections.abc import Callable
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
+from . import _instrument
 from ._config import BrokerConfig
 from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
 from .errors import translate_pika_error
@@ -148,10 +149,15 @@ class Recovery:
         logger: where the lines go.
         where: the broker, as shown to people (password hidden).
         resumed: what the INFO line says happens next (e.g. "consuming again").
+        component: who reconnects, for the reconnects metric (default: the
+            logger's last name part).
     """
 
-    def __init__(self, logger: logging.Logger, where: str, resumed: str = "") -> None:
+    def __init__(
+        self, logger: logging.Logger, where: str, resumed: str = "", component: str = ""
+    ) -> None:
         self._log = logger
+        self._component = component or logger.name.rsplit(".", 1)[-1]
         self._where = where
         self._resumed = f"; {resumed}" if resumed else ""
         self._backoff = backoff_delays()
@@ -188,6 +194,7 @@ class Recovery:
         )
         self._lost_since = None
         self._backoff = backoff_delays()
+        _instrument.record_reconnect(self._component)
 
 
 def _noop() -> None:

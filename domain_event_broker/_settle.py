@@ -66,7 +66,7 @@ class Settler:
             delivery = outcome.delivery
             if delivery.generation != self._generation:
                 continue  # its tag belongs to a closed channel: redelivered
-            if outcome.action is Action.ACK:
+            if outcome.action in (Action.ACK, Action.DISCARD):
                 acks.append(delivery.delivery_tag)
                 continue
             self._ack(channel, acks)
@@ -105,7 +105,7 @@ class Settler:
                     DelayRefusedError(refused),
                     retries=_headers.retry_count(delivery.properties.headers),
                 )
-                if outcome.action is Action.ACK:  # no dead-letter queue: discarded
+                if outcome.action is Action.DISCARD:  # no dead-letter queue
                     self._ack(channel, [delivery.delivery_tag])
                     return
         if outcome.action is Action.RETRY:
@@ -126,6 +126,7 @@ class Settler:
                 outcome.action.value,
                 type(exc).__name__,
                 exc,
+                extra=_dispatch.fields(delivery),
             )
             self._requeue(channel, delivery.delivery_tag)
             return
@@ -147,6 +148,7 @@ class Settler:
                 "are dead-lettered from now on",
                 registration.name,
                 reason,
+                extra=_dispatch.fields(outcome.delivery),
             )
             raise
 
@@ -169,6 +171,7 @@ class Settler:
                 delivery.registration.name,
                 sorted(set(headers) - set(kept), key=repr),
                 outcome.action.value,
+                extra=_dispatch.fields(delivery),
             )
             properties = _headers.copy_properties(delivery.properties, kept)
         try:

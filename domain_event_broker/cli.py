@@ -38,8 +38,9 @@ from typing import Any, Final, TextIO
 
 import pika
 
-from . import __version__, _config, _headers, replay
+from . import __version__, _config, _headers, _tls, _worker_command, replay
 from ._config import UNSET, ConnectionSettings
+from ._connection import connection_info
 from .errors import ConfigurationError, DomainEventBrokerError
 from .events import DomainEvent
 from .publish import Publisher
@@ -355,22 +356,38 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     status = replay.handler_status(args.name, _settings(args), delays=args.delay or ())
+    link = _connection_info(_settings(args))
     if args.json:
-        out.write(json.dumps(status.as_dict(), indent=2) + "\n")
+        out.write(json.dumps({**status.as_dict(), "connection": link.as_dict()}, indent=2) + "\n")
     if not status.queue.exists and not status.dead_letter_queue.exists:
         raise DomainEventBrokerError(f"no handler named {args.name!r}: its queue does not exist")
     if args.json:
         return EXIT_OK
     rows = [("queue", status.queue), ("dead letters", status.dead_letter_queue)]
     rows += [("delayed retries", queue) for queue in status.delay_queues]
-    width = max(len(queue.name) for _, queue in rows)
+    labels = ["retry exchange", "dead-letter exchange"]
+    width = max(len(name) for name in [*(queue.name for _, queue in rows), *status.exchanges])
     for label, queue in rows:
         if not queue.exists:
-            out.write(f"{label:<16} {queue.name:<{width}}  (none)\n")
+            out.write(f"{label:<20} {queue.name:<{width}}  (none)\n")
             continue
         consumers = f"  {queue.consumers} consumer(s)" if label == "queue" else ""
-        out.write(f"{label:<16} {queue.name:<{width}}  {queue.messages} message(s){consumers}\n")
+        out.write(f"{label:<20} {queue.name:<{width}}  {queue.messages} message(s){consumers}\n")
+    for label, (exchange, exists) in zip(labels, status.exchanges.items(), strict=False):
+        out.write(f"{label:<20} {exchange:<{width}}  {'exists' if exists else '(none)'}\n")
+    if not status.delay_queues_listed:
+        sys.stderr.write(
+            f"{PROG}: note: the broker's management API did not answer, so delay queues "
+            f"were looked up by delay only (10 s and --delay)\n"
+        )
+    out.write(f"{'connection':<20} {link.describe()}\n")
     return EXIT_OK
+
+
+def _connection_info(settings: ConnectionSettings) -> _tls.ConnectionInfo:
+    config = _config.resolve(settings)
+    assert config is not None  # handler_status() refused None already
+    return connection_info(config)
 
 
 def _duration(seconds: float | None) -> str:
@@ -519,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(run=_cmd_status)
+    _worker_command.add_parsers(commands, sub)  # worker, health
     return parser
 
 

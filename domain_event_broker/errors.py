@@ -13,8 +13,9 @@ Hierarchy::
     ├── BrokerError                 anything that went wrong talking to RabbitMQ
     │   ├── BrokerUnavailableError  no node answered within the deadline
     │   ├── AuthenticationError     credentials or vhost refused: not retried
+    │   ├── TLSError                TLS failed (certificate, plain port): not retried
     │   └── PublishError            the broker did not confirm a publish
-    │       ├── PublishTimeoutError no confirm in time (e.g. a resource alarm)
+    │       ├── PublishTimeoutError the broker blocked the connection too long (resource alarm)
     │       └── UnroutableError     no queue bound, and the publisher required one
     ├── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
     └── HandlerThreadError          a subscriber's handler thread died
@@ -41,6 +42,7 @@ __all__ = [
     "MalformedEventError",
     "PublishError",
     "PublishTimeoutError",
+    "TLSError",
     "UnroutableError",
 ]
 
@@ -66,6 +68,19 @@ class BrokerUnavailableError(BrokerError):
     the configured deadline."""
 
 
+class TLSError(BrokerError):
+    """A TLS connection could not be set up, for a reason retrying cannot fix.
+
+    The server's certificate failed verification (unknown CA, expired, issued
+    for another host name), the broker refused the client certificate, or
+    the port does not speak TLS (e.g. a plain AMQP port behind ``amqps://``).
+    The message names the cause. Not retried (like
+    :class:`AuthenticationError`), and never followed by a plain-text attempt.
+
+    .. versionadded:: 4.1
+    """
+
+
 class AuthenticationError(BrokerError):
     """The broker refused the credentials or the virtual host.
 
@@ -78,8 +93,8 @@ class PublishError(BrokerError):
 
 
 class PublishTimeoutError(PublishError):
-    """The broker did not confirm a publish in time, typically because a
-    resource alarm blocks publishers."""
+    """The broker blocked the publishing connection (a memory or disk alarm)
+    for longer than ``blocked_connection_timeout``."""
 
 
 class UnroutableError(PublishError):

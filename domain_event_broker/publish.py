@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import ssl
 import threading
 import time
 import weakref
@@ -16,7 +17,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _config, _validate
+from . import _config, _instrument, _validate
 from ._config import UNSET, BrokerConfig, ConnectionSettings, _Unset
 from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
 from ._names import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE
@@ -79,8 +80,14 @@ class Publisher:
         timeout: seconds one publish may take, reconnecting included, before
             a :class:`~domain_event_broker.BrokerError` is raised (default 30,
             see :func:`~domain_event_broker.configure`).
+        ssl_context: the :class:`ssl.SSLContext` for ``amqps://`` URLs
+            (default: the one given to :func:`~domain_event_broker.configure`,
+            else one built from the URL's TLS options).
 
     Use it as a context manager, or call :meth:`close` when done.
+
+    .. versionchanged:: 4.1
+       The ``ssl_context`` argument.
     """
 
     def __init__(
@@ -90,8 +97,11 @@ class Publisher:
         exchange_type: str = DEFAULT_EXCHANGE_TYPE,
         *,
         timeout: float | _Unset = UNSET,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._config: BrokerConfig | None = _config.resolve(connection_settings, timeout)
+        self._config: BrokerConfig | None = _config.resolve(
+            connection_settings, timeout, UNSET if ssl_context is None else ssl_context
+        )
         self.exchange = _validate.exchange_name(exchange)
         _validate.exchange_name(exchange_type, "exchange_type")
         self.exchange_type = exchange_type
@@ -245,14 +255,16 @@ class Publisher:
         if self._config is None:
             log.debug("No broker configured: not publishing %r", event)
             return event
-        properties = pika.BasicProperties(
-            delivery_mode=PERSISTENT,
-            content_type="application/json",
-            message_id=event.uuid_string,
-            timestamp=_amqp_timestamp(event.timestamp),
-            headers=dict(headers) if headers else None,
-        )
-        self._publish(body, event.routing_key, properties, mandatory)
+        sent_headers = dict(headers) if headers else {}
+        with _instrument.publish_span(event, self.exchange, sent_headers):  # fills trace context
+            properties = pika.BasicProperties(
+                delivery_mode=PERSISTENT,
+                content_type="application/json",
+                message_id=event.uuid_string,
+                timestamp=_amqp_timestamp(event.timestamp),
+                headers=sent_headers or None,
+            )
+            self._publish(body, event.routing_key, properties, mandatory)
         return event
 
     def _publish(
@@ -286,6 +298,7 @@ class Publisher:
                             time.monotonic() - self._lost_since,
                         )
                         self._lost_since = None
+                        _instrument.record_reconnect("publisher")
                     return
                 except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
                     raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc

@@ -47,7 +47,7 @@ import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _config, _headers, _names
+from . import _config, _headers, _instrument, _management, _names
 from ._config import UNSET, BrokerConfig, ConnectionSettings
 from ._connection import CONNECTION_ERRORS, close_quietly, connect
 from .errors import (
@@ -278,12 +278,23 @@ class QueueStatus:
 class HandlerStatus:
     """The queues of one handler, as :func:`handler_status` found them.
 
+    Attributes:
+        exchanges: whether the handler's retry and dead-letter exchanges
+            exist, by name.
+        delay_queues_listed: ``True`` when the broker's management API
+            listed the delay queues, so that ``delay_queues`` holds all of
+            them; ``False`` when only the delays asked for were looked up.
+
     .. versionadded:: 4.0
+    .. versionchanged:: 4.1
+       ``exchanges`` and ``delay_queues_listed``.
     """
 
     queue: QueueStatus
     dead_letter_queue: QueueStatus
     delay_queues: tuple[QueueStatus, ...]
+    exchanges: Mapping[str, bool] = field(default_factory=dict)
+    delay_queues_listed: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-serializable form (what ``status --json`` prints)."""
@@ -300,6 +311,8 @@ class HandlerStatus:
             "queue": one(self.queue),
             "dead_letter_queue": one(self.dead_letter_queue),
             "delay_queues": [one(status) for status in self.delay_queues],
+            "delay_queues_listed": self.delay_queues_listed,
+            "exchanges": [{"name": k, "exists": v} for k, v in self.exchanges.items()],
         }
 
 
@@ -536,14 +549,20 @@ class _DeadLetterSession:
         """Publish a copy to the handler's retry exchange, in the current
         batch; the dead letter is acknowledged when the batch is committed."""
         channel = self._publishing_channel()
+        copy = _replay_properties(properties)
+        headers = dict(copy.headers or {})
         try:
-            channel.basic_publish(
-                exchange=self.exchange,
-                routing_key=frame.routing_key,
-                body=body,
-                properties=_replay_properties(properties),
-                mandatory=True,
-            )
+            with _instrument.replay_span(
+                copy.message_id, self.exchange, frame.routing_key, headers
+            ):
+                copy.headers = headers or None  # with the replay span's trace context
+                channel.basic_publish(
+                    exchange=self.exchange,
+                    routing_key=frame.routing_key,
+                    body=body,
+                    properties=copy,
+                    mandatory=True,
+                )
         except CONNECTION_ERRORS as exc:
             raise self._publish_error(exc, f"replaying {frame.routing_key!r}") from exc
         self._batch.append(frame)
@@ -879,11 +898,13 @@ def handler_status(
     *,
     delays: Iterable[float] = (),
 ) -> HandlerStatus:
-    """Message and consumer counts of handler ``name``'s queues.
+    """Message and consumer counts of handler ``name``'s queues, and whether
+    its retry and dead-letter exchanges exist.
 
-    Nothing is created on the broker. AMQP cannot list queues, so delay
-    queues are looked up by delay: the default ``Retry()`` delay and the
-    ``delays`` given.
+    Nothing is created on the broker. AMQP cannot list queues: the delay
+    queues are listed with the broker's management HTTP API when it answers
+    (see :attr:`HandlerStatus.delay_queues_listed`); they are also looked up
+    by delay, for the default ``Retry()`` delay and the ``delays`` given.
 
     Args:
         name: the handler (queue) name.
@@ -903,7 +924,11 @@ def handler_status(
     config = _config.resolve(connection_settings)
     if config is None:
         raise ConfigurationError("no broker configured (connection_settings is None)")
-    milliseconds = sorted({_names.delay_ms(delay) for delay in (DEFAULT_RETRY_DELAY, *delays)})
+    listed = _management.delay_queue_delays(config, name)
+    milliseconds = sorted(
+        {_names.delay_ms(delay) for delay in (DEFAULT_RETRY_DELAY, *delays)} | set(listed or ())
+    )
+    exchanges = [_names.retry_exchange(name), _names.dead_letter_exchange(name)]
     queues = [
         name,
         _names.dead_letter_queue(name),
@@ -912,12 +937,26 @@ def handler_status(
     connection = connect(config, f"domain-event-broker status (pid {os.getpid()})")
     try:
         statuses = [_queue_status(connection, queue) for queue in queues]
+        found = {exchange: _exchange_exists(connection, exchange) for exchange in exchanges}
     except CONNECTION_ERRORS as exc:
         raise translate_pika_error(exc, f"reading the status of {name!r}") from exc
     finally:
         close_quietly(connection)
     delay_statuses = tuple(status for status in statuses[2:] if status.exists)
-    return HandlerStatus(statuses[0], statuses[1], delay_statuses)
+    return HandlerStatus(statuses[0], statuses[1], delay_statuses, found, listed is not None)
+
+
+def _exchange_exists(connection: pika.BlockingConnection, exchange: str) -> bool:
+    channel = connection.channel()
+    try:
+        channel.exchange_declare(exchange, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == _NOT_FOUND:
+            return False
+        raise
+    if channel.is_open:
+        channel.close()
+    return True
 
 
 def _queue_status(connection: pika.BlockingConnection, queue: str) -> QueueStatus:

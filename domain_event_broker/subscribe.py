@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Final
 
@@ -45,6 +46,11 @@ from .errors import ConfigurationError, translate_pika_error
 __all__ = ["Retry", "Subscriber"]
 
 log = logging.getLogger(__name__)
+
+#: Test doubles (:class:`domain_event_broker.testing.StubBroker`) that take
+#: registrations instead of a broker: each returns what ``start_consuming()``
+#: runs instead of consuming.
+registration_hooks: list[Callable[[Registration], Callable[[], object]]] = []
 
 #: How many unacknowledged events the broker sends ahead of each handler.
 #: Handlers still run one at a time, in order; a larger window only saves
@@ -70,6 +76,8 @@ class Subscriber:
         timeout: seconds to wait for the broker when connecting in
             :meth:`register` (default 30). While consuming, the subscriber
             reconnects for as long as it runs.
+        ssl_context: the :class:`ssl.SSLContext` for ``amqps://`` URLs
+            (default: as for :class:`~domain_event_broker.Publisher`).
 
     Raises:
         ConfigurationError: a URL is malformed.
@@ -84,12 +92,15 @@ class Subscriber:
         *,
         prefetch_count: int = DEFAULT_PREFETCH_COUNT,
         timeout: float | _Unset = UNSET,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int):
             raise ValueError(f"prefetch_count must be an int, not {prefetch_count!r}")
         if not 0 < prefetch_count <= 65535:
             raise ValueError(f"prefetch_count must be between 1 and 65535, not {prefetch_count}")
-        self._config: BrokerConfig | None = _config.resolve(connection_settings, timeout)
+        self._config: BrokerConfig | None = _config.resolve(
+            connection_settings, timeout, UNSET if ssl_context is None else ssl_context
+        )
         self.exchange = exchange
         self.exchange_type = exchange_type
         self.prefetch_count = prefetch_count
@@ -100,6 +111,8 @@ class Subscriber:
         self._link: Link | None = None
         self._loop: ConsumeLoop | None = None
         self._lock = threading.Lock()
+        self._stub_run: Callable[[], object] | None = None
+        self._tick_callbacks: list[Callable[[float], object]] = []
 
     def __repr__(self) -> str:
         where = "no broker" if self._config is None else self._config.display
@@ -224,6 +237,10 @@ class Subscriber:
         with self._lock:
             if any(r.name == registration.name for r in self._registrations):
                 raise ValueError(f"a handler named {registration.name!r} is already registered")
+            if registration_hooks:
+                self._stub_run = registration_hooks[-1](registration)
+                self._registrations.append(registration)
+                return
             if self._config is None:
                 log.debug("No broker configured: handler %s is not registered", name)
                 return
@@ -303,6 +320,9 @@ class Subscriber:
                 here after a graceful stop (that event is redelivered).
         """
         deadline = _deadline(timeout)
+        if self._stub_run is not None:
+            self._stub_run()
+            return
         if self._config is None:
             log.debug("No broker configured: start_consuming() returns at once")
             return
@@ -322,6 +342,7 @@ class Subscriber:
                 self.exchange,
                 self.exchange_type,
                 self.prefetch_count,
+                self._tick_callbacks,
             )
             self._loop = loop
 
@@ -337,6 +358,24 @@ class Subscriber:
             self._drop_connection()
         if loop.stop_error is not None:
             raise loop.stop_error
+
+    def add_tick_callback(self, callback: Callable[[float], object]) -> None:
+        """Have ``callback`` called regularly while consuming and connected.
+
+        The consuming thread calls it after every poll (at least every 0.2 s)
+        with how long the longest-running handler call has run so far, in
+        seconds (0 when idle). A health check uses it: no calls means the
+        worker is disconnected or its loop is stuck; a large value means a
+        handler is stuck. Exceptions it raises are logged and ignored.
+
+        Args:
+            callback: takes the busy time; keep it fast.
+
+        .. versionadded:: 4.1
+        """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        self._tick_callbacks.append(callback)
 
     def stop_consuming(self) -> None:
         """Stop consuming gracefully. Safe from any thread and from a handler.

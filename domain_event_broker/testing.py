@@ -1,17 +1,32 @@
-"""Helpers for testing code that publishes domain events.
+"""Helpers for testing code that publishes and handles domain events.
+
+:func:`capture_events` records what is published; :class:`StubBroker` runs a
+real Subscriber's handlers on it, in memory. Both need no broker. The pytest
+plugin (loaded automatically) offers them as the ``captured_events`` and
+``stub_broker`` fixtures.
 
 .. versionadded:: 4.0
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
-from . import publish
+import pika
+
+from . import _headers, publish, subscribe
+from ._dispatch import Action, Delivery, dispatch
+from ._registration import Registration
+from ._topic import topic_matches
+from .errors import MalformedEventError
 from .events import DomainEvent
 
-__all__ = ["capture_events"]
+__all__ = ["Handled", "StubBroker", "capture_events"]
 
 
 @contextmanager
@@ -49,3 +64,251 @@ def capture_events() -> Iterator[list[DomainEvent]]:
                 if active is events:
                     del publish._captures[index]
                     break
+
+
+@dataclass(frozen=True)
+class Handled:
+    """One delivery run by :class:`StubBroker`, and how it ended."""
+
+    #: The handler's registered name.
+    handler: str
+    #: The event as the handler received it (``retries`` set); ``None`` for
+    #: a body that is not a domain event.
+    event: DomainEvent | None
+    #: ``"handled"``, ``"retried"``, ``"dead_lettered"`` or ``"discarded"``.
+    outcome: str
+    #: For ``"retried"``: the delay the handler asked for (not waited for).
+    delay: float | None = None
+    #: For ``"dead_lettered"`` and ``"discarded"``: ``x-exception-type``.
+    exception_type: str | None = None
+    #: For ``"dead_lettered"`` and ``"discarded"``: ``x-exception-message``.
+    exception_message: str | None = None
+
+
+class StubBroker:
+    """Runs a real :class:`~domain_event_broker.Subscriber`'s handlers in memory.
+
+    Inside ``with StubBroker() as broker:``, no broker is needed:
+
+    * ``Subscriber.register()`` records the handler instead of declaring
+      queues;
+    * events published in this process (``publish_domain_event``,
+      ``Publisher.publish_event``, ``publish_on_commit``) are routed to every
+      registered handler whose binding keys match, as a topic exchange does
+      (``*`` one word, ``#`` zero or more);
+    * :meth:`run` (or ``Subscriber.start_consuming()``) delivers them. What
+      happens to each event (handled, retried, dead-lettered, discarded) is
+      decided by the same code the real worker runs; ``max_retries`` and
+      ``event.retries`` behave as on a broker, but retry delays are not
+      waited for.
+
+    Example::
+
+        with StubBroker() as broker:
+            subscriber = Subscriber()
+            subscriber.register(send_welcome, "welcome", ["user.registered"],
+                                dead_letter=True)
+            publish_domain_event("user.registered", {"email": "ada@example.com"})
+            broker.run()
+        assert [h.outcome for h in broker.history] == ["handled"]
+
+    Args:
+        max_deliveries: :meth:`run` raises ``RuntimeError`` after this many
+            deliveries (a handler that retries or publishes forever).
+
+    .. versionadded:: 4.1
+    """
+
+    def __init__(self, *, max_deliveries: int = 10_000) -> None:
+        self.max_deliveries = max_deliveries
+        #: Every event published while active, in order.
+        self.published: list[DomainEvent] = []
+        #: Every delivery run, in order.
+        self.history: list[Handled] = []
+        self._registrations: dict[str, Registration] = {}
+        self._queues: dict[str, deque[_StubMessage]] = {}
+        self._dead: dict[str, list[_StubMessage]] = {}
+        self._tag = 0
+        self._lock = threading.RLock()
+        self._router = _Router(self)
+        self._active = False
+
+    # -- activation -----------------------------------------------------------------
+
+    def __enter__(self) -> StubBroker:
+        with publish._captures_lock:
+            publish._captures.append(self._router)  # type: ignore[arg-type]
+        subscribe.registration_hooks.append(self._take)
+        self._active = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._active = False
+        with publish._captures_lock:
+            for index, active in enumerate(publish._captures):
+                if active is self._router:  # type: ignore[comparison-overlap]
+                    del publish._captures[index]
+                    break
+        if self._take in subscribe.registration_hooks:
+            subscribe.registration_hooks.remove(self._take)
+
+    def _take(self, registration: Registration) -> Callable[[], object]:
+        """Registration hook: record the handler; return what start_consuming() runs."""
+        with self._lock:
+            if registration.name in self._registrations:
+                raise ValueError(f"a handler named {registration.name!r} is already registered")
+            self._registrations[registration.name] = registration
+            self._queues.setdefault(registration.name, deque())
+            self._dead.setdefault(registration.name, [])
+        return self.run
+
+    # -- publishing -----------------------------------------------------------------
+
+    def publish(self, event: DomainEvent) -> None:
+        """Route ``event`` to the matching handlers' queues (what publishing does)."""
+        with self._lock:
+            self.published.append(event)
+            body = event.to_json().encode("utf-8")
+            for registration in self._registrations.values():
+                if any(topic_matches(key, event.routing_key) for key in registration.binding_keys):
+                    self._queues[registration.name].append(
+                        _StubMessage(event.routing_key, body, {})
+                    )
+
+    # -- running handlers ---------------------------------------------------------------
+
+    def run(self) -> int:
+        """Deliver every waiting event, including those published or retried meanwhile.
+
+        Returns:
+            How many deliveries were run.
+
+        Raises:
+            RuntimeError: more than ``max_deliveries`` deliveries.
+            SystemExit, KeyboardInterrupt: raised by a handler (the event stays
+                in its queue), as ``start_consuming()`` raises them.
+        """
+        count = 0
+        while True:
+            with self._lock:
+                name = next((n for n, q in self._queues.items() if q), None)
+                if name is None:
+                    return count
+                message = self._queues[name].popleft()
+                registration = self._registrations[name]
+                self._tag += 1
+                tag = self._tag
+            count += 1
+            if count > self.max_deliveries:
+                raise RuntimeError(
+                    f"StubBroker.run() stopped after {self.max_deliveries} deliveries: "
+                    "does a handler retry or publish forever?"
+                )
+            self._deliver(registration, message, tag)
+
+    def _deliver(self, registration: Registration, message: _StubMessage, tag: int) -> None:
+        delivery = Delivery(
+            registration=registration,
+            delivery_tag=tag,
+            routing_key=message.routing_key,
+            body=message.body,
+            properties=pika.BasicProperties(headers=dict(message.headers) or None),
+        )
+        outcome = dispatch(delivery)
+        event = _event_of(message)
+        name = registration.name
+        if outcome.action is Action.STOP:
+            with self._lock:
+                self._queues[name].appendleft(message)
+            assert outcome.error is not None
+            raise outcome.error
+        if outcome.action is Action.RETRY:
+            headers = {**message.headers, **outcome.headers}
+            with self._lock:
+                self._queues[name].append(_StubMessage(message.routing_key, message.body, headers))
+            self._record(name, event, "retried", delay=outcome.delay_ms / 1000)
+        elif outcome.action is Action.DEAD_LETTER:
+            headers = {**message.headers, **outcome.headers}
+            with self._lock:
+                self._dead[name].append(_StubMessage(message.routing_key, message.body, headers))
+            self._record(
+                name,
+                event,
+                "dead_lettered",
+                exception_type=headers.get(_headers.EXCEPTION_TYPE),
+                exception_message=headers.get(_headers.EXCEPTION_MESSAGE),
+            )
+        elif outcome.action is Action.DISCARD:
+            self._record(
+                name,
+                event,
+                "discarded",
+                exception_type=outcome.headers.get(_headers.EXCEPTION_TYPE),
+                exception_message=outcome.headers.get(_headers.EXCEPTION_MESSAGE),
+            )
+        else:
+            self._record(name, event, "handled")
+
+    def _record(self, name: str, event: DomainEvent | None, outcome: str, **extra: Any) -> None:
+        with self._lock:
+            self.history.append(Handled(name, event, outcome, **extra))
+
+    # -- what happened --------------------------------------------------------------
+
+    def handled(self, name: str) -> list[DomainEvent]:
+        """Events handler ``name`` handled successfully, in order."""
+        return [
+            h.event
+            for h in self.history
+            if h.handler == name and h.outcome == "handled" and h.event is not None
+        ]
+
+    def dead_letters(self, name: str) -> list[DomainEvent]:
+        """Events waiting in ``name``'s dead-letter queue, in order."""
+        with self._lock:
+            events = [_event_of(m) for m in self._dead.get(name, [])]
+        return [event for event in events if event is not None]
+
+    def replay(self, name: str) -> int:
+        """Put ``name``'s dead letters back into its queue, as ``replay_all`` does.
+
+        Returns:
+            How many were replayed. Call :meth:`run` to deliver them.
+        """
+        with self._lock:
+            dead = self._dead.get(name, [])
+            self._dead[name] = []
+            for message in dead:
+                headers = {
+                    key: value
+                    for key, value in message.headers.items()
+                    if key != _headers.RETRY_COUNT
+                }
+                self._queues[name].append(_StubMessage(message.routing_key, message.body, headers))
+            return len(dead)
+
+
+@dataclass(frozen=True)
+class _StubMessage:
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any]
+
+
+class _Router:
+    """Takes the place of a capture list: published events are routed."""
+
+    def __init__(self, broker: StubBroker) -> None:
+        self._broker = broker
+
+    def append(self, event: DomainEvent) -> None:
+        self._broker.publish(event)
+
+
+def _event_of(message: _StubMessage) -> DomainEvent | None:
+    try:
+        event = DomainEvent.from_json(message.body)
+    except MalformedEventError:
+        return None
+    event.retries = _headers.retry_count(message.headers)
+    return event

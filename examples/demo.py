@@ -6,7 +6,8 @@
 3. a handler that fails for good: the event is dead-lettered with the reason;
 4. the operator fixes the bug and replays the dead letter.
 
-Every queue the demo creates is deleted at the end.
+Every queue the demo creates is deleted at the end. ``--trace`` prints the
+OpenTelemetry spans of it all to the console (needs ``opentelemetry-sdk``).
 """
 
 from __future__ import annotations
@@ -84,5 +85,21 @@ def main() -> int:
     return 0
 
 
+def trace_to_console() -> None:
+    """``--trace``: print every span (OpenTelemetry SDK, console exporter)."""
+    from opentelemetry import trace  # noqa: PLC0415  # only with --trace (optional SDK)
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import (  # noqa: PLC0415
+        ConsoleSpanExporter,
+        SimpleSpanProcessor,
+    )
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
 if __name__ == "__main__":
+    if "--trace" in sys.argv[1:]:  # needs: pip install opentelemetry-sdk
+        trace_to_console()
     sys.exit(main())

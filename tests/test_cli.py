@@ -272,6 +272,9 @@ def test_status(handler: str) -> None:
         ["queue", handler, "0", "message(s)", "1", "consumer(s)"],
         ["dead", "letters", f"{handler}-dl", "2", "message(s)"],
         ["delayed", "retries", f"{handler}-delay-60000", "1", "message(s)"],
+        ["retry", "exchange", f"{handler}-retry", "exists"],
+        ["dead-letter", "exchange", f"{handler}-dlx", "exists"],
+        ["connection", BROKER_URL.split("@")[-1].split("/")[0], "plain", "AMQP", "(no", "TLS)"],
     ]
     status = json.loads(as_json.stdout)
     assert status["queue"] == {"name": handler, "exists": True, "messages": 0, "consumers": 1}

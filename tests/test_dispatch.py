@@ -53,7 +53,7 @@ def delivery(
 
 def assert_well_formed(outcome: Outcome) -> None:
     """Every outcome is one of the three, and its headers can go on the wire."""
-    assert outcome.action in (Action.ACK, Action.RETRY, Action.DEAD_LETTER, Action.STOP)
+    assert outcome.action in (Action.ACK, Action.DISCARD, Action.RETRY, Action.DEAD_LETTER)
     pika.data.encode_table([], outcome.headers)  # raises if AMQP cannot carry them
     if outcome.action is Action.DEAD_LETTER:
         for key in ("x-exception-type", "x-exception-message", "x-failed-handler"):
@@ -180,7 +180,7 @@ def test_failure_without_dead_letter_is_acknowledged_with_an_error_line(
 
     with caplog.at_level(logging.ERROR):
         outcome = dispatch(delivery(handler, dead_letter=False))
-    assert outcome.action is Action.ACK
+    assert outcome.action is Action.DISCARD
     assert "discarded (no dead-letter queue)" in caplog.text
 
 
@@ -316,4 +316,4 @@ def test_every_delivery_ends_in_one_well_formed_outcome(
     assert outcome.action is not Action.STOP
     assert_well_formed(outcome)
     if not dead_letter:
-        assert outcome.action in (Action.ACK, Action.RETRY)
+        assert outcome.action in (Action.ACK, Action.DISCARD, Action.RETRY)

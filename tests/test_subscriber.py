@@ -296,7 +296,7 @@ def test_prefetch_count_limits_events_in_flight(names: Names) -> None:
 def test_timeout_stops_consuming_and_cleans_up(names: Names) -> None:
     name = names.new("timeout")
     subscriber = Subscriber()
-    subscriber.register(nop, name, ["#"])
+    subscriber.register(nop, name, [f"{name}.#"])
     started = time.monotonic()
     subscriber.start_consuming(timeout=0.5)
     assert 0.4 < time.monotonic() - started < 5
@@ -579,9 +579,9 @@ def test_malformed_without_dead_letter_does_not_stop_the_worker(names: Names) ->
     name = names.new("malformed-nodl")
     recorder = Recorder()
     subscriber = Subscriber()
-    subscriber.register(recorder, name, ["#"])
-    publish_raw("malformed.y", b"iamnotvalidjson[]")
-    publish_domain_event("malformed.y", {})
+    subscriber.register(recorder, name, [f"{name}.#"])  # not "#": others share the broker
+    publish_raw(f"{name}.y", b"iamnotvalidjson[]")
+    publish_domain_event(f"{name}.y", {})
     consume_until(subscriber, lambda: recorder.count() == 1 and queue_size(name) == 0)
 
 

@@ -7,10 +7,13 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from .. import configure
+from .._config import read_broker_file
 from ..errors import ConfigurationError
 
 #: The Django setting holding the broker URL, list of URLs, or ``None``.
 SETTING = "DOMAIN_EVENT_BROKER"
+#: The Django setting naming a file that holds the URL(s) (a mounted secret).
+FILE_SETTING = "DOMAIN_EVENT_BROKER_FILE"
 
 
 class DomainEventsConfig(AppConfig):
@@ -22,6 +25,13 @@ class DomainEventsConfig(AppConfig):
     :func:`domain_event_broker.configure`, so the ``DOMAIN_EVENT_BROKER``
     environment variable and explicit ``connection_settings`` arguments still
     take precedence.
+
+    ``DOMAIN_EVENT_BROKER_FILE`` may name a file holding the URL(s) instead,
+    so that the password stays out of the settings module; setting both is
+    an error.
+
+    .. versionchanged:: 4.1
+       The ``DOMAIN_EVENT_BROKER_FILE`` setting.
     """
 
     name = "domain_event_broker.django"
@@ -34,8 +44,20 @@ class DomainEventsConfig(AppConfig):
 
         Raises:
             ImproperlyConfigured: the setting is not a URL, a list of URLs or
-                ``None``, or a URL is malformed.
+                ``None``, a URL is malformed, the file cannot be read, or both
+                settings are set.
         """
+        path = getattr(settings, FILE_SETTING, None)
+        if path:
+            if getattr(settings, SETTING, None):
+                raise ImproperlyConfigured(
+                    f"settings.{SETTING} and settings.{FILE_SETTING} are both set: set one"
+                )
+            try:
+                configure(broker=read_broker_file(str(path), source=f"settings.{FILE_SETTING}"))
+            except ConfigurationError as exc:
+                raise ImproperlyConfigured(str(exc)) from exc
+            return
         if not hasattr(settings, SETTING):
             return
         broker = getattr(settings, SETTING)

@@ -9,9 +9,14 @@ from django.utils import timezone
 class OutboxEvent(models.Model):
     """A domain event written in the caller's transaction, waiting for the relay.
 
-    ``body`` is the exact JSON the relay publishes; ``routing_key`` and
+    ``body`` is the event's JSON as :func:`~domain_event_broker.django.outbox.publish_via_outbox`
+    wrote it. The relay decodes it into a :class:`~domain_event_broker.DomainEvent` and
+    publishes that event, encoded again (keys the event format does not know are
+    dropped; a body that is no event stays pending). ``routing_key`` and
     ``uuid_string`` are copies for operators. ``sent_at`` is set once the
     broker confirmed the event. Rows are relayed in ``id`` order.
+    ``trace_context`` (4.1) lets the relay's publish continue the trace of
+    the request that wrote the row.
 
     .. versionadded:: 4.0
     """
@@ -22,6 +27,9 @@ class OutboxEvent(models.Model):
     body = models.TextField()
     created_at = models.DateTimeField(default=timezone.now)
     sent_at = models.DateTimeField(null=True, blank=True)
+    #: The W3C trace context of the code that wrote the row, as JSON AMQP
+    #: headers (``traceparent``, ``tracestate``); empty when not tracing.
+    trace_context = models.TextField(blank=True, default="")
 
     class Meta:
         db_table = "domain_event_broker_outbox"

@@ -13,12 +13,14 @@ published again with the same ``uuid_string``.
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any, Final
 
 from django.db import transaction
 from django.utils import timezone
 
+from .. import _instrument
 from ..events import DomainEvent, new_event
 from .models import OutboxEvent
 
@@ -65,8 +67,12 @@ def publish_via_outbox(  # publish_domain_event's positional signature
     .. versionadded:: 4.0
     """
     event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
+    trace = _instrument.trace_headers()
     OutboxEvent.objects.using(using).create(
-        routing_key=event.routing_key, uuid_string=event.uuid_string, body=body
+        routing_key=event.routing_key,
+        uuid_string=event.uuid_string,
+        body=body,
+        trace_context=json.dumps(trace) if trace else "",
     )
     return event
 

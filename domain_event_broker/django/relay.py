@@ -24,6 +24,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from django.db import (
 )
 from django.utils import timezone
 
+from .. import _instrument
 from .._config import UNSET, ConnectionSettings, _Unset
 from .._connection import backoff_delays
 from ..errors import BrokerError, MalformedEventError
@@ -58,6 +60,17 @@ DEFAULT_POLL_INTERVAL: Final = 1.0
 #: First and longest pause (seconds) after a broker or database failure.
 INITIAL_BACKOFF: Final = 0.5
 MAX_BACKOFF: Final = 30.0
+
+
+def _trace_headers(stored: str) -> dict[str, str] | None:
+    """The trace context stored with a row (``None``: none, or unreadable)."""
+    if not stored or not _instrument.ENABLED:
+        return None
+    try:
+        headers = json.loads(stored)
+    except ValueError:
+        return None
+    return headers if isinstance(headers, dict) else None
 
 
 class OutboxRelay:
@@ -127,14 +140,16 @@ class OutboxRelay:
                 rows = list(
                     pending.select_for_update(skip_locked=True)
                     .order_by("id")
-                    .values_list("id", "body")[: self.batch_size]
+                    .values_list("id", "body", "trace_context")[: self.batch_size]
                 )
                 sent, error = self._publish(rows, should_stop)
                 self._mark_sent(sent)
         else:
             # No row locks: do not hold a transaction (SQLite would lock the
             # whole database) while waiting for the broker.
-            rows = list(pending.order_by("id").values_list("id", "body")[: self.batch_size])
+            rows = list(
+                pending.order_by("id").values_list("id", "body", "trace_context")[: self.batch_size]
+            )
             sent, error = self._publish(rows, should_stop)
             self._mark_sent(sent)
         if error is not None:
@@ -142,10 +157,10 @@ class OutboxRelay:
         return len(sent), len(rows)
 
     def _publish(
-        self, rows: list[tuple[int, str]], should_stop: Callable[[], bool] | None
+        self, rows: list[tuple[int, str, str]], should_stop: Callable[[], bool] | None
     ) -> tuple[list[int], BrokerError | None]:
         sent: list[int] = []
-        for pk, body in rows:
+        for pk, body, trace_context in rows:
             if should_stop is not None and should_stop():
                 break
             try:
@@ -154,7 +169,8 @@ class OutboxRelay:
                 log.error("Outbox row %s holds no domain event (%s); left pending", pk, exc)
                 continue
             try:
-                self._publisher.publish_event(event)
+                with _instrument.use_trace_headers(_trace_headers(trace_context)):
+                    self._publisher.publish_event(event)
             except BrokerError as exc:
                 return sent, exc
             sent.append(pk)

@@ -1,0 +1,351 @@
+"""``domain-event-broker worker`` and ``health`` (issue 13), in subprocesses,
+against the real broker.
+
+Workers run ``tests.worker_app:make_subscriber``. The shared broker is never
+stopped: the unreachable-broker test goes through a TCP proxy of its own,
+which it closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika.exceptions
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from domain_event_broker import publish_domain_event
+from domain_event_broker._worker_command import check_health
+
+from .helpers import BROKER_URL, raw_connection, wait_for
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP = "tests.worker_app:make_subscriber"
+
+pytestmark = pytest.mark.slow
+
+
+class Worker:
+    """One ``worker`` command line running in a subprocess."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log: Path, state: Path) -> None:
+        self.process = process
+        self.log = log
+        self.state = state
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def handled(self) -> list[str]:
+        return sorted(path.name for path in self.state.glob("handled-*"))
+
+
+@pytest.fixture
+def start_worker(names, tmp_path: Path) -> Iterator:
+    name = names.new("worker")
+    key = f"{name}.happened"
+    state = tmp_path / "state"
+    state.mkdir()
+    workers: list[Worker] = []
+
+    def start(
+        *options: str,
+        command: list[str] | None = None,
+        url: str = BROKER_URL,
+        env: dict[str, str] | None = None,
+    ) -> Worker:
+        log = tmp_path / f"worker-{len(workers)}.log"
+        environment = {
+            **os.environ,
+            **(env or {}),
+            "DEB_TEST_WORKER_NAME": name,
+            "DEB_TEST_WORKER_KEY": key,
+            "DEB_TEST_WORKER_STATE": str(state),
+            "DOMAIN_EVENT_BROKER": url,
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+        argv = command or [sys.executable, "-m", "domain_event_broker", "worker", APP]
+        with log.open("wb") as stream:
+            process = subprocess.Popen(
+                [*argv, *options], cwd=REPO_ROOT, env=environment, stdout=stream, stderr=stream
+            )
+        worker = Worker(process, log, state)
+        workers.append(worker)
+        return worker
+
+    start.name = name  # type: ignore[attr-defined]
+    start.key = key  # type: ignore[attr-defined]
+    yield start
+    for worker in workers:  # only the processes this test started
+        if worker.process.poll() is None:
+            worker.process.kill()
+            worker.process.wait(10)
+
+
+def consumers(queue: str) -> int:
+    connection = raw_connection()
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.consumer_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def health(path: Path, max_age: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "domain_event_broker",
+            "health",
+            "--file",
+            str(path),
+            "--max-age",
+            str(max_age),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_processes_share_a_queue_and_sigterm_drains_them_all(start_worker, tmp_path: Path) -> None:
+    health_file = tmp_path / "health"
+    worker = start_worker(
+        "--processes", "2", "--health-file", str(health_file), "--health-interval", "0.2"
+    )
+    wait_for(lambda: consumers(start_worker.name) == 2, timeout=30, message="two consumers")
+    wait_for(lambda: health(health_file, 5).returncode == 0, timeout=15, message="healthy")
+
+    uuids = [publish_domain_event(start_worker.key, {"sleep": 0.5}).uuid_string for _ in range(6)]
+    wait_for(
+        lambda: len(list(worker.state.glob("started-*"))) >= 2,
+        timeout=15,
+        message="both busy",
+    )
+    assert worker.stop() == 0, worker.text()
+
+    started = {path.name.removeprefix("started-") for path in worker.state.glob("started-*")}
+    handled = worker.handled()
+    # Every event a handler started was finished (drained), in two processes.
+    assert started <= set(uuids)
+    assert {name.removeprefix("handled-").rsplit("-", 1)[0] for name in handled} == started
+    assert len({name.rsplit("-", 1)[1] for name in handled}) == 2, handled  # two pids
+    assert not health_file.exists()
+    assert not list(tmp_path.glob("health.*"))
+
+
+def test_a_crashed_child_is_restarted(start_worker) -> None:
+    worker = start_worker("--processes", "2")
+    wait_for(lambda: consumers(start_worker.name) == 2, timeout=30, message="two consumers")
+    crash = publish_domain_event(start_worker.key, {"crash": True}).uuid_string
+    wait_for(lambda: (worker.state / "crashed").exists(), timeout=15, message="a crash")
+    # The event comes back (it was never acknowledged) and is handled.
+    wait_for(lambda: any(crash in name for name in worker.handled()), timeout=30, message="handled")
+    wait_for(lambda: consumers(start_worker.name) == 2, timeout=30, message="restarted")
+    assert "restarting in" in worker.text()
+    assert worker.stop() == 0, worker.text()
+
+
+def test_a_child_failing_for_good_stops_all_and_exits_non_zero(start_worker) -> None:
+    worker = start_worker("--processes", "2", "--max-restarts", "1")
+    wait_for(lambda: consumers(start_worker.name) == 2, timeout=30, message="two consumers")
+    # Every attempt crashes: the event is redelivered each time.
+    publish_domain_event(start_worker.key, {"crash": True, "always": True})
+    status = worker.process.wait(60)
+    assert status == 1, worker.text()
+    assert "giving up" in worker.text()
+
+
+# -- health --------------------------------------------------------------------------
+
+
+class Proxy:
+    """A TCP proxy to the shared broker that can be cut, to make the broker
+    unreachable for one worker only."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.closed:
+                client.close()
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):  # wakes up accept() (close alone does not)
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_health_turns_unhealthy_when_the_broker_is_unreachable(
+    start_worker, tmp_path: Path
+) -> None:
+    broker = pika.URLParameters(BROKER_URL)
+    proxy = Proxy((broker.host, broker.port))
+    health_file = tmp_path / "health"
+    worker = start_worker(
+        "--health-file",
+        str(health_file),
+        "--health-interval",
+        "0.2",
+        url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F?connection_attempts=1",
+    )
+    wait_for(lambda: health(health_file, 2).returncode == 0, timeout=30, message="healthy")
+    proxy.cut()  # the broker is now unreachable for this worker only
+    result = wait_for(
+        lambda: (r := health(health_file, 2)).returncode == 1 and r,
+        timeout=30,
+        message="unhealthy",
+    )
+    assert "unhealthy" in result.stdout
+    assert worker.process.poll() is None  # still running, reconnecting
+    assert worker.stop() == 0, worker.text()
+
+
+def test_health_is_unhealthy_without_a_file(tmp_path: Path) -> None:
+    result = health(tmp_path / "missing", 5)
+    assert result.returncode == 1
+    assert "does not exist" in result.stdout
+    stale = tmp_path / "stale"
+    stale.touch()
+    os.utime(stale, (time.time() - 100, time.time() - 100))
+    assert health(stale, 5).returncode == 1
+    assert health(stale, 500).returncode == 0
+
+
+# -- metrics, logs, usage ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        return int(sock.getsockname()[1])
+
+
+def test_metrics_port_serves_prometheus_text_and_logs_are_json(start_worker) -> None:
+    port = free_port()
+    worker = start_worker(
+        "--metrics-port", str(port), "--metrics-host", "127.0.0.1", "--log-format", "json"
+    )
+    wait_for(lambda: consumers(start_worker.name) == 1, timeout=30, message="a consumer")
+    publish_domain_event(start_worker.key, {"publish": f"{start_worker.name}.followup"})
+    wait_for(worker.handled, timeout=15, message="handled")
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    text = wait_for(
+        lambda: next((body for body in [scrape()] if "events_published" in body), ""),
+        timeout=15,
+        message="the published counter",
+    )
+    assert 'outcome="confirmed"' in text
+    assert worker.stop() == 0
+    assert '"event_uuid": null' in worker.text()  # JSON lines with the event fields
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tests.worker_app:not_a_subscriber", "not a Subscriber"),
+        ("tests.no_such_module:x", "cannot import"),
+        ("tests.worker_app:missing", "no attribute"),
+        ("no-colon", "MODULE:ATTRIBUTE"),
+    ],
+)
+def test_a_wrong_target_is_a_usage_error(spec: str, message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "domain_event_broker", "worker", spec],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_django_management_command(start_worker, processes: int) -> None:
+    worker = start_worker(
+        "--processes",
+        str(processes),
+        command=[sys.executable, "-m", "django", "run_domain_event_worker", APP],
+        env={"DJANGO_SETTINGS_MODULE": "tests.django.settings"},
+    )
+    wait_for(lambda: consumers(start_worker.name) == processes, timeout=30, message="consumers")
+    event = publish_domain_event(start_worker.key, {})
+    wait_for(
+        lambda: any(event.uuid_string in name for name in worker.handled()),
+        timeout=15,
+        message="handled",
+    )
+    assert worker.stop() == 0, worker.text()
+
+
+@settings(max_examples=50, deadline=None)
+@given(age=st.floats(0, 10_000), max_age=st.floats(0.5, 10_000))
+def test_check_health_compares_the_files_age_with_the_limit(
+    tmp_path_factory: pytest.TempPathFactory, age: float, max_age: float
+) -> None:
+    path = tmp_path_factory.mktemp("health") / "file"
+    path.touch()
+    modified = time.time() - age
+    os.utime(path, (modified, modified))
+    healthy, text = check_health(path, max_age)
+    if abs(age - max_age) > 1:  # the clock moves between utime and the check
+        assert healthy == (age <= max_age), text
+    assert text.startswith("healthy" if healthy else "unhealthy")
