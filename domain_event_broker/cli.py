@@ -6,12 +6,20 @@
     domain-event-broker --version
 
     publish ROUTING_KEY [JSON]   publish an event (JSON data from stdin if left out)
-    inspect NAME [--limit N] [--json]
+    inspect NAME [--limit N] [--json] [--summary [FILTERS]]
                                  show handler NAME's dead letters, leaving them
-    replay NAME [--all] [--interactive] [--limit N]
+    replay NAME [--all] [--interactive] [--limit N] [FILTERS] [--dry-run]
                                  move dead letters back to handler NAME
+    discard NAME (--all | FILTERS) [--limit N] [--export FILE] [--dry-run]
+                                 remove dead letters for good
+    export NAME FILE [FILTERS]   write dead letters to FILE (JSON lines), leaving them
+    import NAME FILE             put exported dead letters back
     status NAME [--delay SECONDS] [--json]
                                  message and consumer counts of NAME's queues
+
+FILTERS: ``--where exception=TYPE``, ``--where handler=NAME``,
+``--routing-key PATTERN`` (``--where routing_key=PATTERN``), ``--older-than
+AGE``, ``--newer-than AGE`` (ages such as ``90s``, ``15m``, ``1h``, ``2d``).
 
 The broker is ``--url``, else the ``DOMAIN_EVENT_BROKER`` environment
 variable, else ``amqp://guest:guest@localhost:5672/%2F``. Exit status: 0 on
@@ -60,6 +68,10 @@ DEFAULT_ANSWER_TIMEOUT: Final = 30.0
 KEEPALIVE_INTERVAL: Final = 1.0
 #: Seconds between two progress lines of a long replay.
 DEFAULT_PROGRESS_INTERVAL: Final = 1.0
+#: Seconds between two redraws of a progress bar on a terminal.
+TTY_REFRESH: Final = 0.2
+#: Values shown per field of a summary.
+SUMMARY_ROWS: Final = 10
 #: Dead letters ``inspect`` shows when no ``--limit`` is given.
 DEFAULT_INSPECT_LIMIT: Final = 20
 #: Longest event data ``inspect`` prints per event (characters).
@@ -177,6 +189,8 @@ class InteractivePrompt:
         self._timeout = timeout
         self._show_reason = show_reason
         self._reader = reader or AnswerReader()
+        self._retried = False
+        self._done = replay.ReplayResult()
 
     def __call__(
         self,
@@ -220,13 +234,36 @@ class InteractivePrompt:
             return replay.LEAVE
         choice = answer[0].upper()
         if choice == "R":
-            self._write("Message is returned to worker queue.", "\n")
+            # Said once the broker took the copy: see progress().
+            self._retried = True
             return replay.RETRY
         if choice == "D":
             self._write("Message has been discarded.", "\n")
             return replay.DISCARD
         self._write("Message left in queue.", "\n")
         return replay.LEAVE
+
+    def progress(self, so_far: replay.ReplayResult, total: int) -> None:
+        """Report the outcome of a replay answer once it is carried out: pass
+        this as the run's ``on_progress``.
+
+        Args:
+            so_far: the counts of the run so far.
+            total: the events the run covers (unused).
+        """
+        before, self._done = self._done, so_far
+        if not self._retried:
+            return
+        if so_far.replayed > before.replayed:
+            self._retried = False
+            self._write("Message is returned to worker queue.", "\n")
+        elif so_far.unroutable > before.unroutable:
+            self._retried = False
+            self._write(
+                "Message could not be returned to the worker queue (no queue is bound for "
+                "its routing key); left in queue.",
+                "\n",
+            )
 
 
 def _handler_text(headers: dict[str, Any]) -> str:
@@ -279,53 +316,276 @@ def _cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _filter(args: argparse.Namespace) -> replay.DeadLetterFilter:
+    """The dead-letter filter the command line asks for."""
+    fields: dict[str, list[str]] = {"exception": [], "handler": [], "routing_key": []}
+    for clause in args.where or ():
+        key, sep, value = clause.partition("=")
+        key = key.strip().replace("-", "_")
+        if key in ("routing", "key"):
+            key = "routing_key"
+        if not sep or key not in fields or not value:
+            raise UsageError(
+                f"--where {clause!r}: expected exception=TYPE, handler=NAME or routing_key=PATTERN"
+            )
+        fields[key].append(value)
+    fields["routing_key"] += args.routing_key or []
+    try:
+        return replay.DeadLetterFilter(
+            exception=fields["exception"],
+            handler=fields["handler"],
+            routing_key=fields["routing_key"],
+            older_than=args.older_than,
+            newer_than=args.newer_than,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _counts_text(result: replay.ReplayResult) -> str:
+    text = f"replayed {result.replayed}, discarded {result.discarded}, left {result.left}"
+    if result.skipped:
+        text += f", skipped {result.skipped}"
+    if result.unroutable:
+        text += f", not replayable {result.unroutable}"
+    return text
+
+
+class _Tracker:
+    """Keeps the latest counts of a run, and shows its progress on standard
+    error: a bar redrawn in place on a terminal, else a line at most every
+    ``interval`` seconds (none for a short run)."""
+
+    def __init__(
+        self,
+        name: str,
+        interval: float,
+        stream: TextIO,
+        *,
+        tty: bool | None = None,
+        then: Callable[[replay.ReplayResult, int], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.latest = replay.ReplayResult()
+        self._interval = interval
+        self._stream = stream
+        self._tty = _isatty(stream) if tty is None else tty
+        self._then = then
+        self._last = time.monotonic()
+        self._drawn = False
+
+    def __call__(self, so_far: replay.ReplayResult, total: int) -> None:
+        self.latest = so_far
+        if self._then is not None:
+            self._then(so_far, total)
+        now = time.monotonic()
+        if self._tty:
+            if now - self._last < TTY_REFRESH and so_far.visited < total:
+                return
+        elif now - self._last < self._interval:
+            return
+        self._last = now
+        if self._tty:
+            width = 30
+            done = width * so_far.visited // total if total else width
+            percent = 100 * so_far.visited // total if total else 100
+            bar = "#" * done + "." * (width - done)
+            self._stream.write(f"\r{self.name}: [{bar}] {so_far.visited}/{total} {percent:3d}%")
+            self._drawn = True
+        else:
+            self._stream.write(f"{self.name}: {so_far.visited}/{total} ({_counts_text(so_far)})\n")
+        self._stream.flush()
+
+    def end(self) -> None:
+        """End the bar's line, if one was drawn."""
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._drawn = False
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _has_filter(where: replay.DeadLetterFilter) -> bool:
+    return not where.matches_everything
+
+
 def _cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
-    limit: int | None = args.limit if args.limit is not None else (None if args.all else 1)
+    where = _filter(args)
+    if args.dry_run:
+        if args.interactive:
+            raise UsageError("--dry-run and --interactive do not go together")
+        return _dry_run(args, out, where, "replay")
+    limit: int | None = args.limit
+    if limit is None and not args.all and not _has_filter(where):
+        limit = 1
     callback: replay.MessageCallback = replay.retry_event
-    on_progress = None
+    then = None
     if args.interactive:
 
         def write(text: str, ending: str) -> None:
             out.write(text + ending)
             out.flush()
 
-        callback = InteractivePrompt(write, timeout=args.timeout, show_reason=True)
+        prompt = InteractivePrompt(write, timeout=args.timeout, show_reason=True)
+        callback, then = prompt, prompt.progress
+    if args.interactive:  # the prompt says what happened; no progress lines
+        tracker = _Tracker(args.name, math.inf, sys.stderr, tty=False, then=then)
     else:
-        on_progress = _ProgressPrinter(args.name, args.progress_interval, sys.stderr)
-    result = replay.replay_dead_letters(
-        args.name, callback, _settings(args), limit=limit, on_progress=on_progress
-    )
+        tracker = _Tracker(args.name, args.progress_interval, sys.stderr)
+    try:
+        result = replay.replay_dead_letters(
+            args.name, callback, _settings(args), limit=limit, on_progress=tracker, where=where
+        )
+    except replay.ReplayIncompleteError as exc:
+        tracker.end()
+        _write_summary(out, args.name, exc.result)
+        raise
+    except BaseException:
+        tracker.end()
+        if tracker.latest.visited:
+            out.write(f"{args.name}: stopped after {_counts_text(tracker.latest)}\n")
+            out.flush()
+        raise
+    tracker.end()
+    _write_summary(out, args.name, result)
+    return EXIT_OK
+
+
+def _write_summary(out: TextIO, name: str, result: replay.ReplayResult) -> None:
+    remaining = f"{result.remaining} dead letter(s) remaining in {name}-dl"
+    out.write(f"{name}: {_counts_text(result)}; {remaining}\n")
+    out.flush()
+
+
+def _dry_run(
+    args: argparse.Namespace, out: TextIO, where: replay.DeadLetterFilter, verb: str
+) -> int:
+    tracker = _Tracker(args.name, args.progress_interval, sys.stderr)
+    try:
+        summary = replay.summarize_dead_letters(
+            args.name, _settings(args), where=where, on_progress=tracker
+        )
+    finally:
+        tracker.end()
+    chosen = summary.total if args.limit is None else min(summary.total, args.limit)
     out.write(
-        f"{args.name}: replayed {result.replayed}, discarded {result.discarded}, "
-        f"left {result.left}; {result.remaining} dead letter(s) remaining in "
-        f"{args.name}-dl\n"
+        f"{args.name}: would {verb} {chosen} of {summary.scanned} dead letter(s) "
+        f"({where.describe()}); nothing was changed\n"
+    )
+    _write_summary_table(out, summary)
+    return EXIT_OK
+
+
+def _write_summary_table(out: TextIO, summary: replay.DeadLetterSummary) -> None:
+    sections = (
+        ("exception", summary.by_exception),
+        ("handler", summary.by_handler),
+        ("routing key", summary.by_routing_key),
+    )
+    for title, counter in sections:
+        if not counter:
+            continue
+        out.write(f"  by {title}:\n")
+        for value, count in counter.most_common(SUMMARY_ROWS):
+            out.write(f"    {count:>9}  {value}\n")
+        if len(counter) > SUMMARY_ROWS:
+            rest = sum(count for _, count in counter.most_common()[SUMMARY_ROWS:])
+            out.write(f"    {rest:>9}  ({len(counter) - SUMMARY_ROWS} more)\n")
+    ages = summary.as_dict()["by_age"]
+    if ages:
+        out.write("  by age:\n")
+        for label, count in ages.items():
+            out.write(f"    {count:>9}  {label}\n")
+    out.flush()
+
+
+def _cmd_discard(args: argparse.Namespace, out: TextIO) -> int:
+    where = _filter(args)
+    if not args.all and not _has_filter(where):
+        raise UsageError("say which dead letters to discard: --all, or filters such as --where")
+    if args.dry_run:
+        return _dry_run(args, out, where, "discard")
+    tracker = _Tracker(args.name, args.progress_interval, sys.stderr)
+    export = None
+    try:
+        if args.export is not None:
+            export = open(args.export, "x", encoding="utf-8")  # noqa: SIM115  # closed below
+        result = replay.discard_dead_letters(
+            args.name,
+            _settings(args),
+            where=where,
+            limit=args.limit,
+            export_to=export,
+            on_progress=tracker,
+        )
+    except FileExistsError:
+        raise UsageError(f"{args.export} exists already; not overwriting it") from None
+    except BaseException:
+        tracker.end()
+        if tracker.latest.visited:
+            out.write(f"{args.name}: stopped after discarding {tracker.latest.discarded}\n")
+        raise
+    finally:
+        if export is not None:
+            export.close()
+    tracker.end()
+    saved = f" (saved to {args.export} first)" if args.export is not None else ""
+    out.write(
+        f"{args.name}: discarded {result.discarded}{saved}, kept {result.skipped}; "
+        f"{result.remaining} dead letter(s) remaining in {args.name}-dl\n"
     )
     return EXIT_OK
 
 
-class _ProgressPrinter:
-    """Prints a progress line at most every ``interval`` seconds."""
-
-    def __init__(self, name: str, interval: float, stream: TextIO) -> None:
-        self._name = name
-        self._interval = interval
-        self._stream = stream
-        self._last = time.monotonic()
-
-    def __call__(self, so_far: replay.ReplayResult, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            return
-        self._last = now
-        self._stream.write(
-            f"{self._name}: {so_far.offered}/{total} (replayed {so_far.replayed}, "
-            f"discarded {so_far.discarded}, left {so_far.left})\n"
+def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
+    where = _filter(args)
+    tracker = _Tracker(args.name, args.progress_interval, sys.stderr)
+    to_stdout = args.file == "-"
+    try:
+        file = out if to_stdout else open(args.file, "x", encoding="utf-8")  # noqa: SIM115
+    except FileExistsError:
+        raise UsageError(f"{args.file} exists already; not overwriting it") from None
+    try:
+        written = replay.export_dead_letters(
+            args.name, file, _settings(args), where=where, on_progress=tracker
         )
-        self._stream.flush()
+    finally:
+        tracker.end()
+        if not to_stdout:
+            file.close()
+    message = f"{args.name}: exported {written} dead letter(s) to {args.file}, left in place\n"
+    (sys.stderr if to_stdout else out).write(message)
+    return EXIT_OK
+
+
+def _cmd_import(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        file = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+    try:
+        imported = replay.import_dead_letters(args.name, file, _settings(args))
+    except ValueError as exc:
+        if isinstance(exc, DomainEventBrokerError):
+            raise
+        raise UsageError(f"{args.file}: {exc}; nothing was imported") from None
+    finally:
+        if file is not sys.stdin:
+            file.close()
+    out.write(f"{args.name}: imported {imported} dead letter(s) into {args.name}-dl\n")
+    return EXIT_OK
 
 
 def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     settings = _settings(args)
+    if args.summary:
+        return _inspect_summary(args, out)
     letters = replay.inspect_dead_letters(args.name, settings, limit=args.limit)
     now = time.time()
     if args.json:
@@ -351,6 +611,28 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         if len(data) > MAX_DATA_CHARS:
             data = data[: MAX_DATA_CHARS - 3] + "..."
         out.write(f"   data: {data}\n")
+    return EXIT_OK
+
+
+def _inspect_summary(args: argparse.Namespace, out: TextIO) -> int:
+    where = _filter(args)
+    tracker = _Tracker(args.name, args.progress_interval, sys.stderr)
+    try:
+        summary = replay.summarize_dead_letters(
+            args.name, _settings(args), where=where, on_progress=tracker
+        )
+    finally:
+        tracker.end()
+    if args.json:
+        out.write(json.dumps(summary.as_dict(), indent=2) + "\n")
+        return EXIT_OK
+    picked = "" if where.matches_everything else f", {summary.total} matching {where.describe()}"
+    out.write(f"{args.name}-dl: {summary.scanned} dead letter(s){picked}\n")
+    _write_summary_table(out, summary)
+    if summary.oldest is not None and summary.newest is not None:
+        out.write(
+            f"  oldest {_duration(summary.oldest)} ago, newest {_duration(summary.newest)} ago\n"
+        )
     return EXIT_OK
 
 
@@ -439,6 +721,47 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _age(text: str) -> float:
+    try:
+        return replay.parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_filters(parser: argparse.ArgumentParser, note: str = "") -> None:
+    group = parser.add_argument_group("filters" + note)
+    group.add_argument(
+        "--where",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="exception=TYPE (e.g. KeyError), handler=NAME or routing_key=PATTERN; "
+        "repeatable: different fields must all match, values of one field any",
+    )
+    group.add_argument(
+        "--routing-key",
+        action="append",
+        metavar="PATTERN",
+        help="routing key pattern, topic-style: * one word, # any words (repeatable)",
+    )
+    group.add_argument(
+        "--older-than", type=_age, metavar="AGE", help="dead-lettered at least AGE ago (e.g. 1h)"
+    )
+    group.add_argument(
+        "--newer-than", type=_age, metavar="AGE", help="dead-lettered less than AGE ago"
+    )
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress-interval",
+        type=_seconds,
+        default=DEFAULT_PROGRESS_INTERVAL,
+        metavar="SECONDS",
+        help="seconds between progress lines on standard error when it is not a terminal "
+        "(default: %(default)g)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``domain-event-broker`` command."""
 
@@ -470,7 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Publish domain events, and inspect and replay dead-lettered ones.",
+        description="Publish domain events, and inspect, replay, discard, export and import "
+        "dead-lettered ones.",
         parents=[common(suppress=False)],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -494,7 +818,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--interactive", action="store_true", help="ask (R)eplay, (D)iscard or (L)eave for each"
     )
     replay_cmd.add_argument(
-        "--limit", type=_positive_int, help="at most N events (default: 1, or all with --all)"
+        "--limit",
+        type=_positive_int,
+        help="at most N events (default: 1, or all with --all or filters)",
     )
     replay_cmd.add_argument(
         "--timeout",
@@ -509,7 +835,47 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between progress lines on standard error (default: %(default)g)",
     )
+    replay_cmd.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="count the dead letters the filters pick, change nothing",
+    )
+    _add_filters(replay_cmd)
     replay_cmd.set_defaults(run=_cmd_replay)
+
+    discard = commands.add_parser(
+        "discard", parents=sub, help="remove dead letters for good (optionally saving them)"
+    )
+    discard.add_argument("name", metavar="NAME", help="the handler (queue) name")
+    discard.add_argument("--all", action="store_true", help="every dead letter the filters pick")
+    discard.add_argument("--limit", type=_positive_int, help="at most N events")
+    discard.add_argument(
+        "--export",
+        metavar="FILE",
+        help="first write each one to FILE (JSON lines, as export does; FILE must not exist)",
+    )
+    discard.add_argument(
+        "--dry-run", action="store_true", help="count what would be discarded, change nothing"
+    )
+    _add_progress(discard)
+    _add_filters(discard)
+    discard.set_defaults(run=_cmd_discard)
+
+    export = commands.add_parser(
+        "export", parents=sub, help="write dead letters to a file (JSON lines), leaving them"
+    )
+    export.add_argument("name", metavar="NAME", help="the handler (queue) name")
+    export.add_argument("file", metavar="FILE", help="a new file, or - for standard output")
+    _add_progress(export)
+    _add_filters(export)
+    export.set_defaults(run=_cmd_export)
+
+    import_cmd = commands.add_parser(
+        "import", parents=sub, help="put exported dead letters back into NAME-dl"
+    )
+    import_cmd.add_argument("name", metavar="NAME", help="the handler (queue) name")
+    import_cmd.add_argument("file", metavar="FILE", help="written by export, or - for stdin")
+    import_cmd.set_defaults(run=_cmd_import)
 
     inspect = commands.add_parser(
         "inspect", parents=sub, help="show dead letters without removing them"
@@ -522,6 +888,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="show at most N (default: %(default)s)",
     )
     inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.add_argument(
+        "--summary",
+        action="store_true",
+        help="count all dead letters by exception, handler, routing key and age (one pass)",
+    )
+    _add_progress(inspect)
+    _add_filters(inspect, note=" (with --summary)")
     inspect.set_defaults(run=_cmd_inspect)
 
     status = commands.add_parser("status", parents=sub, help="message counts of a handler")

@@ -4,19 +4,34 @@ A handler registered with ``dead_letter=True`` parks the events it failed on
 in its dead-letter queue ``<name>-dl``. Once the cause is fixed, an operator
 moves them back: :data:`RETRY` republishes an event to the handler's retry
 exchange ``<name>-retry`` (so only that handler sees it again), :data:`DISCARD`
-drops it, :data:`LEAVE` keeps it where it is.
+drops it, :data:`LEAVE` keeps it.
 
-Compared with 3.0.2, a replay
+A run (:func:`replay_dead_letters`, :func:`replay_all`,
+:func:`discard_dead_letters`, :func:`summarize_dead_letters`,
+:func:`export_dead_letters`) visits the events that were in the dead-letter
+queue when it started, oldest first, each exactly once, over one connection:
 
-* uses one connection for the whole run;
-* keeps every property and header of the dead letter (a persistent event
-  stays persistent), dropping only RabbitMQ's ``x-death`` bookkeeping and
-  resetting the retry count, so the handler gets its retries again;
-* acknowledges a dead letter only after the broker took responsibility for
-  its republished copy (mandatory publishing, committed in batches: an
-  unroutable copy leaves its dead letter in place and raises
-  :class:`~domain_event_broker.PublishError`);
-* never offers the same event twice in one :func:`replay_all` run.
+* it holds at most two batches (200) of dead letters unacknowledged, whatever
+  the queue's length and however long a callback takes to answer;
+* an event kept in place (:data:`LEAVE`, or passed over by a filter) is
+  moved to the tail of the queue, with every property and header, in the
+  same transaction that removes it from the head; events kept keep their
+  order relative to each other; an event dead-lettered during the run lands
+  among them (behind those moved before it arrived), and the run does not
+  visit it;
+* a replayed copy keeps every property and header of the dead letter (a
+  persistent event stays persistent), dropping only RabbitMQ's ``x-death``
+  bookkeeping and resetting the retry count, so the handler gets its
+  retries again; the dead letter is removed only in the transaction that
+  publishes its copy, or after its copy was routed;
+* a copy that cannot be routed leaves its dead letter in place; the run
+  goes on with the others and raises :class:`ReplayIncompleteError`, with
+  the counts, at the end;
+* a lost connection is reconnected; the run goes on where it was, losing
+  nothing and doing nothing twice. One window remains: the first event of
+  each routing key is replayed on its own (to learn whether its copy can be
+  routed) before its dead letter is removed; if the connection goes during
+  that commit, that copy may reach the handler twice.
 
 Message callbacks are called with keyword arguments only. A callback taking
 ``**kwargs`` (as most written for 3.0.2 do) receives ``frame`` (pika's
@@ -31,50 +46,67 @@ something slow, such as a person's answer.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from decimal import Decimal
-from types import TracebackType
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import pika
 import pika.exceptions
 import pika.spec
-from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _config, _headers, _instrument, _management, _names
+from . import _config, _management, _names
 from ._config import UNSET, BrokerConfig, ConnectionSettings
 from ._connection import CONNECTION_ERRORS, close_quietly, connect
+from ._deadletters import (
+    DeadLetter,
+    DeadLetterFilter,
+    DeadLetterSummary,
+    decode_event,
+    failure_reason,
+    from_record,
+    parked_properties,
+    parse_age,
+    to_record,
+    topic_matches,
+)
+from ._rotation import BATCH_SIZE, PREFETCH, SKIP, Item, Session
 from .errors import (
     ConfigurationError,
-    DeadLetterQueueNotFoundError,
     DomainEventBrokerError,
-    MalformedEventError,
     PublishError,
     translate_pika_error,
 )
-from .events import DomainEvent
 
 __all__ = [
+    "BATCH_SIZE",
     "DISCARD",
     "LEAVE",
     "RETRY",
     "DeadLetter",
+    "DeadLetterFilter",
+    "DeadLetterSummary",
     "HandlerStatus",
     "QueueStatus",
+    "ReplayIncompleteError",
     "ReplayResult",
+    "discard_dead_letters",
+    "export_dead_letters",
     "failure_reason",
     "handler_status",
+    "import_dead_letters",
     "inspect_dead_letters",
+    "parse_age",
     "replay_all",
     "replay_dead_letters",
     "replay_event",
     "retry_event",
+    "summarize_dead_letters",
+    "topic_matches",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,8 +127,20 @@ DEFAULT_RETRY_DELAY: Final = 10.0
 #: Reply code of a passive declaration of something that does not exist.
 _NOT_FOUND: Final = 404
 
+#: A callback slower than this (seconds), or one that takes ``keepalive``
+#: (it waits for something, e.g. a person), has each answer carried out at
+#: once instead of batched.
+SLOW_CALLBACK: Final = 0.05
+#: :func:`inspect_dead_letters` with a ``limit`` up to this holds the dead
+#: letters and returns them in place; beyond, it walks the whole queue.
+INSPECT_WINDOW: Final = 1000
+
 MessageCallback = Callable[..., str]
 """A replay callback: called with keyword arguments, returns an action."""
+
+Progress = Callable[["ReplayResult", int], None]
+"""Called after each event a run carried out: the counts so far, and the
+number of events the run covers."""
 
 
 def retry_event(body: bytes, **kwargs: Any) -> str:
@@ -125,136 +169,47 @@ class ReplayResult:
         left: events kept in the dead-letter queue (:data:`LEAVE`).
         remaining: messages in the dead-letter queue when the run ended,
             the events left included.
+        skipped: events a filter passed over (kept in place, not offered).
+        unroutable: events answered :data:`RETRY` whose copy could not be
+            routed to the handler; kept in the dead-letter queue.
 
     .. versionadded:: 4.0
+    .. versionchanged:: 4.1 ``skipped`` and ``unroutable``.
     """
 
     replayed: int = 0
     discarded: int = 0
     left: int = 0
     remaining: int = 0
+    skipped: int = 0
+    unroutable: int = 0
 
     @property
     def offered(self) -> int:
         """How many events the callback was asked about."""
-        return self.replayed + self.discarded + self.left
+        return self.replayed + self.discarded + self.left + self.unroutable
+
+    @property
+    def visited(self) -> int:
+        """How many events the run went through, skipped ones included."""
+        return self.offered + self.skipped
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """One dead-lettered event, as :func:`inspect_dead_letters` saw it.
+class ReplayIncompleteError(PublishError):
+    """Some replayed events could not be routed to their handler.
+
+    Raised at the end of a run that carried out everything else; the events
+    concerned stay in the dead-letter queue.
 
     Attributes:
-        routing_key: the routing key it was dead-lettered with (its event's).
-        body: the raw message body.
-        properties: the AMQP properties, headers included.
-        event: the decoded event, or ``None`` when the body is not one.
+        result: the counts of the whole run.
 
-    .. versionadded:: 4.0
+    .. versionadded:: 4.1
     """
 
-    routing_key: str
-    body: bytes
-    properties: pika.BasicProperties = field(repr=False)
-    event: DomainEvent | None = field(repr=False)
-
-    @property
-    def headers(self) -> Mapping[str, Any]:
-        """The message's AMQP headers (empty when it has none)."""
-        return self.properties.headers or {}
-
-    @property
-    def uuid_string(self) -> str | None:
-        """The event's uuid, or the message id of a malformed body."""
-        if self.event is not None:
-            return self.event.uuid_string
-        message_id = self.properties.message_id
-        return message_id if isinstance(message_id, str) else None
-
-    @property
-    def retry_count(self) -> int:
-        """How many retries the handler had asked for before it gave up."""
-        return _headers.retry_count(self.headers)
-
-    @property
-    def exception_type(self) -> str | None:
-        """Qualified class name of the exception that dead-lettered the event."""
-        return _text_header(self.headers, _headers.EXCEPTION_TYPE)
-
-    @property
-    def exception_message(self) -> str | None:
-        """The message of that exception."""
-        return _text_header(self.headers, _headers.EXCEPTION_MESSAGE)
-
-    @property
-    def exception_traceback(self) -> str | None:
-        """Its traceback (possibly truncated)."""
-        return _text_header(self.headers, _headers.EXCEPTION_TRACEBACK)
-
-    @property
-    def failed_handler(self) -> str | None:
-        """The handler that failed."""
-        return _text_header(self.headers, _headers.FAILED_HANDLER)
-
-    @property
-    def failed_at(self) -> float | None:
-        """When it was dead-lettered (Unix seconds), if known.
-
-        From this library's ``x-failed-at`` header, else from RabbitMQ's
-        ``x-death`` header (dead letters of 3.0.2).
-        """
-        value = self.headers.get(_headers.FAILED_AT)
-        if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, (str, bytes)):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        death = _first_death(self.headers)
-        when = death.get("time") if death else None
-        if isinstance(when, datetime):
-            return when.timestamp()
-        return None
-
-    @property
-    def reason(self) -> str:
-        """Why the event was dead-lettered, in one line."""
-        return failure_reason(self.properties)
-
-    def age(self, now: float | None = None) -> float | None:
-        """How long ago the event was dead-lettered.
-
-        Args:
-            now: the current time (Unix seconds); default: now.
-
-        Returns:
-            Seconds since it was dead-lettered, else since it was published,
-            or ``None`` when neither is known.
-        """
-        since = self.failed_at
-        if since is None and self.event is not None:
-            since = self.event.timestamp
-        if since is None:
-            return None
-        return max(0.0, (time.time() if now is None else now) - since)
-
-    def as_dict(self, now: float | None = None) -> dict[str, Any]:
-        """A JSON-serializable summary (what ``inspect --json`` prints)."""
-        return {
-            "routing_key": self.routing_key,
-            "uuid_string": self.uuid_string,
-            "age_seconds": self.age(now),
-            "failed_at": self.failed_at,
-            "reason": self.reason,
-            "exception_type": self.exception_type,
-            "exception_message": self.exception_message,
-            "exception_traceback": self.exception_traceback,
-            "failed_handler": self.failed_handler,
-            "retry_count": self.retry_count,
-            "event": None if self.event is None else self.event.event_data,
-            "body": None if self.event is not None else self.body.decode("utf-8", "replace"),
-        }
+    def __init__(self, message: str, result: ReplayResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -316,67 +271,6 @@ class HandlerStatus:
         }
 
 
-def failure_reason(properties: pika.BasicProperties | None) -> str:
-    """Why a dead letter failed, in one line, from its headers.
-
-    Args:
-        properties: the dead letter's AMQP properties.
-
-    Returns:
-        ``"<exception type>: <message>"`` when this library dead-lettered it,
-        RabbitMQ's reason (e.g. ``"rejected"``) for dead letters of 3.0.2,
-        else ``"unknown"``.
-
-    .. versionadded:: 4.0
-    """
-    headers: Mapping[str, Any] = (properties.headers if properties is not None else None) or {}
-    exception_type = _text_header(headers, _headers.EXCEPTION_TYPE)
-    if exception_type:
-        message = _text_header(headers, _headers.EXCEPTION_MESSAGE)
-        first_line = message.strip().splitlines()[0] if message and message.strip() else ""
-        return f"{exception_type}: {first_line}" if first_line else exception_type
-    death = _first_death(headers)
-    if death and death.get("reason"):
-        reason = death["reason"]
-        reason = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
-        return f"{reason} by queue {_text(death.get('queue')) or '?'} (no exception recorded)"
-    return "unknown"
-
-
-def _text(value: object) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, str):
-        return value
-    return None
-
-
-def _text_header(headers: Mapping[str, Any], key: str) -> str | None:
-    return _text(headers.get(key))
-
-
-def _first_death(headers: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
-        return deaths[0]
-    return None
-
-
-def _decode(body: bytes) -> DomainEvent | None:
-    try:
-        return DomainEvent.from_json(body)
-    except MalformedEventError:
-        return None
-
-
-def _replay_properties(properties: pika.BasicProperties | None) -> pika.BasicProperties:
-    """The dead letter's properties for its republished copy: all kept,
-    except RabbitMQ's death headers (dropped) and the retry count (reset)."""
-    headers = _headers.without_death_headers(properties.headers if properties else None)
-    headers.pop(_headers.RETRY_COUNT, None)
-    return _headers.copy_properties(properties, headers)
-
-
 # -- calling callbacks --------------------------------------------------------
 
 
@@ -406,320 +300,191 @@ def _callback_arguments(callback: Callable[..., Any]) -> frozenset[str]:
     return frozenset(named & _ALL_ARGUMENTS)
 
 
-# -- the session ----------------------------------------------------------------
-
-#: Replayed copies published per transaction, at most.
-BATCH_SIZE: Final = 100
-#: A callback slower than this (seconds), or one that takes ``keepalive``
-#: (it waits for something, e.g. a person), has each answer carried out at
-#: once instead of batched.
-SLOW_CALLBACK: Final = 0.05
+# -- running ----------------------------------------------------------------------
 
 
-class _DeadLetterSession:
-    """One connection to a handler's dead-letter queue, for a whole run.
+def _result(session: Session, remaining: int = 0) -> ReplayResult:
+    counts = session.counts
+    return ReplayResult(
+        replayed=counts.replayed,
+        discarded=counts.discarded,
+        left=counts.left,
+        remaining=remaining,
+        skipped=counts.skipped,
+        unroutable=counts.unroutable,
+    )
 
-    Dead letters are taken with :meth:`get` on one channel and stay
-    unacknowledged until :meth:`ack` or :meth:`flush`; leaving the session
-    returns all others to the queue, in their places.
 
-    Replayed copies go out on a second, transactional channel, in batches:
-    RabbitMQ answers ``tx.commit`` only once every message of the batch is
-    routed and, when persistent, written to disk, and it sends the
-    ``basic.return`` of an unroutable (mandatory) message before that answer.
-    So a dead letter is acknowledged only after its copy is safely in the
-    handler's queue, as with publisher confirms, without waiting for the
-    disk once per message.
+def _letter(item: Item) -> DeadLetter:
+    return DeadLetter(
+        routing_key=item.routing_key,
+        body=item.body,
+        properties=item.logical,
+        event=decode_event(item.body),
+    )
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
+
+
+def _check_filter(where: DeadLetterFilter | None) -> DeadLetterFilter:
+    if where is None:
+        return DeadLetterFilter()
+    if not isinstance(where, DeadLetterFilter):
+        raise TypeError(f"where must be a DeadLetterFilter or None, not {type(where).__name__}")
+    return where
+
+
+def _walk(
+    name: str,
+    config: BrokerConfig,
+    purpose: str,
+    decide: Callable[[Item, Session], str | None],
+    *,
+    limit: int | None = None,
+    on_progress: Progress | None = None,
+    before_commit: Callable[[], None] | None = None,
+    counts_skipped: bool = True,
+    prefetch: int = PREFETCH,
+) -> ReplayResult:
+    """Visit the dead letters of ``name`` present at the start, once each.
+
+    ``decide`` returns the action for an item, or ``None`` when it already
+    flushed the session itself. ``limit`` bounds the items not skipped;
+    ``counts_skipped=False`` promises none is skipped (so progress reports
+    ``limit`` as the total when it is smaller).
     """
+    total = 0
 
-    def __init__(self, name: str, config: BrokerConfig, purpose: str) -> None:
-        self.name = name
-        self.queue = _names.dead_letter_queue(name)
-        self.exchange = _names.retry_exchange(name)
-        self._config = config
-        self._purpose = purpose
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-        self._publisher: BlockingChannel | None = None
-        self._unacked = 0
-        self._batch: list[pika.spec.Basic.GetOk] = []
-        self._returned: set[str] = set()
-        self.count_at_start = 0
+    def done(item: Item) -> None:
+        if on_progress is not None:
+            on_progress(_result(session), total)
 
-    @property
-    def unacked(self) -> int:
-        """Dead letters taken and neither acknowledged nor returned yet."""
-        return self._unacked
-
-    def __enter__(self) -> _DeadLetterSession:
-        self._connection = connect(
-            self._config, f"domain-event-broker {self._purpose} (pid {os.getpid()})"
-        )
+    if limit is not None and not counts_skipped:
+        prefetch = max(1, min(prefetch, limit))  # replay_event: one, not two batches
+    with Session(
+        name, config, purpose, on_done=done, before_commit=before_commit, prefetch=prefetch
+    ) as session:
+        total = session.count_at_start
+        if limit is not None and not counts_skipped:
+            total = min(total, limit)
+        log.info("Going through %d dead letter(s) of %s (%s)", total, session.queue, purpose)
+        chosen = 0
         try:
-            self._channel = self._connection.channel()
-            self.count_at_start = self._declare_passively()
-        except BaseException:
-            close_quietly(self._connection)
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            if exc is None:
-                self.return_unacked()
-            elif self._unacked:
-                # Best effort: closing the connection returns them anyway.
+            for _ in range(total):
+                if limit is not None and chosen >= limit:
+                    break
+                item = session.get()
+                if item is None:
+                    break
+                action = decide(item, session)
+                if action is not None:
+                    session.decide(item, action)
+                if item.action != SKIP:
+                    chosen += 1
+                if session.pending >= BATCH_SIZE:
+                    session.flush()
+        except Exception as exc:
+            if not isinstance(exc, DomainEventBrokerError):
+                # Carry out what was answered before.
                 try:
-                    self.return_unacked()
+                    session.flush()
                 except DomainEventBrokerError:
-                    log.debug("Could not return dead letters before closing", exc_info=True)
-        finally:
-            # Uncommitted copies are discarded with the channel.
-            close_quietly(self._connection)
-
-    def _broker_error(self, exc: BaseException, doing: str) -> DomainEventBrokerError:
-        return translate_pika_error(exc, f"{doing} (dead-letter queue {self.queue!r})")
-
-    def _declare_passively(self) -> int:
-        assert self._channel is not None
-        try:
-            frame = self._channel.queue_declare(self.queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == _NOT_FOUND:
-                raise DeadLetterQueueNotFoundError(
-                    f"handler {self.name!r} has no dead-letter queue {self.queue!r} on "
-                    f"{self._config.display} (was it registered with dead_letter=True?)"
-                ) from exc
-            raise self._broker_error(exc, "looking up the queue") from exc
-        except CONNECTION_ERRORS as exc:
-            raise self._broker_error(exc, "looking up the queue") from exc
-        return int(frame.method.message_count)
-
-    def count(self) -> int:
-        """Messages ready in the dead-letter queue now."""
-        return self._declare_passively()
-
-    def get(self) -> tuple[pika.spec.Basic.GetOk, pika.BasicProperties, bytes] | None:
-        """Take the next dead letter, unacknowledged, or ``None`` when empty."""
-        assert self._channel is not None
-        try:
-            method, properties, body = self._channel.basic_get(self.queue, auto_ack=False)
-        except CONNECTION_ERRORS as exc:
-            raise self._broker_error(exc, "reading a dead letter") from exc
-        if method is None:
-            return None
-        self._unacked += 1
-        return method, properties, body
-
-    def _publishing_channel(self) -> BlockingChannel:
-        if self._publisher is None:
-            assert self._connection is not None
-            doing = f"replaying to exchange {self.exchange!r}"
-            try:
-                channel = self._connection.channel()
-                # Fail clearly and early if the exchange is missing: a publish
-                # to it would close the channel without telling why.
-                channel.exchange_declare(self.exchange, passive=True)
-                channel.tx_select()
-                channel.add_on_return_callback(self._on_returned)
-            except CONNECTION_ERRORS as exc:
-                raise self._publish_error(exc, doing) from exc
-            self._publisher = channel
-        return self._publisher
-
-    def _on_returned(
-        self,
-        channel: BlockingChannel,
-        method: pika.spec.Basic.Return,
-        properties: pika.BasicProperties,
-        body: bytes,
-    ) -> None:
-        # The retry exchange is a topic exchange: whether a copy is routable
-        # depends on its routing key only.
-        self._returned.add(method.routing_key)
-
-    def republish(
-        self, frame: pika.spec.Basic.GetOk, properties: pika.BasicProperties, body: bytes
-    ) -> None:
-        """Publish a copy to the handler's retry exchange, in the current
-        batch; the dead letter is acknowledged when the batch is committed."""
-        channel = self._publishing_channel()
-        copy = _replay_properties(properties)
-        headers = dict(copy.headers or {})
-        try:
-            with _instrument.replay_span(
-                copy.message_id, self.exchange, frame.routing_key, headers
-            ):
-                copy.headers = headers or None  # with the replay span's trace context
-                channel.basic_publish(
-                    exchange=self.exchange,
-                    routing_key=frame.routing_key,
-                    body=body,
-                    properties=copy,
-                    mandatory=True,
-                )
-        except CONNECTION_ERRORS as exc:
-            raise self._publish_error(exc, f"replaying {frame.routing_key!r}") from exc
-        self._batch.append(frame)
-
-    @property
-    def batch_size(self) -> int:
-        """Copies published and not committed yet."""
-        return len(self._batch)
-
-    def flush(self) -> None:
-        """Commit the current batch, then acknowledge the dead letters whose
-        copies were routed.
-
-        Raises:
-            PublishError: some copies could not be routed, or the retry
-                exchange does not exist; their dead letters stay in place.
-            BrokerError: the commit failed; the batch's dead letters stay.
-        """
-        if not self._batch:
-            return
-        batch, self._batch = self._batch, []
-        assert self._publisher is not None and self._connection is not None
-        doing = f"replaying {len(batch)} event(s) to exchange {self.exchange!r}"
-        try:
-            self._publisher.tx_commit()
-            # Dispatch the basic.return frames that came before commit-ok.
-            self._connection.process_data_events(0)
-        except CONNECTION_ERRORS as exc:
-            raise self._publish_error(exc, doing) from exc
-        returned, self._returned = self._returned, set()
-        for frame in batch:
-            if frame.routing_key not in returned:
-                self.ack(frame)
-        if returned:
-            keys = ", ".join(repr(key) for key in sorted(returned))
-            raise PublishError(
-                f"{doing}: no queue is bound for routing key(s) {keys} (does the handler's "
-                f"queue {self.name!r} still exist?); those dead letters were left in place"
-            )
-
-    def _publish_error(self, exc: BaseException, doing: str) -> DomainEventBrokerError:
-        """The library error for a failed publish or commit; the channel is
-        gone with its uncommitted copies, the dead letters stay."""
-        self._publisher = None
-        self._batch = []
-        if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == _NOT_FOUND:
-            return PublishError(
-                f"{doing}: the exchange does not exist; the dead letters were left in place"
-            )
-        return self._broker_error(exc, doing)
-
-    def ack(self, frame: pika.spec.Basic.GetOk) -> None:
-        """Remove a dead letter taken with :meth:`get`."""
-        assert self._channel is not None
-        try:
-            self._channel.basic_ack(frame.delivery_tag)
-        except CONNECTION_ERRORS as exc:
-            raise self._broker_error(exc, "acknowledging a dead letter") from exc
-        self._unacked -= 1
-
-    def return_unacked(self) -> None:
-        """Put every dead letter taken and not acknowledged back in its place."""
-        if not self._unacked or self._channel is None or not self._channel.is_open:
-            return
-        try:
-            # delivery tag 0 with multiple: every unacknowledged message.
-            self._channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
-        except CONNECTION_ERRORS as exc:
-            raise self._broker_error(exc, "returning dead letters") from exc
-        self._unacked = 0
-
-    def keepalive(self) -> None:
-        """Service the connection (heartbeats) while the caller waits."""
-        if self._connection is None:
-            return
-        try:
-            self._connection.process_data_events(0)
-        except CONNECTION_ERRORS as exc:
-            raise self._broker_error(exc, "keeping the connection alive") from exc
+                    log.warning("Carrying out the answers given before failed", exc_info=True)
+            raise
+        session.stop_taking()
+        session.flush()
+        result = _result(session, session.finish())
+    log.info(
+        "%s: replayed %d, discarded %d, left %d, skipped %d, unroutable %d; %d remaining",
+        session.queue,
+        result.replayed,
+        result.discarded,
+        result.left,
+        result.skipped,
+        result.unroutable,
+        result.remaining,
+    )
+    if result.unroutable:
+        reasons = "; ".join(
+            f"{reason} {', '.join(repr(key) for key in sorted(keys)[:10])}"
+            + (" ..." if len(keys) > 10 else "")
+            for reason, keys in session.counts.unroutable_reasons.items()
+        )
+        error = ReplayIncompleteError(
+            f"{result.unroutable} dead letter(s) of {session.queue!r} could not be replayed "
+            f"({reasons}); they were left in place (does the handler's queue {name!r} still "
+            "exist and is it bound?)",
+            result,
+        )
+        cause = session.exchange_error
+        if cause is not None:
+            raise error from cause
+        raise error
+    return result
 
 
-# -- replay ---------------------------------------------------------------------
-
-
-def _run(
+def _replay(
     name: str,
     message_callback: MessageCallback,
     config: BrokerConfig,
     limit: int | None,
-    on_progress: Callable[[ReplayResult, int], None] | None,
+    on_progress: Progress | None,
+    where: DeadLetterFilter,
 ) -> ReplayResult:
     wanted = _callback_arguments(message_callback)
     # A callback that waits (for a person, say) has each answer carried out
     # at once, before it is asked about the next event.
     interactive = "keepalive" in wanted
-    replayed = discarded = left = 0
-    with _DeadLetterSession(name, config, "replay") as session:
-        # Bounded by the count at the start: events dead-lettered during the
-        # run, and events left (held unacknowledged until the end), are never
-        # offered twice.
-        total = session.count_at_start if limit is None else min(limit, session.count_at_start)
-        log.info("Replaying up to %d dead letter(s) from %s", total, session.queue)
-        try:
-            for _ in range(total):
-                message = session.get()
-                if message is None:
-                    break
-                frame, properties, body = message
-                arguments: dict[str, Any] = {"frame": frame, "header": properties, "body": body}
-                if "event" in wanted:
-                    arguments["event"] = _decode(body)
-                arguments["keepalive"] = session.keepalive
-                started = time.monotonic()
-                action = message_callback(
-                    **{key: value for key, value in arguments.items() if key in wanted}
-                )
-                slow = interactive or time.monotonic() - started > SLOW_CALLBACK
-                if action == RETRY:
-                    session.republish(frame, properties, body)
-                    replayed += 1
-                    log.debug("Replaying %s to %s", frame.routing_key, session.exchange)
-                    if slow or session.batch_size >= BATCH_SIZE:
-                        session.flush()
-                elif action == DISCARD:
-                    session.ack(frame)
-                    discarded += 1
-                    log.info("Discarded a dead letter %s", frame.routing_key)
-                elif action == LEAVE:
-                    left += 1
-                else:
-                    raise ValueError(
-                        f"the replay callback returned {action!r}; expected RETRY, LEAVE or "
-                        f"DISCARD (the event was left in the dead-letter queue)"
-                    )
-                if on_progress is not None:
-                    on_progress(ReplayResult(replayed, discarded, left), total)
-        except Exception as exc:
-            if not isinstance(exc, DomainEventBrokerError):
-                # Carry out what the callback answered before.
-                try:
-                    session.flush()
-                except DomainEventBrokerError:
-                    log.warning("Replaying the events answered before failed", exc_info=True)
-            raise
-        session.flush()
-        log.info(
-            "Replayed %d, discarded %d, left %d dead letter(s) of %s",
-            replayed,
-            discarded,
-            left,
-            session.queue,
+    everything = where.matches_everything
+    visited = 0
+
+    def decide(item: Item, session: Session) -> str | None:
+        if not everything and not where.matches(_letter(item)):
+            return SKIP
+        nonlocal visited
+        visited += 1
+        # What basic.get gave 3.0.2's callbacks; the routing key is the
+        # event's own, even after a move to the tail.
+        delivered = item.frame
+        frame = pika.spec.Basic.GetOk(
+            delivered.delivery_tag,
+            delivered.redelivered,
+            delivered.exchange,
+            item.routing_key,
+            max(0, session.count_at_start - visited),
         )
-        # Requeueing is asynchronous on the broker: count the queue before,
-        # then add the events left, which are about to return to it.
-        remaining = session.count() + session.unacked
-        session.return_unacked()
-    return ReplayResult(replayed, discarded, left, remaining)
+        arguments: dict[str, Any] = {"frame": frame, "header": item.logical, "body": item.body}
+        if "event" in wanted:
+            arguments["event"] = decode_event(item.body)
+        arguments["keepalive"] = session.keepalive
+        started = time.monotonic()
+        action = message_callback(
+            **{key: value for key, value in arguments.items() if key in wanted}
+        )
+        if action not in _ACTIONS:
+            raise ValueError(
+                f"the replay callback returned {action!r}; expected RETRY, LEAVE or "
+                f"DISCARD (the event was left in the dead-letter queue)"
+            )
+        session.decide(item, action)
+        if interactive or time.monotonic() - started > SLOW_CALLBACK:
+            session.flush()
+        return None
+
+    return _walk(
+        name,
+        config,
+        "replay",
+        decide,
+        limit=limit,
+        on_progress=on_progress,
+        counts_skipped=not everything,
+        # A person answering holds only the event on screen.
+        prefetch=1 if interactive else PREFETCH,
+    )
 
 
 def replay_dead_letters(
@@ -728,14 +493,14 @@ def replay_dead_letters(
     connection_settings: ConnectionSettings = UNSET,
     *,
     limit: int | None = None,
-    on_progress: Callable[[ReplayResult, int], None] | None = None,
+    on_progress: Progress | None = None,
+    where: DeadLetterFilter | None = None,
 ) -> ReplayResult:
     """Offer the dead letters of handler ``name`` to ``message_callback``,
     and do what it answers, over one connection.
 
     Events are offered oldest first, each at most once per call: the run
-    covers the messages in the dead-letter queue when it starts (or the
-    first ``limit`` of them).
+    covers the messages in the dead-letter queue when it starts.
 
     Args:
         name: the handler (queue) name given to ``Subscriber.register``.
@@ -745,29 +510,33 @@ def replay_dead_letters(
         connection_settings: an AMQP URL or list of URLs; left out: the
             configured default.
         limit: offer at most this many events; ``None`` for all.
-        on_progress: called after each event with the counts so far and the
-            number of events the run covers.
+        on_progress: called after each event carried out with the counts so
+            far and the number of events the run covers.
+        where: offer only the events this filter picks; the others stay in
+            place (counted as ``skipped``).
 
     Returns:
         The counts of the run; with ``connection_settings=None`` all zero.
 
     Raises:
-        ValueError: the callback returned something else (that event and the
-            events left so far stay in the dead-letter queue).
+        ValueError: the callback returned something else (that event stays
+            in the dead-letter queue, the answers before are carried out).
         DeadLetterQueueNotFoundError: ``name`` has no dead-letter queue;
             nothing was created on the broker.
-        PublishError: a replayed event could not be routed or was refused;
-            it stays in the dead-letter queue.
-        BrokerError: talking to the broker failed.
+        ReplayIncompleteError: some replayed events could not be routed;
+            they stay in the dead-letter queue, the rest was carried out.
+        BrokerError: talking to the broker failed, and reconnecting did not
+            help; what was carried out stays carried out, the rest in place.
 
     .. versionadded:: 4.0
+    .. versionchanged:: 4.1 ``where``; unroutable events no longer stop the run.
     """
-    if limit is not None and (isinstance(limit, bool) or limit < 0):
-        raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
+    _check_limit(limit)
+    where = _check_filter(where)
     config = _config.resolve(connection_settings)
     if config is None:
         return ReplayResult()
-    return _run(name, message_callback, config, limit, on_progress)
+    return _replay(name, message_callback, config, limit, on_progress, where)
 
 
 def replay_event(
@@ -794,14 +563,14 @@ def replay_event(
     Raises:
         ValueError: the callback returned something else; the event stays.
         DeadLetterQueueNotFoundError: ``queue_name`` has no dead-letter queue.
-        PublishError: the replayed event could not be routed or was refused;
-            it stays in the dead-letter queue.
+        ReplayIncompleteError: the replayed event could not be routed; it
+            stays in the dead-letter queue.
         BrokerError: talking to the broker failed.
     """
     config = _config.resolve(connection_settings)
     if config is None:
         return 0
-    result = _run(queue_name, message_callback, config, 1, None)
+    result = _replay(queue_name, message_callback, config, 1, None, DeadLetterFilter())
     return max(0, result.remaining - result.left)
 
 
@@ -809,6 +578,8 @@ def replay_all(
     queue_name: str,
     message_callback: MessageCallback = retry_event,
     connection_settings: ConnectionSettings = UNSET,
+    *,
+    where: DeadLetterFilter | None = None,
 ) -> int:
     """Offer every dead letter of handler ``queue_name`` to
     ``message_callback`` once, over one connection.
@@ -822,6 +593,7 @@ def replay_all(
             ``<queue_name>-dl``.
         message_callback: as for :func:`replay_event`.
         connection_settings: as for :func:`replay_event`.
+        where: offer only the events this filter picks (4.1).
 
     Returns:
         The number of messages in the dead-letter queue when the run ended:
@@ -831,14 +603,80 @@ def replay_all(
         ValueError: the callback returned something else; that event and the
             events left so far stay in the dead-letter queue.
         DeadLetterQueueNotFoundError: ``queue_name`` has no dead-letter queue.
-        PublishError: a replayed event could not be routed or was refused;
-            it stays in the dead-letter queue.
+        ReplayIncompleteError: some replayed events could not be routed.
         BrokerError: talking to the broker failed.
     """
-    return replay_dead_letters(queue_name, message_callback, connection_settings).remaining
+    return replay_dead_letters(
+        queue_name, message_callback, connection_settings, where=where
+    ).remaining
 
 
-# -- looking without touching -------------------------------------------------
+def discard_dead_letters(
+    name: str,
+    connection_settings: ConnectionSettings = UNSET,
+    *,
+    where: DeadLetterFilter | None = None,
+    limit: int | None = None,
+    export_to: IO[str] | None = None,
+    on_progress: Progress | None = None,
+) -> ReplayResult:
+    """Remove the dead letters of handler ``name`` that ``where`` picks.
+
+    Args:
+        name: the handler (queue) name.
+        connection_settings: an AMQP URL or list of URLs; left out: the
+            configured default.
+        where: which ones; ``None``: all of them.
+        limit: remove at most this many.
+        export_to: a text file: each dead letter removed is first written to
+            it as a line of JSON (see :func:`export_dead_letters`), flushed
+            and synced to disk before the removal is committed.
+        on_progress: as for :func:`replay_dead_letters`.
+
+    Returns:
+        The counts: ``discarded`` and ``skipped``.
+
+    Raises:
+        DeadLetterQueueNotFoundError: ``name`` has no dead-letter queue.
+        BrokerError: talking to the broker failed.
+
+    .. versionadded:: 4.1
+    """
+    _check_limit(limit)
+    where = _check_filter(where)
+    config = _config.resolve(connection_settings)
+    if config is None:
+        return ReplayResult()
+    everything = where.matches_everything
+
+    def decide(item: Item, session: Session) -> str:
+        letter = _letter(item)
+        if not everything and not where.matches(letter):
+            return SKIP
+        if export_to is not None:
+            export_to.write(to_record(letter) + "\n")
+        return DISCARD
+
+    return _walk(
+        name,
+        config,
+        "discard",
+        decide,
+        limit=limit,
+        on_progress=on_progress,
+        before_commit=None if export_to is None else lambda: _sync(export_to),
+        counts_skipped=not everything,
+    )
+
+
+def _sync(file: IO[str]) -> None:
+    file.flush()
+    # Not a real file (a StringIO): flushed is all there is to do.
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        os.fsync(file.fileno())
+
+
+# -- looking without removing -------------------------------------------------------
 
 
 def inspect_dead_letters(
@@ -849,9 +687,10 @@ def inspect_dead_letters(
 ) -> list[DeadLetter]:
     """The oldest dead letters of handler ``name``, left in place.
 
-    The messages are taken unacknowledged and returned to the queue, in
-    their places, before this function returns (RabbitMQ marks them
-    redelivered).
+    Up to :data:`INSPECT_WINDOW` dead letters are taken unacknowledged and
+    returned to their places before this function returns (RabbitMQ marks
+    them redelivered). More (``limit=None`` or a larger limit) are walked
+    through like a :data:`LEAVE` run: each moves to the tail of the queue.
 
     Args:
         name: the handler (queue) name.
@@ -868,28 +707,199 @@ def inspect_dead_letters(
 
     .. versionadded:: 4.0
     """
-    if limit is not None and (isinstance(limit, bool) or limit < 0):
-        raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
+    _check_limit(limit)
     config = _config.resolve(connection_settings)
     if config is None:
         return []
     letters: list[DeadLetter] = []
-    with _DeadLetterSession(name, config, "inspect") as session:
-        total = session.count_at_start if limit is None else min(limit, session.count_at_start)
-        for _ in range(total):
-            message = session.get()
-            if message is None:
-                break
-            frame, properties, body = message
-            letters.append(
-                DeadLetter(
-                    routing_key=frame.routing_key,
-                    body=body,
-                    properties=properties,
-                    event=_decode(body),
-                )
-            )
+    if limit is not None and limit <= INSPECT_WINDOW:
+        with Session(name, config, "inspect", prefetch=max(1, limit)) as session:
+            for _ in range(min(limit, session.count_at_start)):
+                item = session.get()
+                if item is None:
+                    break
+                letters.append(_letter(item))
+        # Closing the channel returned them to their places.
+        return letters
+
+    def keep(item: Item, session: Session) -> str:
+        letters.append(_letter(item))
+        return SKIP
+
+    _walk(name, config, "inspect", keep, limit=limit)
     return letters
+
+
+def summarize_dead_letters(
+    name: str,
+    connection_settings: ConnectionSettings = UNSET,
+    *,
+    where: DeadLetterFilter | None = None,
+    on_progress: Progress | None = None,
+) -> DeadLetterSummary:
+    """Count the dead letters of handler ``name`` by exception type, failing
+    handler, routing key and age, in one pass and bounded memory.
+
+    Nothing is removed: each dead letter moves to the tail of the queue,
+    so their order is kept (events dead-lettered meanwhile land among them,
+    behind those moved before they arrived).
+
+    Args:
+        name: the handler (queue) name.
+        connection_settings: an AMQP URL or list of URLs; left out: the
+            configured default.
+        where: count only the dead letters this filter picks (``scanned``
+            counts all).
+        on_progress: as for :func:`replay_dead_letters`.
+
+    Returns:
+        The counts.
+
+    Raises:
+        DeadLetterQueueNotFoundError: ``name`` has no dead-letter queue.
+        BrokerError: talking to the broker failed.
+
+    .. versionadded:: 4.1
+    """
+    where = _check_filter(where)
+    summary = DeadLetterSummary()
+    config = _config.resolve(connection_settings)
+    if config is None:
+        return summary
+    now = time.time()
+
+    def count(item: Item, session: Session) -> str:
+        letter = _letter(item)
+        summary.scanned += 1
+        if where.matches(letter, now):
+            summary.add(letter, now)
+        return SKIP
+
+    _walk(name, config, "summary", count, on_progress=on_progress)
+    return summary
+
+
+def export_dead_letters(
+    name: str,
+    file: IO[str],
+    connection_settings: ConnectionSettings = UNSET,
+    *,
+    where: DeadLetterFilter | None = None,
+    on_progress: Progress | None = None,
+) -> int:
+    """Write the dead letters of handler ``name`` to ``file``, one JSON
+    object per line, without removing them.
+
+    Each line has the routing key, the body in base64 (exact bytes), every
+    AMQP property, and every header (values JSON cannot hold exactly are
+    tagged, e.g. ``{"$bytes": "..."}``). :func:`import_dead_letters` puts
+    them back. Each dead letter moves to the tail of its queue, as in
+    :func:`summarize_dead_letters`.
+
+    Args:
+        name: the handler (queue) name.
+        file: a text file open for writing.
+        connection_settings: an AMQP URL or list of URLs; left out: the
+            configured default.
+        where: write only the dead letters this filter picks.
+        on_progress: as for :func:`replay_dead_letters`.
+
+    Returns:
+        How many dead letters were written.
+
+    Raises:
+        DeadLetterQueueNotFoundError: ``name`` has no dead-letter queue.
+        BrokerError: talking to the broker failed.
+
+    .. versionadded:: 4.1
+    """
+    where = _check_filter(where)
+    config = _config.resolve(connection_settings)
+    if config is None:
+        return 0
+    written = 0
+    everything = where.matches_everything
+
+    def write(item: Item, session: Session) -> str:
+        nonlocal written
+        letter = _letter(item)
+        if everything or where.matches(letter):
+            file.write(to_record(letter) + "\n")
+            written += 1
+        return SKIP
+
+    _walk(name, config, "export", write, on_progress=on_progress)
+    file.flush()
+    return written
+
+
+def import_dead_letters(
+    name: str,
+    file: IO[str],
+    connection_settings: ConnectionSettings = UNSET,
+) -> int:
+    """Put dead letters written by :func:`export_dead_letters` (or
+    ``discard --export``) back into handler ``name``'s dead-letter queue,
+    at its tail, in the order of the file.
+
+    The whole file is checked before anything is sent; then the dead
+    letters are published in transactions of :data:`BATCH_SIZE`.
+
+    Args:
+        name: the handler (queue) name.
+        file: a text file open for reading (seekable: it is read twice).
+        connection_settings: an AMQP URL or list of URLs; left out: the
+            configured default.
+
+    Returns:
+        How many dead letters were put back.
+
+    Raises:
+        ValueError: a line is not an exported dead letter (nothing was sent).
+        DeadLetterQueueNotFoundError: ``name`` has no dead-letter queue.
+        BrokerError: talking to the broker failed; the error says how many
+            were put back before.
+
+    .. versionadded:: 4.1
+    """
+    start = file.tell()
+    for number, line in enumerate(file, 1):
+        if line.strip():
+            try:
+                from_record(line)
+            except ValueError as exc:
+                raise ValueError(f"line {number}: {exc}") from None
+    file.seek(start)
+    config = _config.resolve(connection_settings)
+    if config is None:
+        return 0
+    queue = _names.dead_letter_queue(name)
+    imported = 0
+    with Session(name, config, "import") as session:
+        channel = session.channel
+        batch = 0
+        try:
+            for line in file:
+                if not line.strip():
+                    continue
+                routing_key, properties, body = from_record(line)
+                channel.basic_publish(
+                    "", queue, body, parked_properties(properties, routing_key), mandatory=True
+                )
+                batch += 1
+                if batch >= BATCH_SIZE:
+                    channel.tx_commit()
+                    imported += batch
+                    batch = 0
+            if batch:
+                channel.tx_commit()
+                imported += batch
+        except CONNECTION_ERRORS as exc:
+            raise translate_pika_error(
+                exc, f"importing into {queue!r} ({imported} dead letter(s) were put back before)"
+            ) from exc
+    log.info("Put %d dead letter(s) back into %s", imported, queue)
+    return imported
 
 
 def handler_status(

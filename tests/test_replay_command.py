@@ -17,7 +17,8 @@ django = pytest.importorskip("django")
 from django.conf import settings  # noqa: E402  # after importorskip
 from django.core.management import CommandError, call_command  # noqa: E402
 
-from domain_event_broker import DomainEvent, replay  # noqa: E402
+from domain_event_broker import DomainEvent  # noqa: E402
+from domain_event_broker import _rotation as rotation  # noqa: E402
 
 from . import replay_django_settings  # noqa: E402
 from .conftest import Names  # noqa: E402
@@ -204,13 +205,13 @@ def test_prompt_waits_in_slices_and_keeps_the_connection_alive(
     monkeypatch.setattr("sys.stdin", StringIO(""))
     monkeypatch.setattr("select.select", silent_select)
     serviced: list[None] = []
-    real_keepalive = replay._DeadLetterSession.keepalive
+    real_keepalive = rotation.Session.keepalive
 
-    def counting_keepalive(session: replay._DeadLetterSession) -> None:
+    def counting_keepalive(session: rotation.Session) -> None:
         serviced.append(None)
         real_keepalive(session)
 
-    monkeypatch.setattr(replay._DeadLetterSession, "keepalive", counting_keepalive)
+    monkeypatch.setattr(rotation.Session, "keepalive", counting_keepalive)
 
     lines = run(handler, "--interactive")
 

@@ -48,14 +48,25 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         callback: replay.MessageCallback = replay.retry_event
+        prompt: InteractivePrompt | None = None
         if options["interactive"]:
-            callback = InteractivePrompt(self._write, timeout=self.answer_timeout)
+            callback = prompt = InteractivePrompt(self._write, timeout=self.answer_timeout)
+        every = options["replay_all"]
         for queue in options["queue"]:
             try:
-                if options["replay_all"]:
-                    remaining = replay.replay_all(queue, callback)
-                else:
-                    remaining = replay.replay_event(queue, callback)
+                result = replay.replay_dead_letters(
+                    queue,
+                    callback,
+                    limit=None if every else 1,
+                    on_progress=None if prompt is None else prompt.progress,
+                )
+            except replay.ReplayIncompleteError as exc:
+                self.stdout.write(
+                    f"{exc.result.remaining} dead-lettered events remaining for {queue}"
+                )
+                raise CommandError(str(exc)) from exc
             except DomainEventBrokerError as exc:
                 raise CommandError(str(exc)) from exc
+            # As in 3.0.2: one event replayed does not count the event offered.
+            remaining = result.remaining if every else max(0, result.remaining - result.left)
             self.stdout.write(f"{remaining} dead-lettered events remaining for {queue}")
