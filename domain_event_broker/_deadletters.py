@@ -23,6 +23,7 @@ from typing import Any, Final
 import pika
 
 from . import _headers
+from ._topic import topic_matches
 from .errors import MalformedEventError
 from .events import DomainEvent
 
@@ -36,10 +37,7 @@ __all__ = [
     "topic_matches",
 ]
 
-#: Header keeping a dead letter's own routing key once this library has moved
-#: it to the tail of its queue through the default exchange (whose routing
-#: key is the queue's name). Read back transparently; never shown.
-ORIGINAL_ROUTING_KEY: Final = "x-original-routing-key"
+ORIGINAL_ROUTING_KEY: Final = _headers.ORIGINAL_ROUTING_KEY
 #: Header a quorum queue adds on redelivery: the broker's, not the event's.
 DELIVERY_COUNT: Final = "x-delivery-count"
 
@@ -269,36 +267,6 @@ def parked_properties(properties: pika.BasicProperties, routing_key: str) -> pik
 
 
 # -- picking dead letters -----------------------------------------------------------
-
-
-def topic_matches(pattern: str, routing_key: str) -> bool:
-    """Whether ``routing_key`` matches the topic-exchange binding ``pattern``.
-
-    Words are separated by dots; ``*`` stands for exactly one word, ``#``
-    for zero or more words (as RabbitMQ's topic exchanges match).
-
-    .. versionadded:: 4.1
-    """
-    return _match_words(tuple(pattern.split(".")), tuple(routing_key.split(".")))
-
-
-def _match_words(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
-    # Iterative with memo-free backtracking on '#': patterns are short.
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        # Collapse runs of '#': they match what one does.
-        while rest and rest[0] == "#":
-            rest = rest[1:]
-        if not rest:
-            return True
-        return any(_match_words(rest, words[skip:]) for skip in range(len(words) + 1))
-    if not words:
-        return False
-    if head != "*" and head != words[0]:
-        return False
-    return _match_words(rest, words[1:])
 
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$", re.IGNORECASE)

@@ -15,6 +15,9 @@ EXCEPTION_MESSAGE: Final = "x-exception-message"
 EXCEPTION_TRACEBACK: Final = "x-exception-traceback"
 FAILED_HANDLER: Final = "x-failed-handler"
 FAILED_AT: Final = "x-failed-at"
+#: The event's own routing key, on a dead letter moved to the tail of its
+#: ``-dl`` queue by a replay run (the default exchange routes by queue name).
+ORIGINAL_ROUTING_KEY: Final = "x-original-routing-key"
 
 #: Longest traceback (characters) kept in a dead letter's headers.
 MAX_TRACEBACK_CHARS: Final = 8_000
