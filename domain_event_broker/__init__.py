@@ -23,6 +23,7 @@ from .errors import (
     PublishError,
     PublishTimeoutError,
     TLSError,
+    UnroutableError,
 )
 from .events import DomainEvent
 from .publish import Publisher, publish_domain_event
@@ -57,6 +58,7 @@ __all__ = [
     "Retry",
     "Subscriber",
     "TLSError",
+    "UnroutableError",
     "__version__",
     "configure",
     "publish_domain_event",

@@ -12,7 +12,9 @@ Resolution order for a broker URL, first match wins:
 from __future__ import annotations
 
 import functools
+import math
 import os
+import re
 import ssl
 import threading
 import urllib.parse
@@ -81,6 +83,7 @@ class _Defaults:
     timeout: float = DEFAULT_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     ssl_context: ssl.SSLContext | None = None
+    require_route: bool = False
 
 
 _defaults = _Defaults()
@@ -102,6 +105,7 @@ def configure(
     timeout: float | _Unset = UNSET,
     max_connections: int | _Unset = UNSET,
     ssl_context: ssl.SSLContext | _Unset | None = UNSET,
+    require_route: bool | _Unset = UNSET,
 ) -> None:
     """Set process-wide defaults used when an argument is left out.
 
@@ -116,20 +120,28 @@ def configure(
             opens per process and broker (default 16): one per thread
             publishing at the same moment; further threads wait for one to
             be free. Applies to connections opened from then on.
+        require_route: whether publishing raises
+            :class:`~domain_event_broker.UnroutableError` when no queue is
+            bound for an event's routing key (default ``False``: the broker
+            discards such an event, as in 3.0.2).
         ssl_context: the :class:`ssl.SSLContext` for ``amqps://`` URLs, in
             place of the one built from their ``cacertfile``, ``certfile``,
             ``keyfile`` and ``verify`` options; ``None`` goes back to those.
 
     Raises:
         ConfigurationError: a URL is malformed, a TLS file cannot be used,
-            the timeout not positive, or ``max_connections`` not a positive
-            int.
+            the timeout not positive, ``require_route`` not a bool, or
+            ``max_connections`` not a positive int.
         TypeError: ``ssl_context`` is not an :class:`ssl.SSLContext`.
 
     .. versionadded:: 4.0
     .. versionchanged:: 4.1
-       The ``ssl_context`` and ``max_connections`` arguments.
+       The ``require_route``, ``ssl_context`` and ``max_connections`` arguments.
     """
+    if not isinstance(require_route, (bool, _Unset)):
+        raise ConfigurationError(
+            f"require_route must be True or False, not {type(require_route).__name__}"
+        )
     if not isinstance(max_connections, _Unset) and (
         isinstance(max_connections, bool)
         or not isinstance(max_connections, int)
@@ -156,6 +168,21 @@ def configure(
             _defaults.max_connections = max_connections
         if not isinstance(ssl_context, _Unset):
             _defaults.ssl_context = ssl_context
+        if not isinstance(require_route, _Unset):
+            _defaults.require_route = require_route
+
+
+def default_require_route(require_route: object = UNSET) -> bool:
+    """``require_route``, or the configured default when it is :data:`UNSET`.
+
+    Raises:
+        TypeError: it is neither a bool nor :data:`UNSET`.
+    """
+    if isinstance(require_route, _Unset):
+        return _defaults.require_route
+    if not isinstance(require_route, bool):
+        raise TypeError(f"require_route must be True or False, not {type(require_route).__name__}")
+    return require_route
 
 
 def reset_defaults() -> None:
@@ -167,13 +194,24 @@ def reset_defaults() -> None:
         _defaults.broker = UNSET
         _defaults.timeout = DEFAULT_TIMEOUT
         _defaults.max_connections = DEFAULT_MAX_CONNECTIONS
+        _defaults.require_route = False
         _defaults.ssl_context = None
 
 
 def check_timeout(timeout: object) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ConfigurationError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    return float(timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ConfigurationError(
+            f"timeout must be a positive number of seconds, not {type(timeout).__name__}"
+        )
+    try:
+        seconds = float(timeout)
+    except OverflowError:
+        seconds = math.inf
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ConfigurationError(
+            f"timeout must be a positive, finite number of seconds, not {timeout!r:.40}"
+        )
+    return seconds
 
 
 def max_connections() -> int:
@@ -187,28 +225,100 @@ def default_timeout(timeout: float | _Unset = UNSET) -> float:
     return check_timeout(timeout)
 
 
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``.
+#: A scheme-like start of a string that lacks "://" (e.g. "amqp:" or "amqp//").
+_SCHEME_LIKE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*(?::/{0,2}|/{1,2})")
+#: What a URL scheme may look like (RFC 3986).
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
-    Works on malformed URLs too (e.g. a password holding an unescaped ``/``,
-    ``?`` or ``#``), so that error messages about them stay free of secrets.
+
+def _split_scheme(url: str) -> tuple[str, str]:
+    """``(scheme, rest)`` when ``url`` starts with ``scheme://``, else ``("", url)``.
+
+    A "://" after something that cannot be a scheme (e.g. inside a password,
+    as in ``user:pa://ss@host``) does not count.
+    """
+    scheme, separator, rest = url.partition("://")
+    if separator and _SCHEME.fullmatch(scheme):
+        return scheme, rest
+    return "", url
+
+
+def redact(url: str) -> str:
+    """``url`` without anything that may be a password, for messages and logs.
+
+    Does not rely on ``url`` being well formed: everything before the last
+    ``@`` is hidden, except the scheme and a user name in a well-formed
+    ``scheme://user:password@`` prefix; a port that is not a number (it may
+    be a password whose host was forgotten) is hidden too, and so is the
+    value of pika's ``ssl_options`` query parameter.
     """
     url = _tls.redact_query(url)
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        return url
+    scheme, rest = _split_scheme(url)
+    separator = "://" if scheme else ""
+    if separator:
+        prefix = scheme + separator
+    else:
+        match = _SCHEME_LIKE.match(url)
+        prefix = match.group() if match and "@" in url[match.end() :] else ""
+        rest = url[len(prefix) :]
     userinfo, at, hostpart = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.partition(":")[0]
-    return f"{scheme}://{user}:***@{hostpart}"
+    if not at:
+        return prefix + _redact_port(rest)
+    user, colon, _ = userinfo.partition(":")
+    if separator and not any(char in user for char in "/?#"):
+        shown = f"{user}:***@" if colon else f"{user}@"
+    else:
+        shown = "***@"
+    return prefix + shown + _redact_port(hostpart)
+
+
+def _redact_port(hostpart: str) -> str:
+    """``hostpart`` (``host:port/path...``) with a port that is not a number hidden."""
+    end = min((i for i in (hostpart.find(c) for c in "/?#") if i >= 0), default=len(hostpart))
+    netloc, tail = hostpart[:end], hostpart[end:]
+    colon = netloc.rfind(":")
+    if colon > netloc.rfind("]") and not netloc[colon + 1 :].isdigit() and netloc[colon + 1 :]:
+        netloc = netloc[: colon + 1] + "***"
+    return netloc + tail
+
+
+def _secrets(url: str) -> list[str]:
+    """Every substring of ``url`` that may be (part of) a password, longest first."""
+    rest = _split_scheme(url)[1]
+    userinfo = rest.rpartition("@")[0]
+    candidates = {userinfo, userinfo.partition(":")[2]}
+    netloc = re.split(r"[/?#]", rest.rpartition("@")[2] if userinfo else rest, maxsplit=1)[0]
+    port = netloc.rpartition(":")[2]
+    if not port.isdigit():
+        candidates.add(port)
+    candidates |= {urllib.parse.unquote(candidate) for candidate in candidates}
+    return sorted((c for c in candidates if c), key=len, reverse=True)
 
 
 def _scrub(text: str, url: str) -> str:
-    """``text`` with ``url``'s password (if any) removed."""
-    userinfo = url.partition("://")[2].rpartition("@")[0]
-    secret = userinfo.partition(":")[2]
-    return text.replace(secret, "***") if secret else text
+    """``text`` with anything of ``url`` that may be a password removed."""
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _shape_problem(url: str) -> str | None:
+    """What is wrong with the start of ``url``, in words; ``None`` if nothing."""
+    example = "amqp://user:password@host:5672/%2F"
+    scheme = _split_scheme(url)[0]
+    lowered = url.lower()
+    if not scheme:
+        for name in ("amqps", "amqp"):
+            if lowered.startswith(f"{name}:/"):
+                return f"write two slashes after '{name}:' (e.g. {example})"
+            if lowered.startswith(f"{name}:"):
+                return f"'//' is missing after '{name}:' (e.g. {example})"
+            if lowered.startswith(f"{name}/"):
+                return f"':' is missing between '{name}' and '//' (e.g. {example})"
+        return f"it must start with amqp:// or amqps:// (e.g. {example})"
+    if scheme.lower() not in ("amqp", "amqps"):
+        return f"the scheme must be amqp:// or amqps://, not {scheme[:20]!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -284,28 +394,29 @@ def _parse_urls(urls: tuple[str, ...]) -> tuple[tuple[str, frozenset[str]], ...]
     parsed = []
     for url in urls:
         shown = redact(url)
+        problem = _shape_problem(url)
+        if problem is not None:
+            raise ConfigurationError(f"malformed AMQP URL {shown!r}: {problem}")
         try:
             parts = urllib.parse.urlsplit(url)
         except ValueError as exc:
             raise ConfigurationError(
                 f"malformed AMQP URL {shown!r}: {_scrub(str(exc), url)}"
             ) from None
-        if "@" in url and "@" not in parts.netloc:
-            # e.g. "amqp://user:pa/ss@host": urllib would read "pa" as the port.
+        rest = url.partition("://")[2]
+        if "@" in rest and rest.rpartition("@")[0] != parts.netloc.rpartition("@")[0]:
+            # e.g. "amqp://user:pa/ss@host": urllib would read "pa" as the port;
+            # "amqp://u:p@ss/w@host": the host would be "ss".
             raise ConfigurationError(
                 f"malformed AMQP URL {shown!r}: a '/', '?', '#' or '@' in the user "
-                f"name or password must be percent-encoded"
+                f"name, password or virtual host must be percent-encoded (e.g. '@' as %40)"
             )
         try:
             parts.port  # noqa: B018  # raises ValueError on a bad port
-        except ValueError as exc:
+        except ValueError:
             raise ConfigurationError(
-                f"malformed AMQP URL {shown!r}: {_scrub(str(exc), url)}"
+                f"malformed AMQP URL {shown!r}: the port must be a number from 0 to 65535"
             ) from None
-        if parts.scheme not in ("amqp", "amqps"):
-            raise ConfigurationError(
-                f"malformed AMQP URL {shown!r}: the scheme must be amqp:// or amqps://"
-            )
         if parts.netloc and not parts.hostname:
             raise ConfigurationError(f"malformed AMQP URL {shown!r}: no host name")
         _tls.split_url(url, shown)  # its own ConfigurationError, not wrapped below

@@ -18,7 +18,13 @@ from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from . import _tls
 from ._config import BrokerConfig
-from .errors import AuthenticationError, BrokerUnavailableError, TLSError, is_auth_error
+from .errors import (
+    AuthenticationError,
+    BrokerUnavailableError,
+    TLSError,
+    describe_error,
+    is_auth_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +93,12 @@ def connect(
             round (not retried).
         BrokerUnavailableError: no node answered in time; chains pika's error.
     """
-    deadline = time.monotonic() + (config.timeout if timeout is None else timeout)
+    started = time.monotonic()
+    deadline = started + (config.timeout if timeout is None else timeout)
     backoff = backoff_delays()
     last_error: BaseException | None = None
+    #: The last reason each node gave, by "host:port", in the order tried.
+    reasons: dict[str, str] = {}
     attempts = 0
     while True:
         tls_failure: tuple[str, BaseException] | None = None
@@ -109,9 +118,10 @@ def connect(
                 if is_auth_error(exc) or _auth_in_chain(exc):
                     raise AuthenticationError(
                         f"the broker at {config.display} refused the credentials or "
-                        f"virtual host ({type(exc).__name__})"
+                        f"virtual host: {describe_error(exc)}"
                     ) from exc
                 last_error = exc
+                reasons[f"{params.host}:{params.port}"] = describe_error(exc)
                 log.debug("Connecting to %s failed: %r", params.host, exc)
                 tls_failure = tls_failure or _tls_failure(exc, params)
         if tls_failure is not None:
@@ -121,8 +131,9 @@ def connect(
         pause = backoff.next()
         if time.monotonic() + pause >= deadline or (should_stop is not None and should_stop()):
             raise BrokerUnavailableError(
-                f"could not connect to the broker at {config.display} after {attempts} "
-                f"attempt(s): {_describe(last_error)}"
+                f"could not connect to the broker at {config.display}: "
+                f"{_summary(reasons, last_error)} ({attempts} attempt(s) in "
+                f"{time.monotonic() - started:.1f}s)"
             ) from last_error
         time.sleep(pause)
 
@@ -147,14 +158,14 @@ def _auth_in_chain(exc: BaseException) -> bool:
     return False
 
 
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "no attempt made"
-    inner = [arg for arg in exc.args if isinstance(arg, BaseException)]
-    if inner:
-        exc = inner[0]
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+def _summary(reasons: dict[str, str], last_error: BaseException | None) -> str:
+    """One line: the last reason of each node tried."""
+    if not reasons:
+        return describe_error(last_error)
+    if len(set(reasons.values())) == 1:
+        (reason,) = set(reasons.values())
+        return f"{reason} (nodes tried: {', '.join(reasons)})"
+    return "; ".join(f"{node}: {reason}" for node, reason in reasons.items())
 
 
 def close_quietly(connection: pika.BlockingConnection | None) -> None:

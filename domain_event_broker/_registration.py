@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from . import _validate
 from .events import DomainEvent
 
 __all__ = ["MAX_RETRY_DELAY", "Handler", "Registration", "Retry", "build_registration"]
@@ -91,27 +92,15 @@ def build_registration(
     """Check what ``Subscriber.register()`` was given; return it as a Registration.
 
     Raises:
-        TypeError: ``handler`` is not callable.
+        TypeError: ``handler`` is not callable, ``binding_keys`` not a list.
         ValueError: any other argument is out of range.
+        ConfigurationError: ``name`` starts with ``amq.`` (reserved by RabbitMQ).
     """
     if not callable(handler):
         raise TypeError(f"handler must be callable, not {type(handler).__name__}")
-    if not isinstance(name, str) or not name:
-        raise ValueError("name must be a non-empty str")
-    if len(name.encode("utf-8", "surrogatepass")) > 200:
-        raise ValueError("name must be at most 200 bytes (derived queue names add suffixes)")
-    if isinstance(binding_keys, (str, bytes)):
-        raise ValueError("binding_keys must be a list of str, not one str")
-    try:
-        keys = tuple(binding_keys)
-    except TypeError:
-        raise TypeError(
-            f"binding_keys must be a list of str, not {type(binding_keys).__name__}"
-        ) from None
-    if not keys:
-        raise ValueError("binding_keys must hold at least one binding key")
-    if not all(isinstance(key, str) and key for key in keys):
-        raise ValueError("every binding key must be a non-empty str")
+    # The shared boundary rules: nothing reaches pika that it cannot declare.
+    name = _validate.handler_name(name)
+    keys = _validate.binding_keys(binding_keys)
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
     if (

@@ -2,7 +2,8 @@
 
 ::
 
-    domain-event-broker [--url URL] [--verbose] COMMAND ...
+    domain-event-broker [--url URL] [--connect-timeout SECONDS] [--verbose] COMMAND ...
+    domain-event-broker --version
 
     publish ROUTING_KEY [JSON]   publish an event (JSON data from stdin if left out)
     inspect NAME [--limit N] [--json] [--summary [FILTERS]]
@@ -45,7 +46,7 @@ from typing import Any, Final, TextIO
 
 import pika
 
-from . import _config, _headers, _tls, _worker_command, replay
+from . import __version__, _config, _headers, _tls, _worker_command, replay
 from ._config import UNSET, ConnectionSettings
 from ._connection import connection_info
 from .errors import ConfigurationError, DomainEventBrokerError
@@ -103,6 +104,8 @@ class AnswerReader:
     def __init__(self, interval: float = KEEPALIVE_INTERVAL) -> None:
         self._interval = interval
         self._pending = b""
+        #: Whether the input has ended (nothing more will come).
+        self.at_end = False
 
     def read_line(self, timeout: float, keepalive: Callable[[], None] | None = None) -> str | None:
         """Wait for the next line of standard input.
@@ -126,9 +129,12 @@ class AnswerReader:
             ready, _, _ = select.select([stream], [], [], min(self._interval, max(timeout, 0)))
             if ready:
                 if fd is None:
-                    return stream.readline().rstrip("\r\n")
+                    text = stream.readline()
+                    self.at_end = not text
+                    return text.rstrip("\r\n")
                 chunk = os.read(fd, 4096)
                 if not chunk:  # end of input: what is left, else ""
+                    self.at_end = True
                     line, self._pending = self._pending, b""
                     return line.decode("utf-8", "replace").rstrip("\r\n")
                 self._pending += chunk
@@ -206,6 +212,8 @@ class InteractivePrompt:
             :data:`~domain_event_broker.replay.DISCARD` or
             :data:`~domain_event_broker.replay.LEAVE`.
         """
+        if getattr(self._reader, "at_end", False):
+            return replay.LEAVE  # the input ended: leave the rest without showing it
         self._write("Please specify action for:", "\n")
         self._write(_pretty(body), "\n")
         if self._show_reason:
@@ -221,7 +229,7 @@ class InteractivePrompt:
             self._write("Timed out. Message left in queue.", "\n")
             return replay.LEAVE
         answer = answer.strip()
-        if not answer:
+        if not answer:  # also the end of the input: the events after it are not shown
             self._write("Message left in queue.", "\n")
             return replay.LEAVE
         choice = answer[0].upper()
@@ -282,10 +290,16 @@ def _settings(args: argparse.Namespace) -> ConnectionSettings:
     return UNSET if url is None else url
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
 def _cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
     text = args.json if args.json is not None and args.json != "-" else sys.stdin.read()
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise UsageError("the event data is not valid JSON: nested too deeply") from None
     except ValueError as exc:
         raise UsageError(f"the event data is not valid JSON: {exc}") from None
     event = DomainEvent(
@@ -677,6 +691,16 @@ def _duration(seconds: float | None) -> str:
 # -- parsing ------------------------------------------------------------------------
 
 
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -757,6 +781,14 @@ def build_parser() -> argparse.ArgumentParser:
             default=argparse.SUPPRESS if suppress else False,
             help="log what happens, and show tracebacks of errors",
         )
+        parent.add_argument(
+            "--connect-timeout",
+            type=_timeout,
+            default=default,
+            metavar="SECONDS",
+            help="give up connecting or publishing after this long, reconnecting "
+            f"included (default: {_config.DEFAULT_TIMEOUT:g})",
+        )
         return parent
 
     parser = argparse.ArgumentParser(
@@ -765,6 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dead-lettered ones.",
         parents=[common(suppress=False)],
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub = [common(suppress=True)]
 
@@ -899,10 +932,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("pika").setLevel(logging.CRITICAL)
     run: Callable[[argparse.Namespace, TextIO], int] = args.run
+    previous_timeout = _config.default_timeout()
     try:
+        if args.connect_timeout is not None:
+            _config.configure(timeout=args.connect_timeout)
         return run(args, sys.stdout)
     except (UsageError, ConfigurationError) as exc:
-        parser.print_usage(sys.stderr)
+        _command_parser(parser, args).print_usage(sys.stderr)
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -915,6 +951,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.verbose:
             sys.stderr.write(f"{PROG}: (run with --verbose for details)\n")
         return EXIT_ERROR
+    finally:
+        _config.configure(timeout=previous_timeout)
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The sub-parser of the command being run (for its usage line)."""
+    for action in parser._actions:  # argparse keeps sub-parsers nowhere else
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(args.command, parser)
+    return parser
 
 
 def _describe(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ Hierarchy::
     │   ├── TLSError                TLS failed (certificate, plain port): not retried
     │   └── PublishError            the broker did not confirm a publish
     │       ├── PublishTimeoutError the broker blocked the connection too long (resource alarm)
+    │       ├── UnroutableError     no queue bound, and the publisher required one
     │       └── BatchPublishError   some events of a batch were not confirmed
     ├── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
     └── HandlerThreadError          a subscriber's handler thread died
@@ -26,10 +27,12 @@ Translation from pika's exceptions happens in one place,
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pika.exceptions
+from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
 
 if TYPE_CHECKING:
     from .events import DomainEvent
@@ -47,6 +50,7 @@ __all__ = [
     "PublishError",
     "PublishTimeoutError",
     "TLSError",
+    "UnroutableError",
 ]
 
 
@@ -98,6 +102,14 @@ class PublishError(BrokerError):
 class PublishTimeoutError(PublishError):
     """The broker blocked the publishing connection (a memory or disk alarm)
     for longer than ``blocked_connection_timeout``."""
+
+
+class UnroutableError(PublishError):
+    """No queue was bound for the routing key, and the publisher asked to be
+    told (``require_route=True``): the broker returned the message.
+
+    .. versionadded:: 4.1
+    """
 
 
 class BatchPublishError(PublishError):
@@ -159,6 +171,76 @@ def is_auth_error(exc: BaseException) -> bool:
     return False
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost error behind ``exc``, following pika's wrappers.
+
+    pika wraps the real reason in ``args`` (``AMQPConnectionError``), in
+    ``.exception`` (connector phase errors) or in ``.exceptions`` (workflow
+    failures); others chain it with ``raise ... from``.
+    """
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner: BaseException | None = None
+        nested = getattr(exc, "exception", None)
+        if isinstance(nested, BaseException):
+            inner = nested
+        elif getattr(exc, "exceptions", None):
+            last = exc.exceptions[-1]  # type: ignore[attr-defined]
+            inner = last if isinstance(last, BaseException) else None
+        if inner is None:
+            inner = next((a for a in exc.args if isinstance(a, BaseException)), None)
+        if inner is None:
+            inner = exc.__cause__
+        if inner is None:
+            return exc
+        exc = inner
+    return exc
+
+
+def describe_error(exc: BaseException | None) -> str:  # noqa: PLR0911  # one return per cause
+    """The underlying reason of ``exc`` in a few words, e.g. "connection refused".
+
+    Args:
+        exc: an error from pika or the socket layer (or a library error
+            chaining one).
+    """
+    if exc is None:
+        return "no attempt made"
+    if is_auth_error(exc) or any(is_auth_error(arg) for arg in _inner(exc)):
+        cause = root_cause(exc)
+        detail = f" ({_text(cause)})" if _text(cause) else ""
+        return f"access refused{detail}"
+    cause = root_cause(exc)
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, socket.gaierror):
+        return (cause.strerror or "host name not found").lower()
+    if isinstance(cause, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(cause, AMQPConnectorStackTimeout):
+        return "no AMQP handshake in time (is this the AMQP port of a RabbitMQ node?)"
+    if isinstance(cause, pika.exceptions.IncompatibleProtocolError):
+        return "the peer does not speak AMQP 0-9-1 (is this the AMQP port?)"
+    if isinstance(cause, pika.exceptions.ConnectionClosedByBroker):
+        return f"closed by the broker ({cause.reply_code} {cause.reply_text})"
+    if isinstance(cause, pika.exceptions.ChannelClosedByBroker):
+        return f"channel closed by the broker ({cause.reply_code} {cause.reply_text})"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    text = _text(cause)
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+def _text(exc: BaseException) -> str:
+    text = str(exc)
+    return "" if text == type(exc).__name__ else text[:500]
+
+
+def _inner(exc: BaseException) -> list[BaseException]:
+    return [arg for arg in getattr(exc, "args", ()) if isinstance(arg, BaseException)]
+
+
 def translate_pika_error(exc: BaseException, context: str) -> DomainEventBrokerError:
     """Map a pika exception to this library's hierarchy.
 
@@ -176,9 +258,12 @@ def translate_pika_error(exc: BaseException, context: str) -> DomainEventBrokerE
     if isinstance(exc, pika.exceptions.NackError):
         return PublishError(f"{context}: the broker refused (nacked) the message")
     if isinstance(exc, pika.exceptions.UnroutableError):
-        return PublishError(f"{context}: the message could not be routed")
+        return UnroutableError(
+            f"{context}: no queue is bound for this routing key, so the broker returned "
+            f"the message (is the subscriber's handler registered?)"
+        )
     if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):
         return PublishTimeoutError(
             f"{context}: the broker blocked the connection (resource alarm) for too long"
         )
-    return BrokerUnavailableError(f"{context}: {type(exc).__name__}: {exc}")
+    return BrokerUnavailableError(f"{context}: {describe_error(exc)}")

@@ -8,6 +8,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+from . import _validate
 from .errors import MalformedEventError
 
 __all__ = ["DomainEvent"]
@@ -16,18 +17,28 @@ __all__ = ["DomainEvent"]
 WIRE_KEYS = ("routing_key", "data", "domain_object_id", "uuid_string", "timestamp")
 
 #: AMQP limits a routing key (a short string) to 255 bytes.
-MAX_ROUTING_KEY_BYTES = 255
+MAX_ROUTING_KEY_BYTES = _validate.MAX_SHORTSTR_BYTES
 
 
 def validate_routing_key(routing_key: object) -> str:
     """Return ``routing_key`` if it can be published, else raise ``ValueError``."""
-    if not isinstance(routing_key, str):
-        raise ValueError(f"routing_key must be a str, not {type(routing_key).__name__}")
-    if not routing_key:
-        raise ValueError("routing_key must not be empty")
-    if len(routing_key.encode("utf-8")) > MAX_ROUTING_KEY_BYTES:
-        raise ValueError(f"routing_key is longer than {MAX_ROUTING_KEY_BYTES} bytes in UTF-8")
-    return routing_key
+    return _validate.routing_key(routing_key)
+
+
+def check_event(event: DomainEvent) -> str:
+    """Check every field of ``event`` against the boundary rules; return its JSON body.
+
+    Raises:
+        ValueError: the routing key is invalid, the timestamp is not finite,
+            ``uuid_string`` is too long, or the data is not strict JSON
+            (NaN, infinity, nested too deep).
+        TypeError: the timestamp is not a number, ``uuid_string`` not a
+            str, or the data not JSON-serializable.
+    """
+    _validate.routing_key(event.routing_key)
+    _validate.uuid_string(event.uuid_string)
+    _validate.timestamp(event.timestamp)
+    return event.to_json()
 
 
 def new_event(
@@ -40,10 +51,12 @@ def new_event(
     """Check and create an event to publish; return it with its JSON body.
 
     Raises:
-        ValueError: the routing key is empty, not a str, or too long.
-        TypeError: ``data`` is not JSON-serializable.
+        ValueError: the routing key is empty, not a str, or too long; the
+            data is not strict JSON; the timestamp is not finite.
+        TypeError: ``data`` is not JSON-serializable, ``uuid_string`` not a
+            str, or ``timestamp`` not a number.
     """
-    validate_routing_key(routing_key)
+    _validate.routing_key(routing_key)
     event = DomainEvent(
         routing_key=routing_key,
         data=data,
@@ -51,7 +64,7 @@ def new_event(
         uuid_string=uuid_string,
         timestamp=timestamp,
     )
-    return event, event.to_json()
+    return event, check_event(event)
 
 
 class _EmptyData:
@@ -121,24 +134,46 @@ class DomainEvent:
     def datetime(self) -> datetime:
         """:attr:`timestamp` as a timezone-aware UTC datetime.
 
-        .. versionadded:: 4.0
-        """
-        return datetime.fromtimestamp(self.timestamp, tz=timezone.utc)
-
-    def to_json(self) -> str:
-        """Serialize the event to its JSON wire format (byte-compatible with 3.0.2).
-
         Raises:
-            TypeError: ``data`` (or another field) is not JSON-serializable.
+            TypeError: the timestamp is not a number.
+            ValueError: it is not a date Python can represent (e.g. NaN, or
+                beyond the year 9999), as a received event's may be.
 
         .. versionadded:: 4.0
         """
         try:
-            return json.dumps(self.event_data)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"domain event {self.routing_key!r} is not JSON-serializable: {exc}"
+            return datetime.fromtimestamp(self.timestamp, tz=timezone.utc)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise ValueError(
+                f"timestamp {self.timestamp!r:.40} is not a representable date"
             ) from exc
+
+    def to_json(self) -> str:
+        """Serialize the event to its JSON wire format (byte-compatible with 3.0.2).
+
+        The JSON is strict (RFC 8259): no ``NaN`` or ``Infinity``, only
+        ``str`` keys, at most 100 levels deep.
+
+        Raises:
+            TypeError: ``data`` (or another field) is not JSON-serializable.
+            ValueError: it holds NaN or an infinity, or is nested too deep.
+
+        .. versionadded:: 4.0
+        .. versionchanged:: 4.1
+           Strict JSON: NaN, infinities, non-str keys and deep nesting are refused.
+        """
+        event_data = self.event_data
+        try:
+            _validate.json_value(event_data, "event")
+        except TypeError as exc:
+            raise TypeError(
+                f"domain event {str(self.routing_key)[:255]!r} is not JSON-serializable: {exc}"
+            ) from None
+        except ValueError as exc:
+            raise ValueError(
+                f"domain event {str(self.routing_key)[:255]!r} is not strict JSON: {exc}"
+            ) from None
+        return json.dumps(event_data, allow_nan=False)
 
     @classmethod
     def from_json(cls, json_data: str | bytes | bytearray) -> DomainEvent:
@@ -154,6 +189,8 @@ class DomainEvent:
             decoded = json.loads(json_data)
         except (UnicodeDecodeError, ValueError, TypeError) as exc:
             raise MalformedEventError(f"not a JSON document: {exc}") from exc
+        except RecursionError:
+            raise MalformedEventError("not a JSON document: nested too deeply") from None
         if not isinstance(decoded, dict):
             raise MalformedEventError(f"expected a JSON object, got {type(decoded).__name__}")
         routing_key = decoded.get("routing_key")

@@ -26,7 +26,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _config, _instrument
+from . import _config, _instrument, _validate
 from ._config import UNSET, BrokerConfig, ConnectionSettings, _Unset
 from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
 from ._names import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE
@@ -36,9 +36,11 @@ from .errors import (
     BrokerUnavailableError,
     DomainEventBrokerError,
     PublishError,
+    UnroutableError,
+    describe_error,
     translate_pika_error,
 )
-from .events import DomainEvent, new_event, validate_routing_key
+from .events import DomainEvent, check_event, new_event, validate_routing_key
 
 __all__ = ["Publisher", "publish_domain_event"]
 
@@ -181,7 +183,7 @@ class _Confirms:
             )
         elif event.uuid_string in self._returned:
             self._returned.discard(event.uuid_string)
-            self._results[index] = PublishError(
+            self._results[index] = UnroutableError(
                 f"publishing {event.routing_key!r} (uuid {event.uuid_string}): "
                 f"the message could not be routed (no queue is bound)"
             )
@@ -228,7 +230,8 @@ class Publisher:
         self._config: BrokerConfig | None = _config.resolve(
             connection_settings, timeout, UNSET if ssl_context is None else ssl_context
         )
-        self.exchange = exchange
+        self.exchange = _validate.exchange_name(exchange)
+        _validate.exchange_name(exchange_type, "exchange_type")
         self.exchange_type = exchange_type
         self._lock = threading.RLock()
         self._connection: pika.BlockingConnection | None = None
@@ -287,6 +290,7 @@ class Publisher:
         routing_key: str | None = None,
         *,
         properties: pika.BasicProperties | None = None,
+        require_route: bool | _Unset = UNSET,
     ) -> None:
         """Publish a raw message persistently and wait for the broker's confirm.
 
@@ -294,44 +298,88 @@ class Publisher:
             message: the body; ``str`` is encoded as UTF-8.
             routing_key: the routing key.
             properties: AMQP properties; default: persistent delivery.
+            require_route: raise :class:`~domain_event_broker.UnroutableError`
+                when no queue is bound for ``routing_key`` (the broker
+                returns the message); default: see
+                :func:`~domain_event_broker.configure`.
 
         Raises:
-            ValueError: the routing key is empty, not a str or too long.
+            ValueError: the routing key is empty, not a str or too long, or
+                a header value is out of range.
+            TypeError: ``message`` is not str or bytes, ``properties`` not
+                ``pika.BasicProperties``, or a header of a type AMQP cannot carry.
+            UnroutableError: ``require_route`` and no queue was bound.
             BrokerError: no confirm within the timeout (see the error tree).
+
+        .. versionchanged:: 4.1
+           ``require_route``; a message that is not str or bytes is refused.
         """
         routing_key = validate_routing_key(routing_key)
-        body = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+        if isinstance(message, str):
+            body = _validate.utf8(message, "message")
+        elif isinstance(message, (bytes, bytearray, memoryview)):
+            body = bytes(message)
+        else:
+            raise TypeError(f"message must be str or bytes, not {type(message).__name__}")
         if properties is None:
             properties = pika.BasicProperties(delivery_mode=PERSISTENT)
+        elif not isinstance(properties, pika.BasicProperties):
+            raise TypeError(
+                f"properties must be pika.BasicProperties, not {type(properties).__name__}"
+            )
+        else:
+            _validate.properties(properties)
+        mandatory = _config.default_require_route(require_route)
         if self._config is None:
             log.debug("No broker configured: not publishing %s", routing_key)
             return
-        self._publish(body, routing_key, properties)
+        self._publish(body, routing_key, properties, mandatory)
 
     def publish_event(
-        self, event: DomainEvent, *, headers: Mapping[str, Any] | None = None
+        self,
+        event: DomainEvent,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        require_route: bool | _Unset = UNSET,
     ) -> DomainEvent:
         """Publish ``event`` in the 3.0.2 wire format and wait for the confirm.
 
         Args:
             event: the event to publish.
-            headers: optional AMQP headers to send along.
+            headers: optional AMQP headers to send along (see
+                :doc:`errors` for the values AMQP can carry).
+            require_route: raise :class:`~domain_event_broker.UnroutableError`
+                when no queue is bound for the event's routing key; default:
+                see :func:`~domain_event_broker.configure`.
 
         Returns:
             ``event``.
 
         Raises:
-            ValueError: the routing key is invalid.
-            TypeError: the event's data is not JSON-serializable.
+            ValueError: the routing key is invalid, the data not strict
+                JSON, the timestamp not finite, or a header out of range.
+            TypeError: the event's data is not JSON-serializable, a field
+                of the wrong type, or a header AMQP cannot carry.
+            UnroutableError: ``require_route`` and no queue was bound.
             BrokerError: no confirm within the timeout.
 
         .. versionadded:: 4.0
+        .. versionchanged:: 4.1
+           ``require_route``; every field and header is checked first.
         """
-        validate_routing_key(event.routing_key)
-        return self._publish_event(event, event.to_json().encode("utf-8"), headers)
+        if not isinstance(event, DomainEvent):
+            raise TypeError(f"event must be a DomainEvent, not {type(event).__name__}")
+        body = check_event(event).encode("utf-8")
+        return self._publish_event(
+            event, body, _validate.headers(headers), _config.default_require_route(require_route)
+        )
 
     def _publish_event(
-        self, event: DomainEvent, body: bytes, headers: Mapping[str, Any] | None = None
+        self,
+        event: DomainEvent,
+        body: bytes,
+        headers: Mapping[str, Any] | None = None,
+        mandatory: bool = False,
     ) -> DomainEvent:
         if _captured(event):
             return event
@@ -340,10 +388,14 @@ class Publisher:
             return event
         sent_headers = dict(headers) if headers else {}
         with _instrument.publish_span(event, self.exchange, sent_headers):  # fills trace context
-            self._publish(body, event.routing_key, _event_properties(event, sent_headers))
+            self._publish(
+                body, event.routing_key, _event_properties(event, sent_headers), mandatory
+            )
         return event
 
-    def publish_many(self, events: Iterable[DomainEvent]) -> list[DomainEvent]:
+    def publish_many(
+        self, events: Iterable[DomainEvent], *, require_route: bool | _Unset = UNSET
+    ) -> list[DomainEvent]:
         """Publish ``events`` in order and wait for the broker's confirms once.
 
         Much faster than one :meth:`publish_event` per event: the events are
@@ -355,20 +407,26 @@ class Publisher:
 
         Args:
             events: the events to publish, in order.
+            require_route: an event for whose routing key no queue is bound
+                fails with :class:`~domain_event_broker.UnroutableError` (in
+                the :class:`~domain_event_broker.BatchPublishError`); default:
+                see :func:`~domain_event_broker.configure`.
 
         Returns:
             The events, as a list, in order.
 
         Raises:
-            TypeError: an item is not a :class:`DomainEvent`, or its data is
-                not JSON-serializable (nothing is sent).
-            ValueError: an event's routing key is invalid (nothing is sent).
+            TypeError: an item is not a :class:`DomainEvent`, or a field of
+                the wrong type, or data not JSON-serializable (nothing is sent).
+            ValueError: an event's routing key is invalid, its data not strict
+                JSON or its timestamp not finite (nothing is sent).
             BatchPublishError: some events were not confirmed (nacked,
                 returned, or no confirm within the timeout); its ``failed``
                 says which and why, its ``confirmed`` which went out.
 
         .. versionadded:: 4.1
         """
+        mandatory = _config.default_require_route(require_route)
         batch = list(events)
         bodies = []
         for event in batch:
@@ -376,9 +434,8 @@ class Publisher:
                 raise TypeError(
                     f"publish_many() takes DomainEvent objects, not {type(event).__name__}"
                 )
-            validate_routing_key(event.routing_key)
-            bodies.append(event.to_json().encode("utf-8"))
-        return self._publish_batch(batch, bodies)
+            bodies.append(check_event(event).encode("utf-8"))  # the boundary rules
+        return self._publish_batch(batch, bodies, mandatory=mandatory)
 
     def _publish_batch(
         self,
@@ -572,7 +629,13 @@ class Publisher:
         self._batch_channel, self._confirms = channel, confirms
         return channel, confirms
 
-    def _publish(self, body: bytes, routing_key: str, properties: pika.BasicProperties) -> None:
+    def _publish(
+        self,
+        body: bytes,
+        routing_key: str,
+        properties: pika.BasicProperties,
+        mandatory: bool = False,
+    ) -> None:
         assert self._config is not None
         deadline = time.monotonic() + self._config.timeout
         backoff = backoff_delays()
@@ -587,6 +650,7 @@ class Publisher:
                         routing_key=routing_key,
                         body=body,
                         properties=properties,
+                        mandatory=mandatory,
                     )
                     self._last_used = time.monotonic()
                     if self._lost_since is not None:
@@ -625,7 +689,7 @@ class Publisher:
                 if time.monotonic() + pause >= deadline:
                     raise BrokerUnavailableError(
                         f"publishing {routing_key!r} to {self._config.display} failed within "
-                        f"{self._config.timeout:g}s: {type(last).__name__}: {last}"
+                        f"{self._config.timeout:g}s: {describe_error(last)}"
                     ) from last
                 log.debug("Publishing %s failed (%r), retrying in %.2fs", routing_key, last, pause)
                 time.sleep(pause)
@@ -817,10 +881,10 @@ class _PublisherPool:
         self._free = threading.Condition(self._lock)
         self._waiting = 0
 
-    def publish(self, event: DomainEvent, body: bytes) -> DomainEvent:
+    def publish(self, event: DomainEvent, body: bytes, mandatory: bool = False) -> DomainEvent:
         publisher = self._check_out()
         try:
-            return publisher._publish_event(event, body)
+            return publisher._publish_event(event, body, None, mandatory)
         finally:
             self._check_in(publisher)
 
@@ -954,6 +1018,8 @@ def publish_domain_event(
     uuid_string: str | None = None,
     timestamp: float | None = None,
     connection_settings: ConnectionSettings = UNSET,
+    *,
+    require_route: bool | _Unset = UNSET,
 ) -> DomainEvent:
     """Publish a domain event and wait until the broker confirmed it.
 
@@ -970,18 +1036,31 @@ def publish_domain_event(
         timestamp: Unix seconds (UTC); now when left out.
         connection_settings: an AMQP URL or list of URLs; ``None`` sends
             nothing; left out: the configured default.
+        require_route: raise :class:`~domain_event_broker.UnroutableError`
+            when no queue is bound for ``routing_key`` (the broker returns
+            the event instead of discarding it); default ``False``, see
+            :func:`~domain_event_broker.configure`.
 
     Returns:
         The published :class:`DomainEvent`.
 
     Raises:
-        ValueError: the routing key is empty, not a str, or over 255 bytes.
-        TypeError: ``data`` is not JSON-serializable.
+        ValueError: the routing key is empty, not a str, or over 255 bytes;
+            the data is not strict JSON (NaN, infinity, too deep); the
+            timestamp is not finite.
+        TypeError: ``data`` is not JSON-serializable, ``uuid_string`` not a
+            str, ``timestamp`` not a number.
         ConfigurationError: the URL is malformed.
+        UnroutableError: ``require_route`` and no queue was bound.
         BrokerError: the broker did not confirm within the timeout.
+
+    .. versionchanged:: 4.1
+       ``require_route``; ``uuid_string``, ``timestamp`` and the data are
+       checked before anything is sent.
     """
     event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
+    mandatory = _config.default_require_route(require_route)
     config = _resolve(connection_settings)
     if _captured(event) or config is None:
         return event
-    return _shared_pool(config).publish(event, body.encode("utf-8"))
+    return _shared_pool(config).publish(event, body.encode("utf-8"), mandatory)

@@ -220,7 +220,8 @@ class Subscriber:
             ValueError: empty ``name``, no binding keys, negative
                 ``max_retries``, ``concurrency`` below 1, or a name already
                 registered.
-            ConfigurationError: the queue exists with other arguments.
+            ConfigurationError: the queue exists with other arguments, or
+                ``name`` is reserved by RabbitMQ (``amq.`` prefix).
             BrokerError: the broker could not be reached.
         """
         registration = build_registration(

@@ -365,6 +365,21 @@ def test_replay_interactive_with_piped_answers(handler: str) -> None:
     assert data_of(f"{handler}-dl") == [{"n": 2}, {"n": 3}]
 
 
+def test_replay_interactive_stops_showing_events_at_the_end_of_input(handler: str) -> None:
+    fill(handler, 6)
+
+    result = cli("replay", handler, "--all", "--interactive", input="d\n")
+
+    assert result.returncode == 0, result.stderr
+    # The first is discarded, the second meets the end of the input; the
+    # other four are left without being printed.
+    assert result.stdout.count("Please specify action for:") == 2
+    assert result.stdout.splitlines()[-1] == (
+        f"{handler}: replayed 0, discarded 1, left 5; 5 dead letter(s) remaining in {handler}-dl"
+    )
+    wait_size(f"{handler}-dl", 5)
+
+
 def test_replay_interactive_without_answer_times_out(handler: str, spawn: Spawn) -> None:
     fill(handler, 1)
     process = spawn("replay", handler, "--interactive", "--timeout", "1")

@@ -178,7 +178,9 @@ def test_publish_returns_only_after_the_broker_confirmed(inbox: Inbox) -> None:
     assert inbox.ready() == 20
 
 
-@pytest.mark.parametrize("timestamp", [-1.0, "2024-01-01T00:00:00Z", 2.0**70])
+# 3.0.2 also sent a str timestamp, which every subscriber then dead-letters:
+# 4.1 refuses it before sending (tests/test_boundaries.py).
+@pytest.mark.parametrize("timestamp", [-1.0, 2.0**70])
 def test_timestamps_3_0_2_accepted_are_still_sent(inbox: Inbox, timestamp: Any) -> None:
     event = publish_domain_event(inbox.key, {}, timestamp=timestamp)
     ((_, properties, body),) = inbox.wait(1)

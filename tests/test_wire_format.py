@@ -106,7 +106,8 @@ CASES: list[tuple[Any, ...]] = [
     ("a.b", [1, "two", 3.0], 42, "u", 1.0000000000000002),
     ("a.b", "just a string", None, "u", 1e20),
     ("a.b", {"big": 2**70, "neg": -1, "float": 1e-7}, None, "u", 1.5),
-    ("a.b", {"inf": float("inf"), "nan": float("nan")}, None, "u", 2.5),
+    # NaN and infinities are left out: 3.0.2 wrote them as non-standard JSON;
+    # 4.1 refuses them (strict RFC 8259, see tests/test_boundaries.py).
     ("a.b", {"b": 1, "a": 2, "c": {"z": 0, "y": 1}}, None, "u", 3.5),
     ("ünïcode.kéy", {}, None, "u", 4.5),
 ]

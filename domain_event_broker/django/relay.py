@@ -52,7 +52,7 @@ from .. import _instrument
 from .._config import UNSET, ConnectionSettings, _Unset
 from .._connection import backoff_delays
 from ..errors import BatchPublishError, BrokerError
-from ..events import DomainEvent, validate_routing_key
+from ..events import DomainEvent, check_event
 from ..publish import Publisher
 from .models import OutboxEvent
 
@@ -198,13 +198,13 @@ class OutboxRelay:
         for pk, body, trace_context in rows:
             try:
                 event = DomainEvent.from_json(body)
-                validate_routing_key(event.routing_key)
+                encoded = check_event(event)  # the boundary rules every publish obeys
             except (ValueError, TypeError) as exc:  # MalformedEventError is a ValueError
                 self._set_row_aside(pk, exc)
                 continue
             ids.append(pk)
             events.append(event)
-            bodies.append(event.to_json().encode("utf-8"))
+            bodies.append(encoded.encode("utf-8"))
             parents.append(_trace_headers(trace_context))
         try:
             # Each event's publish span continues the trace stored with its row.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import signal
 import threading
 from types import FrameType
@@ -24,9 +26,12 @@ EXIT_ROWS_SET_ASIDE = 2
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return value
 
 
