@@ -85,3 +85,19 @@ def get_messages(
     finally:
         connection.close()
     return messages
+
+
+def rabbitmqctl_command() -> list[str]:
+    """How to run ``rabbitmqctl`` against the test broker's node.
+
+    ``DEB_TEST_RABBITMQCTL`` replaces the command (e.g. ``docker compose exec
+    -T rabbitmq rabbitmqctl``); ``DEB_TEST_RABBITMQ_NODE`` names the node when
+    it is not the machine's default one. Every test that runs ``rabbitmqctl``
+    takes the command from here.
+    """
+    import os
+    import shlex
+
+    command = shlex.split(os.environ.get("DEB_TEST_RABBITMQCTL", "rabbitmqctl"))
+    node = os.environ.get("DEB_TEST_RABBITMQ_NODE")
+    return [*command, "-n", node] if node else command

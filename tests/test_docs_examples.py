@@ -35,7 +35,6 @@ import ast
 import importlib.util
 import os
 import re
-import shlex
 import subprocess
 import sys
 import textwrap
@@ -50,6 +49,8 @@ import pytest
 
 from domain_event_broker import _names, _topology
 from domain_event_broker._registration import Registration
+
+from .helpers import rabbitmqctl_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,7 +321,7 @@ class VirtualHosts:
 
 @pytest.fixture(scope="module")
 def virtual_hosts(broker_url: str) -> Iterator[VirtualHosts]:
-    command = shlex.split(os.environ.get("DEB_TEST_RABBITMQCTL", "rabbitmqctl"))
+    command = rabbitmqctl_command()
     try:
         subprocess.run([*command, "-q", "list_vhosts"], check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
