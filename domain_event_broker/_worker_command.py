@@ -56,6 +56,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, TextIO
 
+from ._signals import STOP_SIGNALS  # passed on to the children
 from .errors import ConfigurationError
 from .subscribe import Subscriber
 from .telemetry import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_STALL_AFTER, EventLogFilter, Heartbeat
@@ -75,8 +76,6 @@ RESTART_BACKOFF: Final = 1.0
 MAX_RESTART_BACKOFF: Final = 30.0
 #: Seconds between two looks of the supervisor at its children.
 SUPERVISE_INTERVAL: Final = 0.2
-#: Signals passed on to the children (and that stop a single worker).
-STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 #: Default address of the metrics endpoint: every interface, for a scraper
 #: on another host (use --metrics-host 127.0.0.1 to keep it local).
 ALL_INTERFACES: Final = "0.0.0.0"  # noqa: S104

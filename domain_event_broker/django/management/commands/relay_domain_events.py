@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import threading
-from types import FrameType
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, DatabaseError
 
 from ...._config import UNSET
+from ...._signals import graceful_stop
 from ....errors import DomainEventBrokerError
 from ...outbox import failed_events, retry_failed_events
 from ...relay import DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL, OutboxRelay
-
-#: Signals that stop the long-running relay gracefully.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 #: Exit status of ``--once`` when every publishable row was relayed but some
 #: rows were set aside as failed (1 means relaying failed).
@@ -141,20 +137,10 @@ class Command(BaseCommand):
 
     def _run_until_stopped(self, relay: OutboxRelay, interval: float) -> None:
         stop = threading.Event()
-
-        def request_stop(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-
-        previous = {}
-        if threading.current_thread() is threading.main_thread():  # else signal() raises
-            previous = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
-        try:
+        with graceful_stop(stop.set, what="stopping after the batch being relayed"):
             self.stdout.write(f"Relaying the outbox of database {relay.using!r}", ending="\n")
             self.stdout.flush()
             count = relay.run(poll_interval=interval, stop=stop)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
         self.stdout.write(f"Stopped after relaying {count} domain event(s){_set_aside(relay)}")
 
 
