@@ -192,7 +192,32 @@ def json_value(value: object, what: str = "data") -> None:
         ValueError: NaN or an infinity, or nesting deeper than
             :data:`MAX_DEPTH`.
     """
-    _check_json(value, what, 0, set())
+    if _is_plain_json(value, 0):
+        return
+    _check_json(value, what, 0, set())  # the slow walk says what is wrong, and where
+
+
+def _is_plain_json(value: object, depth: int) -> bool:
+    """Fast check without error messages: strict JSON made of exact built-in types.
+
+    False also for what merely needs the careful walk (subclasses such as
+    an ``IntEnum``, a reference cycle, deep nesting).
+    """
+    kind = type(value)
+    if value is None or kind is str or kind is int or kind is bool:
+        return True
+    if kind is float:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    if depth >= MAX_DEPTH:
+        return False
+    if kind is dict:
+        return all(
+            type(key) is str and _is_plain_json(item, depth + 1)
+            for key, item in value.items()  # type: ignore[attr-defined]
+        )
+    if kind is list or kind is tuple:
+        return all(_is_plain_json(item, depth + 1) for item in value)  # type: ignore[attr-defined]
+    return False
 
 
 def _check_json(value: object, where: str, depth: int, active: set[int]) -> None:
