@@ -19,7 +19,14 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from . import _instrument
 from ._config import BrokerConfig
-from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
+from ._connection import (
+    CONNECTION_ERRORS,
+    INITIAL_BACKOFF,
+    MAX_BACKOFF,
+    backoff_delays,
+    close_quietly,
+    connect,
+)
 from .errors import translate_pika_error
 
 __all__ = ["Link", "Recovery"]
@@ -154,13 +161,21 @@ class Recovery:
     """
 
     def __init__(
-        self, logger: logging.Logger, where: str, resumed: str = "", component: str = ""
+        self,
+        logger: logging.Logger,
+        where: str,
+        resumed: str = "",
+        component: str = "",
+        *,
+        initial_backoff: float = INITIAL_BACKOFF,
+        max_backoff: float = MAX_BACKOFF,
     ) -> None:
         self._log = logger
         self._component = component or logger.name.rsplit(".", 1)[-1]
         self._where = where
         self._resumed = f"; {resumed}" if resumed else ""
-        self._backoff = backoff_delays()
+        self._limits = (initial_backoff, max_backoff)
+        self._backoff = backoff_delays(*self._limits)
         self._lost_since: float | None = None
 
     @property
@@ -168,10 +183,22 @@ class Recovery:
         """Whether the link is down (lost and not recovered yet)."""
         return self._lost_since is not None
 
-    def on_lost(self, exc: BaseException, advice: str = "") -> float:
-        """Note a loss or a failed attempt; return how long to pause (seconds)."""
+    def on_lost(
+        self, exc: BaseException, advice: str = "", *, expected: str | None = None
+    ) -> float:
+        """Note a loss or a failed attempt; return how long to pause (seconds).
+
+        Args:
+            exc: what went wrong.
+            advice: appended to the WARNING line.
+            expected: a loss that is no fault (e.g. an idle connection the
+                broker closed) is logged at INFO with this text instead.
+        """
         if self._lost_since is None:
             self._lost_since = time.monotonic()
+            if expected is not None:
+                self._log.info("%s (%s); reconnecting", expected, type(exc).__name__)
+                return self._backoff.next()
             self._log.warning(
                 "Lost the connection to the broker (%s: %s); reconnecting%s",
                 type(exc).__name__,
@@ -193,7 +220,7 @@ class Recovery:
             self._resumed,
         )
         self._lost_since = None
-        self._backoff = backoff_delays()
+        self._backoff = backoff_delays(*self._limits)
         _instrument.record_reconnect(self._component)
 
 

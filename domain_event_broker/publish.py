@@ -29,6 +29,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from . import _config, _instrument, _validate
 from ._config import UNSET, BrokerConfig, ConnectionSettings, _Unset
 from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
+from ._link import Recovery
 from ._names import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE
 from .errors import (
     AuthenticationError,
@@ -240,8 +241,10 @@ class Publisher:
         self._batch_channel: BlockingChannel | None = None
         self._confirms: _Confirms | None = None
         self._pid = os.getpid()
-        #: When the connection was lost, until publishing works again.
-        self._lost_since: float | None = None
+        #: The "lost / reconnected" log lines and the reconnects metric.
+        self._recovery = Recovery(
+            log, self._config.display if self._config else "", component="publisher"
+        )
         #: When the connection last carried a publish (or was opened).
         self._last_used = time.monotonic()
         _live_publishers.add(self)
@@ -484,14 +487,7 @@ class Publisher:
                     self._open(deadline - time.monotonic())
                     self._send_batch(todo, batch, bodies, properties, results, deadline, mandatory)
                     self._last_used = time.monotonic()
-                    if self._lost_since is not None:
-                        log.info(
-                            "Publisher reconnected to %s after %.1fs",
-                            config.display,
-                            time.monotonic() - self._lost_since,
-                        )
-                        self._lost_since = None
-                        _instrument.record_reconnect("publisher")
+                    self._recovery.on_connected()
                     continue
                 except _NoConfirmInTime:
                     self._abort()
@@ -653,14 +649,7 @@ class Publisher:
                         mandatory=mandatory,
                     )
                     self._last_used = time.monotonic()
-                    if self._lost_since is not None:
-                        log.info(
-                            "Publisher reconnected to %s after %.1fs",
-                            self._config.display,
-                            time.monotonic() - self._lost_since,
-                        )
-                        self._lost_since = None
-                        _instrument.record_reconnect("publisher")
+                    self._recovery.on_connected()
                     return
                 except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
                     raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
@@ -702,24 +691,16 @@ class Publisher:
         """
         had_connection = self._connection is not None
         self._reset()
-        if had_connection and self._lost_since is None:
-            self._lost_since = time.monotonic()
-            assert self._config is not None
-            heartbeat = self._config.heartbeat
-            if heartbeat is not None and idle > heartbeat:
-                # An idle blocking connection sends no heartbeats, so the
-                # broker closes it after a while: expected, not a fault.
-                log.info(
-                    "Publisher connection was idle for %.0fs and is gone (%s); reconnecting",
-                    idle,
-                    type(exc).__name__,
-                )
-                return
-            log.warning(
-                "Publisher lost the connection to the broker (%s: %s); reconnecting",
-                type(exc).__name__,
-                exc,
-            )
+        if not had_connection or self._recovery.lost:
+            return
+        assert self._config is not None
+        heartbeat = self._config.heartbeat
+        expected = None
+        if heartbeat is not None and idle > heartbeat:
+            # An idle blocking connection sends no heartbeats, so the broker
+            # closes it after a while: expected, not a fault.
+            expected = f"Publisher connection was idle for {idle:.0f}s and is gone"
+        self._recovery.on_lost(exc, expected=expected)
 
     # -- connection management ------------------------------------------------
 

@@ -50,7 +50,7 @@ from django.utils import timezone
 
 from .. import _instrument
 from .._config import UNSET, ConnectionSettings, _Unset
-from .._connection import backoff_delays
+from .._link import Recovery
 from ..errors import BatchPublishError, BrokerError
 from ..events import DomainEvent, check_event
 from ..publish import Publisher
@@ -268,7 +268,14 @@ class OutboxRelay:
             raise ValueError(f"poll_interval must be positive, not {poll_interval!r}")
         stop = threading.Event() if stop is None else stop
         total = 0
-        backoff = backoff_delays(INITIAL_BACKOFF, MAX_BACKOFF)
+        recovery = Recovery(
+            log,
+            self._publisher.connection_settings or "no broker",
+            "relaying again",
+            component="relay",
+            initial_backoff=INITIAL_BACKOFF,
+            max_backoff=MAX_BACKOFF,
+        )
         while not stop.is_set():
             if not once:
                 close_old_connections()
@@ -279,17 +286,12 @@ class OutboxRelay:
                     raise
                 if isinstance(exc, DatabaseError):
                     connections[self.using].close()
-                delay = backoff.next()
-                log.warning(
-                    "Outbox relay on database %r failed (%s: %s); retrying in %.1fs",
-                    self.using,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
-                stop.wait(delay)
+                    advice = f" (the outbox's database {self.using!r} failed)"
+                else:
+                    advice = ""
+                stop.wait(recovery.on_lost(exc, advice))
                 continue
-            backoff = backoff_delays(INITIAL_BACKOFF, MAX_BACKOFF)
+            recovery.on_connected()
             total += published
             if fetched < self.batch_size:
                 if once:

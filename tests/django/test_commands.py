@@ -124,7 +124,11 @@ def test_sigterm_during_a_broker_outage(
             stderr=err,
         )
     try:
-        wait_for(lambda: "retrying in" in stderr.read_text(), timeout=30, message="a retry")
+        wait_for(
+            lambda: "Lost the connection to the broker" in stderr.read_text(),
+            timeout=30,
+            message="the outage logged",
+        )
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=EXIT_DEADLINE) == 0, stderr.read_text()
     finally:
