@@ -20,12 +20,15 @@ from typing import Final
 
 import pika
 
+from . import _names
 from .errors import ConfigurationError
 
 __all__ = ["UNSET", "configure", "reset_defaults"]
 
 DEFAULT_URL: Final = "amqp://guest:guest@localhost:5672/%2F"
 ENVIRONMENT_VARIABLE: Final = "DOMAIN_EVENT_BROKER"
+#: Environment variable naming the queue type of handlers registered without one.
+QUEUE_TYPE_VARIABLE: Final = "DOMAIN_EVENT_BROKER_QUEUE_TYPE"
 
 #: Default deadline (seconds) for connecting, and for one publish including
 #: its reconnection attempts.
@@ -70,6 +73,7 @@ ConnectionSettings = str | Sequence[str] | _Unset | None
 class _Defaults:
     broker: str | Sequence[str] | _Unset | None = UNSET
     timeout: float = DEFAULT_TIMEOUT
+    queue_type: str | None = None
 
 
 _defaults = _Defaults()
@@ -89,6 +93,7 @@ def configure(
     *,
     broker: str | Sequence[str] | _Unset | None = UNSET,
     timeout: float | _Unset = UNSET,
+    queue_type: str | _Unset | None = UNSET,
 ) -> None:
     """Set process-wide defaults used when an argument is left out.
 
@@ -99,9 +104,14 @@ def configure(
             precedence, so operators can override it.
         timeout: seconds a connect or a publish may take, reconnection
             attempts included, before a :class:`BrokerError` is raised.
+        queue_type: queue type of handlers registered without one:
+            ``"classic"``, ``"quorum"``, or ``None`` (the broker's default).
+            The ``DOMAIN_EVENT_BROKER_QUEUE_TYPE`` environment variable takes
+            precedence (added in 4.1).
 
     Raises:
-        ConfigurationError: a URL is malformed or the timeout not positive.
+        ConfigurationError: a URL is malformed, the timeout not positive or
+            the queue type unknown.
 
     .. versionadded:: 4.0
     """
@@ -115,6 +125,8 @@ def configure(
             _defaults.broker = broker
         if not isinstance(timeout, _Unset):
             _defaults.timeout = check_timeout(timeout)
+        if not isinstance(queue_type, _Unset):
+            _defaults.queue_type = check_queue_type(queue_type, "queue_type")
 
 
 def reset_defaults() -> None:
@@ -125,6 +137,36 @@ def reset_defaults() -> None:
     with _defaults_lock:
         _defaults.broker = UNSET
         _defaults.timeout = DEFAULT_TIMEOUT
+        _defaults.queue_type = None
+
+
+def check_queue_type(queue_type: object, source: str) -> str | None:
+    """``queue_type`` if it is ``None``, ``"classic"`` or ``"quorum"`` (``""``: ``None``).
+
+    Raises:
+        ConfigurationError: any other value; ``source`` says where it came from.
+    """
+    if queue_type is None or queue_type == "":
+        return None
+    if isinstance(queue_type, str) and queue_type in _names.QUEUE_TYPES:
+        return queue_type
+    raise ConfigurationError(
+        f"{source} must be 'classic', 'quorum' or empty (the broker's default), not {queue_type!r}"
+    )
+
+
+def default_queue_type() -> str | None:
+    """Queue type for handlers registered without one: the
+    ``DOMAIN_EVENT_BROKER_QUEUE_TYPE`` environment variable, else
+    :func:`configure`'s, else ``None`` (the broker's default).
+
+    Raises:
+        ConfigurationError: the environment variable names no queue type.
+    """
+    value = os.environ.get(QUEUE_TYPE_VARIABLE, "").strip()
+    if value:
+        return check_queue_type(value, f"the {QUEUE_TYPE_VARIABLE} environment variable")
+    return _defaults.queue_type
 
 
 def check_timeout(timeout: object) -> float:

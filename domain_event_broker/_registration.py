@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from . import _config
 from .events import DomainEvent
 
 __all__ = ["MAX_RETRY_DELAY", "Handler", "Registration", "Retry"]
@@ -60,7 +61,15 @@ Retry.__module__ = "domain_event_broker.subscribe"
 
 @dataclass(frozen=True)
 class Registration:
-    """One handler and the options it was registered with."""
+    """One handler and the options it was registered with.
+
+    ``queue_type`` ``None`` means: the configured default (see
+    :func:`domain_event_broker.configure`), else the broker's.
+
+    Raises:
+        ValueError: an unknown ``queue_type`` (a ConfigurationError), or a quorum queue that is not
+            durable, or exclusive, or auto-delete (quorum queues cannot be).
+    """
 
     handler: Handler
     name: str
@@ -70,3 +79,12 @@ class Registration:
     exclusive: bool = False
     auto_delete: bool = False
     max_retries: int = 0
+    queue_type: str | None = None
+
+    def __post_init__(self) -> None:
+        _config.check_queue_type(self.queue_type, "queue_type")
+        if self.queue_type == "quorum" and (not self.durable or self.exclusive or self.auto_delete):
+            raise ValueError(
+                "a quorum queue is always durable, never exclusive nor auto-delete: "
+                "register with durable=True, exclusive=False, auto_delete=False"
+            )

@@ -11,6 +11,7 @@ delivery is acknowledged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -190,6 +191,8 @@ class Subscriber:
         exclusive: bool = False,
         auto_delete: bool = False,
         max_retries: int = 0,
+        *,
+        queue_type: str | None = None,
     ) -> None:
         """Register ``handler`` for the events matching ``binding_keys``.
 
@@ -211,6 +214,11 @@ class Subscriber:
             auto_delete: whether the queue is deleted with its last consumer.
             max_retries: how many :class:`Retry` requests are honoured before
                 the event is dead-lettered (or discarded).
+            queue_type: ``"classic"`` or ``"quorum"`` for the handler's queue,
+                dead-letter queue and delay queues; ``None``: the configured
+                default, else the broker's (see :doc:`cluster`). An existing
+                queue of the other type is taken over as it is, with a
+                WARNING. *Added in 4.1.*
 
         Raises:
             TypeError: ``handler`` is not callable.
@@ -222,6 +230,7 @@ class Subscriber:
         registration = self._validate(
             handler, name, binding_keys, dead_letter, durable, exclusive, auto_delete, max_retries
         )
+        registration = dataclasses.replace(registration, queue_type=queue_type)
         if self._config is None:
             log.debug("No broker configured: handler %s is not registered", name)
             return

@@ -11,6 +11,8 @@ from ..errors import ConfigurationError
 
 #: The Django setting holding the broker URL, list of URLs, or ``None``.
 SETTING = "DOMAIN_EVENT_BROKER"
+#: The Django setting holding the default queue type (4.1): "classic" or "quorum".
+QUEUE_TYPE_SETTING = "DOMAIN_EVENT_BROKER_QUEUE_TYPE"
 
 
 class DomainEventsConfig(AppConfig):
@@ -36,6 +38,11 @@ class DomainEventsConfig(AppConfig):
             ImproperlyConfigured: the setting is not a URL, a list of URLs or
                 ``None``, or a URL is malformed.
         """
+        if hasattr(settings, QUEUE_TYPE_SETTING):
+            try:
+                configure(queue_type=getattr(settings, QUEUE_TYPE_SETTING))
+            except ConfigurationError as exc:
+                raise ImproperlyConfigured(f"settings.{QUEUE_TYPE_SETTING}: {exc}") from exc
         if not hasattr(settings, SETTING):
             return
         broker = getattr(settings, SETTING)
