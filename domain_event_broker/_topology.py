@@ -95,7 +95,7 @@ def declare_handler(
         )
         for key in (*registration.binding_keys, "#"):
             channel.queue_bind(exchange=dlx, queue=dlq, routing_key=key)
-        channel.queue_bind(exchange=durable_dlx, queue=dlq)
+        channel.queue_bind(exchange=durable_dlx, queue=dlq, routing_key="")
     queue_type = _declare_queue(
         channel,
         name,
@@ -124,7 +124,7 @@ def declare_handler(
         channel.queue_bind(exchange=exchange, queue=name, routing_key=key)
         channel.queue_bind(exchange=retry, queue=name, routing_key=key)
     channel.queue_bind(exchange=retry, queue=name, routing_key="#")
-    channel.queue_bind(exchange=durable_retry, queue=name)
+    channel.queue_bind(exchange=durable_retry, queue=name, routing_key="")
 
 
 def declare_delay(
@@ -158,7 +158,7 @@ def declare_delay(
     channel.exchange_declare(
         exchange=delay_name, exchange_type="fanout", durable=True, auto_delete=True
     )
-    channel.queue_bind(exchange=delay_name, queue=delay_name)
+    channel.queue_bind(exchange=delay_name, queue=delay_name, routing_key="")
     return delay_name, ""
 
 

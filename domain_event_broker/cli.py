@@ -37,7 +37,7 @@ from typing import Any, Final, TextIO
 
 import pika
 
-from . import _headers, replay
+from . import _headers, _migrate, replay
 from ._config import UNSET, ConnectionSettings
 from .errors import ConfigurationError, DomainEventBrokerError
 from .events import DomainEvent
@@ -486,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(run=_cmd_status)
+
+    _migrate.add_parser(commands, parents=sub)
     return parser
 
 

@@ -40,6 +40,18 @@ NODE_NAMES = {
 }
 
 
+#: One line per cluster scenario, printed at the end of the run.
+FIGURES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the figures the cluster scenarios measured."""
+    if FIGURES:
+        terminalreporter.section("cluster figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
+
 def _missing_software() -> str | None:
     """Why this machine cannot run the nodes, or None."""
     if VERSION not in PORTS:

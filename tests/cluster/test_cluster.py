@@ -18,17 +18,15 @@ import pytest
 
 from domain_event_broker import BrokerError, DomainEvent, Publisher, Subscriber
 
-from .conftest import VERSION, Cluster, Recorder, Worker, wait_until
+from .conftest import FIGURES, VERSION, Cluster, Recorder, Worker, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 EVENTS = 1500
 #: Seconds between two publishes: the stream lasts about as long as the outage.
 PACE = 0.006
 #: Seconds the leader stays away.
 OUTAGE = 8.0
-
-FIGURES: list[str] = []
 
 
 class Stream:
@@ -62,10 +60,9 @@ class Stream:
 def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, int]:
     """Run one outage; return (confirmed, lost, duplicates)."""
     name = f"cluster-{queue_type}-{fault}-{uuid.uuid4().hex[:6]}"
-    setup = Subscriber(cluster.urls)
-    setup.register(Recorder(), name, ["cluster.#"], dead_letter=True, queue_type=queue_type)
+    with Subscriber(cluster.urls) as setup:
+        setup.register(Recorder(), name, ["cluster.#"], dead_letter=True, queue_type=queue_type)
     victim = cluster.leader_of(name)
-    setup.close() if hasattr(setup, "close") else None
     # The victim first: publisher and subscriber both start connected to it.
     urls = [victim.url] + [node.url for node in cluster.nodes if node is not victim]
     recorder = Recorder(retry_every=10, delay=1.0)
@@ -78,7 +75,10 @@ def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, 
     stream.thread.start()
     try:
         wait_until(lambda: len(stream.confirmed) > EVENTS // 5, 60, "the stream to start")
-        victim.kill() if fault == "kill" else victim.stop()
+        if fault == "kill":
+            victim.kill()
+        else:
+            victim.stop()
         time.sleep(OUTAGE)
         victim.start()
         stream.thread.join(300)
@@ -117,7 +117,3 @@ def test_quorum_handler_loses_nothing_when_the_leader_goes(cluster: Cluster, fau
 def test_classic_handler_is_measured_for_comparison(cluster: Cluster) -> None:
     confirmed, _, _ = _scenario(cluster, "classic", "stop")
     assert confirmed == EVENTS, "the publisher gave up on events"
-
-
-def pytest_terminal_summary_lines() -> list[str]:
-    return FIGURES

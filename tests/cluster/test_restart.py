@@ -10,7 +10,7 @@ from domain_event_broker import DomainEvent, Publisher, Subscriber, replay_all
 
 from .conftest import Node, Recorder, Worker, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 EVENTS = 20
 DELAY = 2.0
