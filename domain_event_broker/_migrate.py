@@ -135,14 +135,15 @@ class _Migration:
     def run(self) -> int:
         name = self.name
         exists, consumers = self._exists(name)
-        if not exists:
+        if not exists and not self._exists(name + HOLDING_SUFFIX)[0]:
             raise MigrationError(f"queue {name!r} does not exist: nothing to migrate")
-        if consumers:
+        if exists and consumers:
             raise MigrationError(
                 f"queue {name!r} has {consumers} consumer(s): stop the handler's workers first "
                 "(publishers may keep publishing)"
             )
-        dead_letter, _ = self._exists(_names.dead_letter_queue(name))
+        dlq = _names.dead_letter_queue(name)
+        dead_letter = self._exists(dlq)[0] or self._exists(dlq + HOLDING_SUFFIX)[0]
         ch = self.channel
         retry = _names.retry_exchange(name)
         durable_retry = _names.durable_retry_exchange(name)
@@ -155,7 +156,6 @@ class _Migration:
             (durable_retry, ""),
         ]
         if dead_letter:
-            dlq = _names.dead_letter_queue(name)
             dlx = _names.dead_letter_exchange(name)
             durable_dlx = _names.durable_dead_letter_exchange(name)
             ch.exchange_declare(exchange=dlx, exchange_type=self.exchange_type)
@@ -191,18 +191,22 @@ class _Migration:
         of this handler's queues)."""
         ch = self.channel
         holding = queue + HOLDING_SUFFIX
+        holding_exists = self._exists(holding)[0]
         ch.queue_declare(queue=holding, durable=True, arguments={"x-queue-type": self.queue_type})
         for exchange, key in bindings:
             ch.queue_bind(queue=holding, exchange=exchange, routing_key=key)
         self.report(f"declared {holding} ({self.queue_type}) and bound it as {queue}")
-        for exchange, key in bindings:
-            ch.queue_unbind(queue=queue, exchange=exchange, routing_key=key)
-        # pika binds with the queue's name when given no key: an earlier 4.1 build did.
-        ch.queue_unbind(queue=queue, exchange=fanout, routing_key=queue)
-        self.report(f"unbound {queue}: new events go to {holding}")
-        count = self._drain(queue, fanout)
-        self.report(f"moved {count} message(s) from {queue} to {holding}")
-        self._delete_empty(queue, fanout)
+        if self._exists(queue)[0]:
+            for exchange, key in bindings:
+                ch.queue_unbind(queue=queue, exchange=exchange, routing_key=key)
+            # pika binds with the queue's name when given no key: an earlier 4.1 build did.
+            ch.queue_unbind(queue=queue, exchange=fanout, routing_key=queue)
+            self.report(f"unbound {queue}: new events go to {holding}")
+            count = self._drain(queue, fanout)
+            self.report(f"moved {count} message(s) from {queue} to {holding}")
+            self._delete_empty(queue, fanout)
+        elif holding_exists:
+            self.report(f"{queue} is gone: resuming an interrupted migration from {holding}")
         # A channel that used the old queue keeps state of its type (RabbitMQ
         # 3.10 crashes the connection delivering to the new one through it).
         ch = self._renew_channel()

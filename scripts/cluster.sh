@@ -52,8 +52,12 @@ root_of() { if [ "$1" = 4.0 ]; then echo "$CHROOT"; else echo ""; fi; }
 
 ensure_chroot() {
     [ -x "$CHROOT/usr/lib/rabbitmq/bin/rabbitmq-server" ] && return 0
-    command -v debootstrap >/dev/null || die "debootstrap is needed to build $CHROOT (apt-get install debootstrap)"
     [ "$(id -u)" = 0 ] || die "building $CHROOT needs root (debootstrap, chroot)"
+    if ! command -v debootstrap >/dev/null && command -v apt-get >/dev/null; then
+        echo "cluster.sh: installing debootstrap with apt-get" >&2
+        apt-get install -y -q debootstrap >&2 || { apt-get update -q >&2 && apt-get install -y -q debootstrap >&2; }
+    fi
+    command -v debootstrap >/dev/null || die "debootstrap is needed to build $CHROOT (apt-get install debootstrap)"
     echo "cluster.sh: building the RabbitMQ 4.0 chroot in $CHROOT (about a minute)" >&2
     mkdir -p "$(dirname "$CHROOT")"
     rm -rf "$CHROOT.tmp"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from domain_event_broker import DomainEvent, Publisher, Subscriber, cli
+from domain_event_broker import DomainEvent, Publisher, Subscriber, _migrate, cli
 from domain_event_broker._migrate import MigrationError, migrate_queue_type
 
 from .conftest import Names
@@ -158,3 +158,32 @@ def test_migrate_unknown_queue_is_an_error(names: Names, broker_url: str) -> Non
 def test_migrate_bad_arguments(queue_type: str, keys: Any) -> None:
     with pytest.raises(ValueError):
         migrate_queue_type("anything", queue_type, keys, connection_settings=None)
+
+
+def test_an_interrupted_migration_resumes(
+    names: Names, broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = names.new("migrate-resume")
+    key = f"{name}.event"
+    with Subscriber() as subscriber:
+        subscriber.register(lambda event: None, name, [key])
+    with Publisher() as publisher:
+        for n in range(10):
+            publisher.publish_event(DomainEvent(key, {"n": n}))
+
+    def interrupted(self: Any) -> Any:
+        raise RuntimeError("test: the connection went away")
+
+    monkeypatch.setattr(_migrate._Migration, "_renew_channel", interrupted)
+    with pytest.raises(RuntimeError, match="went away"):
+        migrate_queue_type(name, "quorum", [key])
+    assert queue_size(name) is None  # deleted, the events wait in the holding queue
+    monkeypatch.undo()
+    with Publisher() as publisher:
+        publisher.publish_event(DomainEvent(key, {"n": 10}))
+    lines: list[str] = []
+    migrate_queue_type(name, "quorum", [key], report=lines.append)
+    assert any("resuming" in line for line in lines)
+    assert queue_size(name) == 11
+    assert _queue_type(name) == "quorum"
+    assert queue_size(f"{name}-migrating") is None
