@@ -99,10 +99,13 @@ def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, 
     with recorder.lock:
         lost = len(stream.confirmed - set(recorder.handled))
         duplicates = sum(count - 1 for count in recorder.handled.values())
+        twice = sum(1 for count in recorder.handled.values() if count > 1)
+        most = max(recorder.handled.values(), default=0)
     FIGURES.append(
         f"RabbitMQ {VERSION} {queue_type:7} {fault:4}: {EVENTS} events, {confirmed} confirmed, "
         f"{stream.errors} publish errors retried, {len(recorder.retried)} retried, "
-        f"lost {lost}, duplicates {duplicates}"
+        f"lost {lost}, duplicates {duplicates} ({twice} events handled more than once, "
+        f"at most {most} times)"
     )
     return confirmed, lost, duplicates
 
