@@ -143,6 +143,14 @@ def dead_letter_queue_arguments(queue_type: str | None) -> dict[str, object]:
     return {} if queue_type is None else {"x-queue-type": queue_type}
 
 
+def delay_queues(name: str, milliseconds: int) -> tuple[str, ...]:
+    """Every delay queue ``name`` may have for ``milliseconds``: 3.0.2's and 4.1's."""
+    return (
+        delay_queue(name, milliseconds),
+        *(typed_delay_queue(name, milliseconds, queue_type) for queue_type in QUEUE_TYPES),
+    )
+
+
 def delay_queue_prefix(name: str) -> str:
     """Prefix shared by all delay queues of ``name`` (for status listings)."""
     return f"{name}-delay-"
