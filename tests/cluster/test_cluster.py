@@ -85,17 +85,24 @@ def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, 
         assert not stream.thread.is_alive(), "the publisher did not finish"
         confirmed = len(stream.confirmed)
         deadline = 120 if queue_type == "quorum" else 30
+        failure: AssertionError | None = None
         try:
             wait_until(
                 lambda: set(recorder.handled) >= stream.confirmed,
                 deadline,
                 "every confirmed event to be handled",
             )
-        except AssertionError:
-            if queue_type == "quorum":
-                raise
+        except AssertionError as exc:
+            failure = exc
     finally:
         worker.stop()
+    left = {
+        queue: count
+        for node in cluster.nodes
+        if node.answers()
+        for queue, count in node.queue_messages(name).items()
+        if count
+    }
     with recorder.lock:
         lost = len(stream.confirmed - set(recorder.handled))
         duplicates = sum(count - 1 for count in recorder.handled.values())
@@ -105,8 +112,10 @@ def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, 
         f"RabbitMQ {VERSION} {queue_type:7} {fault:4}: {EVENTS} events, {confirmed} confirmed, "
         f"{stream.errors} publish errors retried, {len(recorder.retried)} retried, "
         f"lost {lost}, duplicates {duplicates} ({twice} events handled more than once, "
-        f"at most {most} times)"
+        f"at most {most} times); left in queues: {left or 'none'}"
     )
+    if failure is not None and queue_type == "quorum":
+        raise failure
     return confirmed, lost, duplicates
 
 
