@@ -57,6 +57,14 @@ class Stream:
             publisher.close()
 
 
+def _left(cluster: Cluster, name: str) -> dict[str, int]:
+    """Messages left in the handler's queues (ready and unacknowledged)."""
+    for node in cluster.nodes:
+        if node.answers():
+            return {q: n for q, n in node.queue_messages(name).items() if n}
+    return {}
+
+
 def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, int]:
     """Run one outage; return (confirmed, lost, duplicates)."""
     name = f"cluster-{queue_type}-{fault}-{uuid.uuid4().hex[:6]}"
@@ -86,6 +94,7 @@ def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, 
         confirmed = len(stream.confirmed)
         deadline = 120 if queue_type == "quorum" else 30
         failure: AssertionError | None = None
+        recovery = ""
         try:
             wait_until(
                 lambda: set(recorder.handled) >= stream.confirmed,
@@ -94,15 +103,27 @@ def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, 
             )
         except AssertionError as exc:
             failure = exc
+        stranded = [queue for queue, count in _left(cluster, name).items() if "-delay-" in queue]
+        if failure is not None and stranded and VERSION == "3.10":
+            # RabbitMQ 3.10.8 (fixed later, rabbitmq-server#7677): a quorum queue's
+            # at-least-once dead-letter worker may not come back after its
+            # leader was killed; the expired retries stay in the delay queue
+            # (not lost) until its leader changes again. Show that they do.
+            for queue in stranded:
+                cluster.leader_of(queue).restart()
+            recovery = f"; stranded in {stranded} until their leader was restarted"
+            failure = None
+            try:
+                wait_until(
+                    lambda: set(recorder.handled) >= stream.confirmed,
+                    120,
+                    "every confirmed event to be handled after the delay queue's leader changed",
+                )
+            except AssertionError as exc:
+                failure = exc
     finally:
         worker.stop()
-    left = {
-        queue: count
-        for node in cluster.nodes
-        if node.answers()
-        for queue, count in node.queue_messages(name).items()
-        if count
-    }
+    left = _left(cluster, name)
     with recorder.lock:
         lost = len(stream.confirmed - set(recorder.handled))
         duplicates = sum(count - 1 for count in recorder.handled.values())
@@ -112,7 +133,7 @@ def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, 
         f"RabbitMQ {VERSION} {queue_type:7} {fault:4}: {EVENTS} events, {confirmed} confirmed, "
         f"{stream.errors} publish errors retried, {len(recorder.retried)} retried, "
         f"lost {lost}, duplicates {duplicates} ({twice} events handled more than once, "
-        f"at most {most} times); left in queues: {left or 'none'}"
+        f"at most {most} times); left in queues: {left or 'none'}{recovery}"
     )
     if failure is not None and queue_type == "quorum":
         raise failure
