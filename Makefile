@@ -88,12 +88,13 @@ cluster-up:
 cluster-down:
 	scripts/cluster.sh down $(RABBITMQ_VERSION)
 
-# The whole suite (cluster tests included) against RabbitMQ 4.0: one private
+# This repository's suite (cluster tests included) against RabbitMQ 4.0 (3.0.2's
+# own suite talks to localhost:5672 directly, so it runs in `make test` only): one private
 # 4.0 node for the suite and the fault tests, a 4.0 cluster for tests/cluster.
 test-rabbitmq4: $(VENV)/.dev
 	scripts/cluster.sh single-up 4.0
 	status=0; eval "$$(scripts/cluster.sh env 4.0 single)"; \
-		DEB_TEST_CLUSTER_VERSION=4.0 $(MAKE) --no-print-directory unit compat || status=$$?; \
+		DEB_TEST_CLUSTER_VERSION=4.0 $(MAKE) --no-print-directory unit || status=$$?; \
 		scripts/cluster.sh single-down 4.0; exit $$status
 
 clean:

@@ -18,10 +18,8 @@ from pathlib import Path
 SKIPPED = {"test_events.py", "django/test_publish_on_commit.py"}
 SETTINGS_IMPORT = "from .. import settings"
 SETTINGS_SUBSTITUTE = (
-    "import os\n"
     "from types import SimpleNamespace\n"
-    "settings = SimpleNamespace(BROKER=os.environ.get("
-    "'DOMAIN_EVENT_BROKER', 'amqp://guest:guest@localhost:5672/%2F'))"
+    "settings = SimpleNamespace(BROKER='amqp://guest:guest@localhost:5672/%2F')"
 )
 # pytest-django runs 3.0.2's Django tests with 3.0.2's settings module; ``-p
 # django`` loads it even when plugin autoloading is off, and no manage.py is
