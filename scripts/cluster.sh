@@ -66,6 +66,24 @@ ensure_chroot() {
     mv "$CHROOT.tmp" "$CHROOT"
 }
 
+# Unmount /proc, /dev and /sys from the chroot once none of its nodes runs
+# (so that deleting the cached chroot can never reach the host's /dev).
+release_mounts() {
+    [ "$1" = 4.0 ] || return 0
+    local node name port dist pid fs
+    for node in c1 c2 c3 single; do
+        read -r name port dist <<<"$(node_spec 4.0 "$node")"
+        pid="$(cat "$CHROOT$BASE/4.0/$name/pid" 2>/dev/null || true)"
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then return 0; fi
+    done
+    for fs in sys dev proc; do
+        for _ in 1 2 3 4 5 6 7 8 9 10; do   # the node's processes may still be exiting
+            mountpoint -q "$CHROOT/$fs" || break
+            umount "$CHROOT/$fs" 2>/dev/null || sleep 0.5
+        done
+    done
+}
+
 ensure_mounts() {
     local fs
     for fs in proc dev sys; do
@@ -157,6 +175,7 @@ down() {
     local version="$1" node
     for node in c3 c2 c1; do stop_node "$version" "$node"; done
     for node in c3 c2 c1; do kill_node "$version" "$node"; wipe_node "$version" "$node"; done
+    release_mounts "$version"
 }
 
 urls() {
@@ -175,7 +194,9 @@ case "${1:-}" in
         start_node "${2:?version}" single
         read -r name port dist <<<"$(node_spec "$2" single)"
         echo "node $name@$HOST up: amqp://guest:guest@127.0.0.1:$port/%2F" ;;
-    single-down) stop_node "${2:?version}" single; kill_node "$2" single; wipe_node "$2" single ;;
+    single-down)
+        stop_node "${2:?version}" single; kill_node "$2" single; wipe_node "$2" single
+        release_mounts "$2" ;;
     start-node) start_node "${2:?version}" "${3:?node}" ;;
     stop-node) stop_node "${2:?version}" "${3:?node}" ;;
     kill-node) kill_node "${2:?version}" "${3:?node}" ;;
