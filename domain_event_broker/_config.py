@@ -24,7 +24,7 @@ from typing import Final
 
 import pika
 
-from . import _tls
+from . import _names, _tls
 from .errors import ConfigurationError
 
 __all__ = ["UNSET", "configure", "reset_defaults"]
@@ -33,6 +33,8 @@ DEFAULT_URL: Final = "amqp://guest:guest@localhost:5672/%2F"
 ENVIRONMENT_VARIABLE: Final = "DOMAIN_EVENT_BROKER"
 #: Names a file holding the URL(s), e.g. a secret mounted by the container platform.
 FILE_ENVIRONMENT_VARIABLE: Final = "DOMAIN_EVENT_BROKER_FILE"
+#: Environment variable naming the queue type of handlers registered without one.
+QUEUE_TYPE_VARIABLE: Final = "DOMAIN_EVENT_BROKER_QUEUE_TYPE"
 
 #: Default deadline (seconds) for connecting, and for one publish including
 #: its reconnection attempts.
@@ -84,6 +86,7 @@ class _Defaults:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     ssl_context: ssl.SSLContext | None = None
     require_route: bool = False
+    queue_type: str | None = None
 
 
 _defaults = _Defaults()
@@ -106,6 +109,7 @@ def configure(
     max_connections: int | _Unset = UNSET,
     ssl_context: ssl.SSLContext | _Unset | None = UNSET,
     require_route: bool | _Unset = UNSET,
+    queue_type: str | _Unset | None = UNSET,
 ) -> None:
     """Set process-wide defaults used when an argument is left out.
 
@@ -128,10 +132,15 @@ def configure(
             place of the one built from their ``cacertfile``, ``certfile``,
             ``keyfile`` and ``verify`` options; ``None`` goes back to those.
 
+        queue_type: queue type of handlers registered without one:
+            ``"classic"``, ``"quorum"``, or ``None`` (the broker's default).
+            The ``DOMAIN_EVENT_BROKER_QUEUE_TYPE`` environment variable takes
+            precedence (added in 4.1).
+
     Raises:
         ConfigurationError: a URL is malformed, a TLS file cannot be used,
-            the timeout not positive, ``require_route`` not a bool, or
-            ``max_connections`` not a positive int.
+            the timeout not positive, ``require_route`` not a bool,
+            ``max_connections`` not a positive int, or the queue type unknown.
         TypeError: ``ssl_context`` is not an :class:`ssl.SSLContext`.
 
     .. versionadded:: 4.0
@@ -170,6 +179,8 @@ def configure(
             _defaults.ssl_context = ssl_context
         if not isinstance(require_route, _Unset):
             _defaults.require_route = require_route
+        if not isinstance(queue_type, _Unset):
+            _defaults.queue_type = check_queue_type(queue_type, "queue_type")
 
 
 def default_require_route(require_route: object = UNSET) -> bool:
@@ -196,6 +207,36 @@ def reset_defaults() -> None:
         _defaults.max_connections = DEFAULT_MAX_CONNECTIONS
         _defaults.require_route = False
         _defaults.ssl_context = None
+        _defaults.queue_type = None
+
+
+def check_queue_type(queue_type: object, source: str) -> str | None:
+    """``queue_type`` if it is ``None``, ``"classic"`` or ``"quorum"`` (``""``: ``None``).
+
+    Raises:
+        ConfigurationError: any other value; ``source`` says where it came from.
+    """
+    if queue_type is None or queue_type == "":
+        return None
+    if isinstance(queue_type, str) and queue_type in _names.QUEUE_TYPES:
+        return queue_type
+    raise ConfigurationError(
+        f"{source} must be 'classic', 'quorum' or empty (the broker's default), not {queue_type!r}"
+    )
+
+
+def default_queue_type() -> str | None:
+    """Queue type for handlers registered without one: the
+    ``DOMAIN_EVENT_BROKER_QUEUE_TYPE`` environment variable, else
+    :func:`configure`'s, else ``None`` (the broker's default).
+
+    Raises:
+        ConfigurationError: the environment variable names no queue type.
+    """
+    value = os.environ.get(QUEUE_TYPE_VARIABLE, "").strip()
+    if value:
+        return check_queue_type(value, f"the {QUEUE_TYPE_VARIABLE} environment variable")
+    return _defaults.queue_type
 
 
 def check_timeout(timeout: object) -> float:

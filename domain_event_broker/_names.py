@@ -1,7 +1,14 @@
 """Every exchange and queue name derived from a handler name, in one place.
 
-These names are the wire contract with domain-event-broker 3.0.2: workers of
-both versions share them during a rolling upgrade. Do not change them.
+The 3.0.2 names (``name``, ``name-retry``, ``name-dlx``, ``name-dl``,
+``name-delay-<ms>``) and their arguments are the wire contract with
+domain-event-broker 3.0.2: workers of both versions share them during a
+rolling upgrade. Do not change them.
+
+4.1 adds objects of new names, so that 3.0.2's (which it declares non-durable
+or with a fixed set of arguments) never have to change: the durable fanout
+exchanges ``name-retry-durable`` and ``name-dlx-durable``, and delay queues
+``name-delay-<ms>-<type>`` that dead-letter into ``name-retry-durable``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,19 @@ DEFAULT_EXCHANGE_TYPE = "topic"
 #: Extra time a delay queue lives after its last message expired (ms).
 DELAY_QUEUE_EXPIRY_MARGIN_MS = 10_000
 
+#: The same for 4.1's delay queues: long enough for a quorum delay queue to
+#: finish dead-lettering (at least once) while its handler's queue is
+#: unavailable, e.g. during a leader election or a node's restart.
+TYPED_DELAY_QUEUE_EXPIRY_MARGIN_MS = 3_600_000
+
+#: The queue types a handler may ask for (``None``: the broker's default).
+QUEUE_TYPES = ("classic", "quorum")
+
+#: ``x-delivery-limit`` of quorum queues this library declares: RabbitMQ 4's
+#: default, also on RabbitMQ 3.x (which has none). Past it the broker
+#: dead-letters the event (reason ``delivery_limit``).
+QUORUM_DELIVERY_LIMIT = 20
+
 
 def retry_exchange(name: str) -> str:
     """Topic exchange where delayed retries and replays re-enter ``name``."""
@@ -22,6 +42,22 @@ def retry_exchange(name: str) -> str:
 def dead_letter_exchange(name: str) -> str:
     """Topic exchange routing ``name``'s dead letters to its ``-dl`` queue."""
     return f"{name}-dlx"
+
+
+def durable_retry_exchange(name: str) -> str:
+    """Durable fanout exchange through which 4.1's delayed retries re-enter ``name``.
+
+    .. versionadded:: 4.1
+    """
+    return f"{name}-retry-durable"
+
+
+def durable_dead_letter_exchange(name: str) -> str:
+    """Durable fanout exchange routing every dead letter of ``name`` to ``name-dl``.
+
+    .. versionadded:: 4.1
+    """
+    return f"{name}-dlx-durable"
 
 
 def dead_letter_queue(name: str) -> str:
@@ -47,6 +83,72 @@ def delay_queue_arguments(name: str, milliseconds: int) -> dict[str, object]:
         "x-message-ttl": milliseconds,
         "x-expires": milliseconds + DELAY_QUEUE_EXPIRY_MARGIN_MS,
     }
+
+
+def typed_delay_queue(name: str, milliseconds: int, queue_type: str) -> str:
+    """4.1's delay queue (and fanout exchange of the same name) of ``name`` for
+    ``milliseconds``, of ``queue_type``; it dead-letters into
+    :func:`durable_retry_exchange`.
+
+    .. versionadded:: 4.1
+    """
+    return f"{name}-delay-{milliseconds}-{queue_type}"
+
+
+def typed_delay_queue_arguments(name: str, milliseconds: int, queue_type: str) -> dict[str, object]:
+    """The arguments of :func:`typed_delay_queue`.
+
+    A quorum delay queue dead-letters at least once (which needs
+    ``reject-publish`` overflow): an expired retry stays in it until the
+    handler's queue confirmed it, through leader changes and node losses.
+    """
+    arguments: dict[str, object] = {
+        "x-queue-type": queue_type,
+        "x-dead-letter-exchange": durable_retry_exchange(name),
+        "x-message-ttl": milliseconds,
+        "x-expires": milliseconds + TYPED_DELAY_QUEUE_EXPIRY_MARGIN_MS,
+    }
+    if queue_type == "quorum":
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
+def inbox_arguments(name: str, dead_letter: bool, queue_type: str | None) -> dict[str, object]:
+    """The arguments of a handler's queue ``name``.
+
+    No queue type: 3.0.2's arguments, so its queues are taken over and its
+    workers can share them. ``"classic"``: the same, with the type. ``"quorum"``:
+    a delivery limit, and dead-lettering at least once into the durable
+    :func:`durable_dead_letter_exchange`.
+    """
+    if queue_type == "quorum":
+        arguments: dict[str, object] = {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": QUORUM_DELIVERY_LIMIT,
+        }
+        if dead_letter:
+            arguments["x-dead-letter-exchange"] = durable_dead_letter_exchange(name)
+            arguments["x-dead-letter-strategy"] = "at-least-once"
+            arguments["x-overflow"] = "reject-publish"
+        return arguments
+    arguments = {} if queue_type is None else {"x-queue-type": queue_type}
+    if dead_letter:
+        arguments["x-dead-letter-exchange"] = dead_letter_exchange(name)
+    return arguments
+
+
+def dead_letter_queue_arguments(queue_type: str | None) -> dict[str, object]:
+    """The arguments of ``name-dl`` (3.0.2's: none)."""
+    return {} if queue_type is None else {"x-queue-type": queue_type}
+
+
+def delay_queues(name: str, milliseconds: int) -> tuple[str, ...]:
+    """Every delay queue ``name`` may have for ``milliseconds``: 3.0.2's and 4.1's."""
+    return (
+        delay_queue(name, milliseconds),
+        *(typed_delay_queue(name, milliseconds, queue_type) for queue_type in QUEUE_TYPES),
+    )
 
 
 def delay_queue_prefix(name: str) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from . import _validate
+from . import _config, _validate
 from .events import DomainEvent
 
 __all__ = ["MAX_RETRY_DELAY", "Handler", "Registration", "Retry", "build_registration"]
@@ -64,7 +64,15 @@ Retry.__module__ = "domain_event_broker.subscribe"
 
 @dataclass(frozen=True)
 class Registration:
-    """One handler and the options it was registered with."""
+    """One handler and the options it was registered with.
+
+    ``queue_type`` ``None`` means: the configured default (see
+    :func:`domain_event_broker.configure`), else the broker's.
+
+    Raises:
+        ValueError: an unknown ``queue_type`` (a ConfigurationError), or a quorum queue that is not
+            durable, or exclusive, or auto-delete (quorum queues cannot be).
+    """
 
     handler: Handler
     name: str
@@ -76,6 +84,15 @@ class Registration:
     max_retries: int = 0
     #: How many events of this handler run at once, each on its own thread.
     concurrency: int = 1
+    queue_type: str | None = None
+
+    def __post_init__(self) -> None:
+        _config.check_queue_type(self.queue_type, "queue_type")
+        if self.queue_type == "quorum" and (not self.durable or self.exclusive or self.auto_delete):
+            raise ValueError(
+                "a quorum queue is always durable, never exclusive nor auto-delete: "
+                "register with durable=True, exclusive=False, auto_delete=False"
+            )
 
 
 def build_registration(
@@ -88,13 +105,15 @@ def build_registration(
     auto_delete: bool = False,
     max_retries: int = 0,
     concurrency: int = 1,
+    queue_type: str | None = None,
 ) -> Registration:
     """Check what ``Subscriber.register()`` was given; return it as a Registration.
 
     Raises:
         TypeError: ``handler`` is not callable, ``binding_keys`` not a list.
         ValueError: any other argument is out of range.
-        ConfigurationError: ``name`` starts with ``amq.`` (reserved by RabbitMQ).
+        ConfigurationError: ``name`` starts with ``amq.`` (reserved by RabbitMQ),
+            or ``queue_type`` is unknown.
     """
     if not callable(handler):
         raise TypeError(f"handler must be callable, not {type(handler).__name__}")
@@ -121,4 +140,5 @@ def build_registration(
         auto_delete=bool(auto_delete),
         max_retries=max_retries,
         concurrency=concurrency,
+        queue_type=queue_type,
     )

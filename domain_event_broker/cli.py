@@ -46,7 +46,7 @@ from typing import Any, Final, TextIO
 
 import pika
 
-from . import __version__, _config, _headers, _tls, _worker_command, replay
+from . import __version__, _config, _headers, _migrate, _tls, _worker_command, replay
 from ._config import UNSET, ConnectionSettings
 from ._connection import connection_info
 from .errors import ConfigurationError, DomainEventBrokerError
@@ -910,6 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(run=_cmd_status)
     _worker_command.add_parsers(commands, sub)  # worker, health
+    _migrate.add_parser(commands, parents=sub)
     return parser
 
 

@@ -942,7 +942,7 @@ def handler_status(
     queues = [
         name,
         _names.dead_letter_queue(name),
-        *(_names.delay_queue(name, ms) for ms in milliseconds),
+        *(queue for ms in milliseconds for queue in _names.delay_queues(name, ms)),
     ]
     connection = connect(config, f"domain-event-broker status (pid {os.getpid()})")
     try:

@@ -184,6 +184,7 @@ class Subscriber:
         max_retries: int = 0,
         *,
         concurrency: int = 1,
+        queue_type: str | None = None,
     ) -> None:
         """Register ``handler`` for the events matching ``binding_keys``.
 
@@ -214,6 +215,11 @@ class Subscriber:
                 Above 1, events are handled out of order.
 
                 .. versionadded:: 4.1
+            queue_type: ``"classic"`` or ``"quorum"`` for the handler's queue,
+                dead-letter queue and delay queues; ``None``: the configured
+                default, else the broker's (see :doc:`cluster`). An existing
+                queue of the other type is taken over as it is, with a
+                WARNING. *Added in 4.1.*
 
         Raises:
             TypeError: ``handler`` is not callable.
@@ -234,6 +240,7 @@ class Subscriber:
             auto_delete,
             max_retries,
             concurrency,
+            queue_type,
         )
         with self._lock:
             if any(r.name == registration.name for r in self._registrations):

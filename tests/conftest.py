@@ -6,6 +6,7 @@ Tests skip locally when no broker answers, and fail in CI (CI=true).
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -15,7 +16,7 @@ import pytest
 
 from domain_event_broker import reset_defaults
 
-from .helpers import BROKER_URL, raw_connection
+from .helpers import BROKER_URL, rabbitmqctl_command, raw_connection
 
 
 def _broker_answers() -> bool:
@@ -70,17 +71,57 @@ class Names:
         connection = raw_connection()
         try:
             channel = connection.channel()
-            # Delay queues (name-delay-<ms>) expire by themselves 10 s after
-            # their last message, and their auto-delete exchanges with them.
+            # Delay queues (name-delay-<ms>-<type>) are deleted at the end of
+            # the session, and their auto-delete exchanges with them.
             for name in self.queues:
                 for queue in [name, f"{name}-dl"]:
                     channel.queue_delete(queue)
-                for exchange in [f"{name}-retry", f"{name}-dlx"]:
+                for exchange in [
+                    f"{name}-retry",
+                    f"{name}-dlx",
+                    f"{name}-retry-durable",
+                    f"{name}-dlx-durable",
+                ]:
                     channel.exchange_delete(exchange)
+                _USED_NAMES.append(name)
             for exchange in self.exchanges:
                 channel.exchange_delete(exchange)
         finally:
             connection.close()
+
+
+#: Handler names of this session: their delay queues are deleted at its end.
+_USED_NAMES: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_delay_queues() -> Iterator[None]:
+    """Delete the session's delay queues (4.1's live an hour after their last use)."""
+    yield
+    if not _USED_NAMES:
+        return
+    command = rabbitmqctl_command()
+    try:
+        listed = subprocess.run(
+            [*command, "-q", "list_queues", "name", "--no-table-headers"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return  # they expire by themselves
+    prefixes = tuple(f"{name}-delay-" for name in _USED_NAMES)
+    doomed = [queue for queue in listed if queue.startswith(prefixes)]
+    if not doomed:
+        return
+    connection = raw_connection()
+    try:
+        channel = connection.channel()
+        for queue in doomed:
+            channel.queue_delete(queue)
+    finally:
+        connection.close()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -27,6 +28,23 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
         time.sleep(interval)
+
+
+#: How to run rabbitmqctl, e.g. ``docker compose exec -T rabbitmq rabbitmqctl``.
+RABBITMQCTL_VARIABLE = "DEB_TEST_RABBITMQCTL"
+#: Which node rabbitmqctl talks to (default: the local default node).
+NODE_VARIABLE = "DEB_TEST_RABBITMQ_NODE"
+
+
+def rabbitmqctl_command(with_node: bool = True) -> list[str]:
+    """The one place every test takes its broker command from: rabbitmqctl for
+    the test broker's node (``DEB_TEST_RABBITMQCTL``, ``DEB_TEST_RABBITMQ_NODE``).
+
+    ``with_node=False`` leaves out ``-n NODE`` (for callers that add it).
+    """
+    command = shlex.split(os.environ.get(RABBITMQCTL_VARIABLE, "rabbitmqctl"))
+    node = os.environ.get(NODE_VARIABLE)
+    return [*command, "-n", node] if node and with_node else command
 
 
 def raw_connection() -> pika.BlockingConnection:
@@ -85,19 +103,3 @@ def get_messages(
     finally:
         connection.close()
     return messages
-
-
-def rabbitmqctl_command() -> list[str]:
-    """How to run ``rabbitmqctl`` against the test broker's node.
-
-    ``DEB_TEST_RABBITMQCTL`` replaces the command (e.g. ``docker compose exec
-    -T rabbitmq rabbitmqctl``); ``DEB_TEST_RABBITMQ_NODE`` names the node when
-    it is not the machine's default one. Every test that runs ``rabbitmqctl``
-    takes the command from here.
-    """
-    import os
-    import shlex
-
-    command = shlex.split(os.environ.get("DEB_TEST_RABBITMQCTL", "rabbitmqctl"))
-    node = os.environ.get("DEB_TEST_RABBITMQ_NODE")
-    return [*command, "-n", node] if node else command

@@ -17,6 +17,7 @@ from domain_event_broker import (
     Retry,
     Subscriber,
     _handler_threads,
+    _names,
     publish_domain_event,
 )
 
@@ -116,7 +117,8 @@ def test_a_delay_queue_the_broker_refuses_does_not_loop(names: Names, channel: A
     the redelivered event is then dead-lettered with the broker's reason."""
     name = names.new("poison")
     # Not what the subscriber declares: PRECONDITION_FAILED closes its channel.
-    channel.queue_declare(f"{name}-delay-1000", durable=True, arguments={"x-message-ttl": 5})
+    delay_queue = _names.typed_delay_queue(name, 1000, "classic")
+    channel.queue_declare(delay_queue, durable=True, arguments={"x-message-ttl": 5})
 
     def poison(event: DomainEvent) -> None:
         raise Retry(1)
@@ -125,7 +127,7 @@ def test_a_delay_queue_the_broker_refuses_does_not_loop(names: Names, channel: A
         _, _, calls = _poison_then_good(names, poison, name=name, max_retries=5)
         headers = _dead_letter_headers(name)
     finally:
-        channel.queue_delete(f"{name}-delay-1000")
+        channel.queue_delete(delay_queue)
     assert "refused the delay queue" in headers["x-exception-message"]
     assert len(calls) == 2  # once refused, once turned into a dead letter
 

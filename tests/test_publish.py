@@ -41,7 +41,7 @@ from domain_event_broker import (
 from domain_event_broker._config import ENVIRONMENT_VARIABLE
 
 from .conftest import Names
-from .helpers import BROKER_URL, wait_for
+from .helpers import BROKER_URL, rabbitmqctl_command, wait_for
 
 EXCHANGE = "domain-events"
 #: A URL where nothing listens (port 1 refuses connections at once).
@@ -716,7 +716,10 @@ def test_reconnects_after_its_connection_was_closed_under_it(
 def broker_side_connections() -> list[tuple[str, str]]:
     """(pid, peer_port) of every connection, from rabbitmqctl."""
     result = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "peer_port", "--no-table-headers"],
+        [
+            *rabbitmqctl_command(),
+            *("-q", "list_connections", "pid", "peer_port", "--no-table-headers"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -729,7 +732,7 @@ def broker_side_connections() -> list[tuple[str, str]]:
     ]
 
 
-@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl")
+@pytest.mark.skipif(shutil.which(rabbitmqctl_command()[0]) is None, reason="needs rabbitmqctl")
 def test_reconnects_after_the_broker_closed_its_connection(
     inbox: Inbox, connects: list[str]
 ) -> None:
@@ -741,7 +744,7 @@ def test_reconnects_after_the_broker_closed_its_connection(
         local_port = str(connection._impl._transport._sock.getsockname()[1])
         (broker_pid,) = [pid for pid, port in broker_side_connections() if port == local_port]
         subprocess.run(
-            ["rabbitmqctl", "-q", "close_connection", broker_pid, "test: closing my own"],
+            [*rabbitmqctl_command(), "-q", "close_connection", broker_pid, "test: closing my own"],
             capture_output=True,
             timeout=60,
             check=True,

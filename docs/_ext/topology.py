@@ -112,11 +112,40 @@ class RecordingChannel:
     ) -> None:
         self.bindings.append((source, destination, routing_key))
 
+    @property
+    def connection(self) -> _RecordingConnection:
+        """Short-lived probe channels are opened on the channel's connection."""
+        return _RecordingConnection(self)
+
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(
             f"the topology picture does not know the channel method {name!r}: "
             f"teach docs/_ext/topology.py to draw it"
         )
+
+
+class _RecordingConnection:
+    def __init__(self, recorder: RecordingChannel) -> None:
+        self._recorder = recorder
+
+    def channel(self) -> _ProbeChannel:
+        return _ProbeChannel(self._recorder)
+
+
+class _ProbeChannel:
+    """A probe channel: its first declaration of a queue is the declaration;
+    passive declarations and later probes (asking a queue's type) draw nothing."""
+
+    def __init__(self, recorder: RecordingChannel) -> None:
+        self._recorder = recorder
+
+    def queue_declare(self, queue: str, passive: bool = False, **kwargs: Any) -> None:
+        if passive or ("queue", queue) in self._recorder.objects:
+            return
+        self._recorder.queue_declare(queue, **kwargs)
+
+    def close(self) -> None:
+        pass
 
 
 # -- the graph ----------------------------------------------------------------------------

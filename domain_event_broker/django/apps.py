@@ -14,6 +14,8 @@ from ..errors import ConfigurationError
 SETTING = "DOMAIN_EVENT_BROKER"
 #: The Django setting naming a file that holds the URL(s) (a mounted secret).
 FILE_SETTING = "DOMAIN_EVENT_BROKER_FILE"
+#: The Django setting holding the default queue type (4.1): "classic" or "quorum".
+QUEUE_TYPE_SETTING = "DOMAIN_EVENT_BROKER_QUEUE_TYPE"
 
 
 class DomainEventsConfig(AppConfig):
@@ -44,9 +46,14 @@ class DomainEventsConfig(AppConfig):
 
         Raises:
             ImproperlyConfigured: the setting is not a URL, a list of URLs or
-                ``None``, a URL is malformed, the file cannot be read, or both
-                settings are set.
+                ``None``, a URL is malformed, the file cannot be read, both
+                settings are set, or the queue type is unknown.
         """
+        if hasattr(settings, QUEUE_TYPE_SETTING):
+            try:
+                configure(queue_type=getattr(settings, QUEUE_TYPE_SETTING))
+            except ConfigurationError as exc:
+                raise ImproperlyConfigured(f"settings.{QUEUE_TYPE_SETTING}: {exc}") from exc
         path = getattr(settings, FILE_SETTING, None)
         if path:
             if getattr(settings, SETTING, None):

@@ -89,3 +89,20 @@ def test_core_package_does_not_import_django() -> None:
 
     code = "import sys, domain_event_broker; sys.exit('django' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_queue_type_setting_becomes_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(_config.QUEUE_TYPE_VARIABLE, raising=False)
+    with override_settings(DOMAIN_EVENT_BROKER_QUEUE_TYPE="quorum"):
+        _ready()
+    assert _config.default_queue_type() == "quorum"
+    monkeypatch.setenv(_config.QUEUE_TYPE_VARIABLE, "classic")
+    assert _config.default_queue_type() == "classic"
+
+
+def test_unknown_queue_type_setting_is_improperly_configured() -> None:
+    with (
+        override_settings(DOMAIN_EVENT_BROKER_QUEUE_TYPE="mirrored"),
+        pytest.raises(ImproperlyConfigured, match="DOMAIN_EVENT_BROKER_QUEUE_TYPE"),
+    ):
+        _ready()

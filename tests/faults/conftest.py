@@ -17,7 +17,6 @@ setting a test changed, in one ``rabbitmqctl eval``.
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -26,21 +25,22 @@ import pytest
 
 from domain_event_broker import Subscriber
 
+from .. import helpers
 from ..conftest import Names
-from ..helpers import raw_connection
+from ..helpers import rabbitmqctl_command, raw_connection
 from .control import REPORTS, RabbitControl, RunningSubscriber
 from .proxy import TcpProxy
 
-NODE_VARIABLE = "DEB_TEST_RABBITMQ_NODE"
+NODE_VARIABLE = helpers.NODE_VARIABLE
 #: Set to skip every fault test (a broker shared with other people).
 SKIP_VARIABLE = "DEB_TEST_SKIP_FAULTS"
 #: How to run rabbitmqctl, e.g. ``docker compose exec -T rabbitmq rabbitmqctl``.
-COMMAND_VARIABLE = "DEB_TEST_RABBITMQCTL"
+COMMAND_VARIABLE = helpers.RABBITMQCTL_VARIABLE
 
 
 def rabbit_control(broker_url: str) -> RabbitControl:
     """Control of the node given by the environment (see the module docstring)."""
-    command = shlex.split(os.environ.get(COMMAND_VARIABLE, "rabbitmqctl"))
+    command = rabbitmqctl_command(with_node=False)
     return RabbitControl(os.environ.get(NODE_VARIABLE) or None, broker_url, command)
 
 
@@ -87,7 +87,12 @@ def names(broker_url: str) -> Iterator[Names]:
         for name in registry.queues:
             for queue in (name, f"{name}-dl"):
                 channel.queue_delete(queue)
-            for exchange in (f"{name}-retry", f"{name}-dlx"):
+            for exchange in (
+                f"{name}-retry",
+                f"{name}-dlx",
+                f"{name}-retry-durable",
+                f"{name}-dlx-durable",
+            ):
                 channel.exchange_delete(exchange)
     finally:
         connection.close()

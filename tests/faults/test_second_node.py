@@ -17,7 +17,7 @@ import pytest
 
 from domain_event_broker import DomainEvent, Publisher, Subscriber
 
-from ..helpers import BROKER_URL, wait_for
+from ..helpers import BROKER_URL, rabbitmqctl_command, wait_for
 from .control import RabbitControl, Recorder, unique
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(90)]
@@ -31,7 +31,7 @@ def test_failover_to_a_second_node(
     rabbitmq: RabbitControl, names: Any, run_subscriber: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    second = RabbitControl(SECOND_NODE, SECOND_URL)
+    second = RabbitControl(SECOND_NODE, SECOND_URL, rabbitmqctl_command(with_node=False))
     urls = [BROKER_URL, SECOND_URL]
     name = names.new("faults-failover")
     routing_key = unique()
