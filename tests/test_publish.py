@@ -904,7 +904,10 @@ def test_environment_variable_is_used_by_default(
 def test_changed_defaults_apply_to_the_next_publish(
     inbox: Inbox, connects: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    publish_domain_event(inbox.key, {"n": 1})  # the default broker, remembered
+    # The environment variable wins over configure(): this test sets it itself.
+    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    configure(broker=BROKER_URL)
+    publish_domain_event(inbox.key, {"n": 1})  # the configured broker, remembered
     configure(broker=None)
     publish_domain_event(inbox.key, {"n": 2})  # sent nowhere
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, DEAD_URL)  # the variable wins over configure()
