@@ -56,6 +56,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, TextIO
 
+from . import _arguments
 from ._signals import STOP_SIGNALS  # passed on to the children
 from .errors import ConfigurationError
 from .subscribe import Subscriber
@@ -510,43 +511,6 @@ def run_worker(options: WorkerOptions, command: Sequence[str]) -> int:
     return Supervisor(options, command).run()
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"not a port number: {value}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
-
-
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``worker`` options (shared with the Django management command)."""
     parser.add_argument(
@@ -555,7 +519,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="a Subscriber, or a function returning one, e.g. myapp.workers:subscriber",
     )
     parser.add_argument(
-        "--processes", type=_positive_int, default=1, help="worker processes (default: 1)"
+        "--processes", type=_arguments.positive_int, default=1, help="worker processes (default: 1)"
     )
     parser.add_argument(
         "--health-file",
@@ -564,21 +528,21 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--health-interval",
-        type=_positive_seconds,
+        type=_arguments.positive_seconds,
         default=DEFAULT_HEARTBEAT_INTERVAL,
         metavar="SECONDS",
         help="seconds between two touches of the health file (default: %(default)g)",
     )
     parser.add_argument(
         "--stall-after",
-        type=_positive_seconds,
+        type=_arguments.positive_seconds,
         default=DEFAULT_STALL_AFTER,
         metavar="SECONDS",
         help="a handler busy this long on one event stops the heartbeat (default: %(default)g)",
     )
     parser.add_argument(
         "--metrics-port",
-        type=_port,
+        type=_arguments.port,
         help="serve metrics for Prometheus on this port (child i: PORT+i)",
     )
     parser.add_argument(
@@ -588,7 +552,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-restarts",
-        type=_non_negative_int,
+        type=_arguments.non_negative_int,
         default=DEFAULT_MAX_RESTARTS,
         help="restarts of a failing worker in a row before giving up (default: %(default)s)",
     )
@@ -660,7 +624,7 @@ def add_parsers(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     health.add_argument("--file", type=Path, required=True, help="the worker's --health-file")
     health.add_argument(
         "--max-age",
-        type=_positive_seconds,
+        type=_arguments.positive_seconds,
         default=30.0,
         metavar="SECONDS",
         help="oldest acceptable heartbeat (default: %(default)g)",

@@ -46,7 +46,7 @@ from typing import Any, Final, TextIO
 
 import pika
 
-from . import __version__, _config, _headers, _migrate, _tls, _worker_command, replay
+from . import __version__, _arguments, _config, _headers, _migrate, _tls, _worker_command, replay
 from ._config import UNSET, ConnectionSettings
 from ._connection import connection_info
 from .errors import ConfigurationError, DomainEventBrokerError
@@ -691,36 +691,6 @@ def _duration(seconds: float | None) -> str:
 # -- parsing ------------------------------------------------------------------------
 
 
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, not {text}")
-    return value
-
-
 def _age(text: str) -> float:
     try:
         return replay.parse_age(text)
@@ -754,7 +724,7 @@ def _add_filters(parser: argparse.ArgumentParser, note: str = "") -> None:
 def _add_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress-interval",
-        type=_seconds,
+        type=_arguments.non_negative_seconds,
         default=DEFAULT_PROGRESS_INTERVAL,
         metavar="SECONDS",
         help="seconds between progress lines on standard error when it is not a terminal "
@@ -783,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         parent.add_argument(
             "--connect-timeout",
-            type=_timeout,
+            type=_arguments.positive_seconds,
             default=default,
             metavar="SECONDS",
             help="give up connecting or publishing after this long, reconnecting "
@@ -819,18 +789,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay_cmd.add_argument(
         "--limit",
-        type=_positive_int,
+        type=_arguments.positive_int,
         help="at most N events (default: 1, or all with --all or filters)",
     )
     replay_cmd.add_argument(
         "--timeout",
-        type=_seconds,
+        type=_arguments.non_negative_seconds,
         default=DEFAULT_ANSWER_TIMEOUT,
         help="seconds to wait for an answer before leaving the event (default: %(default)g)",
     )
     replay_cmd.add_argument(
         "--progress-interval",
-        type=_seconds,
+        type=_arguments.non_negative_seconds,
         default=DEFAULT_PROGRESS_INTERVAL,
         metavar="SECONDS",
         help="seconds between progress lines on standard error (default: %(default)g)",
@@ -848,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     discard.add_argument("name", metavar="NAME", help="the handler (queue) name")
     discard.add_argument("--all", action="store_true", help="every dead letter the filters pick")
-    discard.add_argument("--limit", type=_positive_int, help="at most N events")
+    discard.add_argument("--limit", type=_arguments.positive_int, help="at most N events")
     discard.add_argument(
         "--export",
         metavar="FILE",
@@ -883,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("name", metavar="NAME", help="the handler (queue) name")
     inspect.add_argument(
         "--limit",
-        type=_positive_int,
+        type=_arguments.positive_int,
         default=DEFAULT_INSPECT_LIMIT,
         help="show at most N (default: %(default)s)",
     )
@@ -901,7 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name", metavar="NAME", help="the handler (queue) name")
     status.add_argument(
         "--delay",
-        type=_seconds,
+        type=_arguments.non_negative_seconds,
         action="append",
         metavar="SECONDS",
         help="a retry delay the handler uses, to find its delay queue (repeatable; "

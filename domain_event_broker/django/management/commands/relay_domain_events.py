@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import math
 import threading
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, DatabaseError
 
+from ...._arguments import positive_seconds
 from ...._config import UNSET
 from ...._signals import graceful_stop
 from ....errors import DomainEventBrokerError
@@ -19,16 +18,6 @@ from ...relay import DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL, OutboxRelay
 #: Exit status of ``--once`` when every publishable row was relayed but some
 #: rows were set aside as failed (1 means relaying failed).
 EXIT_ROWS_SET_ASIDE = 2
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return value
 
 
 class Command(BaseCommand):
@@ -77,13 +66,13 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--interval",
-            type=_positive_float,
+            type=positive_seconds,
             default=DEFAULT_POLL_INTERVAL,
             help="Seconds between two looks at an empty outbox (default: %(default)s).",
         )
         parser.add_argument(
             "--timeout",
-            type=_positive_float,
+            type=positive_seconds,
             default=None,
             help=(
                 "Seconds one batch may take, reconnecting included, before the relay "
