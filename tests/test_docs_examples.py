@@ -450,8 +450,10 @@ def test_topology_picture_is_drawn_from_the_topology_code() -> None:
         _names.retry_exchange(name),
         _names.dead_letter_exchange(name),
         _names.dead_letter_queue(name),
-        _names.delay_queue(name, 10_000),
-        _names.delay_queue(name, 250),
+        _names.durable_retry_exchange(name),
+        _names.durable_dead_letter_exchange(name),
+        _names.typed_delay_queue(name, 10_000, "classic"),
+        _names.typed_delay_queue(name, 250, "classic"),
     }
     edges = {(edge.source, edge.target, edge.style) for edge in graph.edges}
     retry_route = _topology.declare_delay(
