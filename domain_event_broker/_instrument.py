@@ -371,11 +371,48 @@ else:
                 )
             span.end()
 
+    _NO_SDK: Final = (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider)
+
+    def _tracing() -> bool:
+        """Whether an SDK (or another real tracer provider) is set up."""
+        return not isinstance(_trace.get_tracer_provider(), _NO_SDK)
+
+    class _CountOnly:
+        """Counts a publish when there is nothing to trace (no SDK set up):
+        the API alone would make a span nobody records."""
+
+        __slots__ = ("_exchange",)
+
+        def __init__(self, exchange: str) -> None:
+            self._exchange = exchange
+
+        def __enter__(self) -> _CountOnly:
+            return self
+
+        def __exit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> None:
+            if exc is None:
+                _published.add((("messaging.destination.name", self._exchange), _CONFIRMED))
+                return
+            _published.add(
+                (
+                    ("messaging.destination.name", self._exchange),
+                    ("outcome", "failed"),
+                    ("error.type", f"{type(exc).__module__}.{type(exc).__qualname__}"),
+                )
+            )
+
     def publish_span(event: Any, exchange: str, headers: MutableMapping[str, Any]) -> Scope:
         """A PRODUCER span around publishing ``event``; on entering, the
         span's trace context is written into ``headers`` (the dict that will
         be sent). Counts the publish as confirmed, or failed when the block
         raises."""
+        if not _tracing():
+            return _CountOnly(exchange)
         attributes = _base_attributes("send", "publish", exchange, event.routing_key)
         message_id = _message_id(event)
         if message_id is not None:
