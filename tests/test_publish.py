@@ -7,7 +7,6 @@ import collections
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
@@ -732,28 +731,44 @@ def broker_side_connections() -> list[tuple[str, str]]:
     ]
 
 
+def broker_connection_state(broker_pid: str) -> str | None:
+    """The state rabbitmqctl shows for one connection (None: gone)."""
+    result = subprocess.run(
+        [*rabbitmqctl_command(), "-q", "list_connections", "pid", "state", "--no-table-headers"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == broker_pid:
+            return parts[1]
+    return None
+
+
 @pytest.mark.skipif(shutil.which(rabbitmqctl_command()[0]) is None, reason="needs rabbitmqctl")
 def test_reconnects_after_the_broker_closed_its_connection(
     inbox: Inbox, connects: list[str]
 ) -> None:
+    before = {port for _, port in broker_side_connections()}
     with Publisher() as publisher:
         publisher.publish("{}", inbox.key)
-        connection = publisher.connection
-        assert connection is not None
-        # Private pika attributes, test only: find exactly our connection.
-        local_port = str(connection._impl._transport._sock.getsockname()[1])
-        (broker_pid,) = [pid for pid, port in broker_side_connections() if port == local_port]
+        # Our connection is the one that appeared (tests run one at a time).
+        [(broker_pid, _)] = [
+            (pid, port) for pid, port in broker_side_connections() if port not in before
+        ]
         subprocess.run(
             [*rabbitmqctl_command(), "-q", "close_connection", broker_pid, "test: closing my own"],
             capture_output=True,
             timeout=60,
             check=True,
         )
-        # Wait until the broker's Connection.Close reached our socket; the
-        # publisher has not read it yet and will find out when it publishes.
-        sock = connection._impl._transport._sock
+        # Once the broker no longer lists it as running, it has sent its
+        # Connection.Close; the publisher has not read it yet and finds out
+        # when it publishes.
         wait_for(
-            lambda: select.select([sock], [], [], 0)[0],
+            lambda: broker_connection_state(broker_pid) != "running",
             timeout=30,
             message="the broker to close the connection",
         )
