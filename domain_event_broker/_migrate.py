@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 #: Suffix of the holding queue used while a queue is moved.
 HOLDING_SUFFIX = "-migrating"
+#: Messages a drain may move beyond twice what its queue held at the start
+#: (publishers may still add to the old queue's last batch) before it stops
+#: as a queue that refills itself.
+DRAIN_SLACK = 1000
 
 
 class MigrationError(DomainEventBrokerError):
@@ -239,10 +243,23 @@ class _Migration:
         self.channel.queue_delete(queue=queue)
 
     def _drain(self, source: str, fanout: str) -> int:
-        """Move every message of ``source`` through ``fanout``: confirm, then ack."""
+        """Move every message of ``source`` through ``fanout``: confirm, then ack.
+
+        Raises:
+            MigrationError: ``source`` refills as fast as it is drained (it is
+                still bound where the messages go); nothing is lost, the
+                messages stay in the queues.
+        """
         ch = self.channel
+        held = ch.queue_declare(queue=source, passive=True).method.message_count
         count = 0
         while True:
+            if count > 2 * held + DRAIN_SLACK:
+                raise MigrationError(
+                    f"{source} keeps refilling while it is moved ({count} message(s) moved, "
+                    f"{held} at the start): it is still bound to {fanout!r}; unbind it and "
+                    f"run the migration again"
+                )
             method, properties, body = ch.basic_get(queue=source, auto_ack=False)
             if method is None:
                 return count

@@ -187,3 +187,28 @@ def test_an_interrupted_migration_resumes(
     assert queue_size(name) == 11
     assert _queue_type(name) == "quorum"
     assert queue_size(f"{name}-migrating") is None
+
+
+def test_a_queue_that_refills_while_drained_stops_the_migration(names: Names) -> None:
+    """A holding queue still bound where its messages go would be drained
+    forever; the migration stops with a clear error instead, and keeps them."""
+    name = names.new("migrate")
+    fanout = f"{name}-loop"
+    names.exchanges.append(fanout)
+    connection = raw_connection()
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.exchange_declare(fanout, "fanout")
+        channel.queue_declare(name, durable=True)
+        channel.queue_bind(name, fanout, "")
+        for n in range(5):
+            channel.basic_publish(fanout, "", str(n).encode())
+        migration = _migrate._Migration(
+            channel, name, "classic", ("k",), "domain-events", "topic", lambda line: None
+        )
+        with pytest.raises(MigrationError, match="keeps refilling"):
+            migration._drain(name, fanout)
+        assert queue_size(name) == 5  # every message is still there
+    finally:
+        connection.close()
