@@ -98,6 +98,15 @@ def _event_properties(
     )
 
 
+#: What one publish attempt may raise that :meth:`Publisher._sort_failure` sorts out.
+_ATTEMPT_ERRORS: Final = (
+    AuthenticationError,
+    PublishError,
+    BrokerUnavailableError,
+    *CONNECTION_ERRORS,
+)
+
+
 def _chained(error: DomainEventBrokerError, cause: BaseException) -> DomainEventBrokerError:
     """``error`` with ``cause`` as its ``__cause__`` (it is stored, not raised)."""
     error.__cause__ = cause
@@ -498,31 +507,11 @@ class Publisher:
                         )
                     )
                     break
-                except pika.exceptions.ConnectionBlockedTimeout as exc:
-                    self._reset()
-                    fail_the_rest(_chained(translate_pika_error(exc, "publishing a batch"), exc))
-                    break
-                except pika.exceptions.ChannelClosedByBroker as exc:
-                    if exc.reply_code in _FATAL_CHANNEL_CODES:
-                        self._reset()
-                        fail_the_rest(
-                            _chained(
-                                PublishError(
-                                    f"publishing to exchange {self.exchange!r}: the broker "
-                                    f"closed the channel ({exc.reply_code} {exc.reply_text})"
-                                ),
-                                exc,
-                            )
-                        )
+                except _ATTEMPT_ERRORS as exc:
+                    final, last = self._sort_failure(exc, "publishing a batch")
+                    if final is not None:
+                        fail_the_rest(final)
                         break
-                    last: BaseException = exc
-                except (AuthenticationError, PublishError) as exc:
-                    fail_the_rest(exc)
-                    break
-                except BrokerUnavailableError as exc:
-                    last = exc.__cause__ or exc
-                except CONNECTION_ERRORS as exc:
-                    last = exc
                 self._on_lost(last, idle)
                 pause = backoff.next()
                 if time.monotonic() + pause >= deadline:
@@ -653,26 +642,10 @@ class Publisher:
                     return
                 except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
                     raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
-                except pika.exceptions.ConnectionBlockedTimeout as exc:
-                    self._reset()
-                    raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
-                except pika.exceptions.ChannelClosedByBroker as exc:
-                    if exc.reply_code in _FATAL_CHANNEL_CODES:
-                        self._reset()
-                        raise PublishError(
-                            f"publishing {routing_key!r} to exchange {self.exchange!r}: "
-                            f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"
-                        ) from exc
-                    last: BaseException = exc
-                except AuthenticationError:
-                    raise
-                except BrokerUnavailableError as exc:
-                    # Reconnecting failed; retry while time is left. (A refused
-                    # exchange is a PublishError from _open and ends here.)
-                    # Chain pika's error, not our wrapper of it.
-                    last = exc.__cause__ or exc
-                except CONNECTION_ERRORS as exc:
-                    last = exc
+                except _ATTEMPT_ERRORS as exc:
+                    final, last = self._sort_failure(exc, f"publishing {routing_key!r}")
+                    if final is not None:
+                        raise final from final.__cause__
                 self._on_lost(last, idle)
                 pause = backoff.next()
                 if time.monotonic() + pause >= deadline:
@@ -682,6 +655,37 @@ class Publisher:
                     ) from last
                 log.debug("Publishing %s failed (%r), retrying in %.2fs", routing_key, last, pause)
                 time.sleep(pause)
+
+    def _sort_failure(
+        self, exc: BaseException, what: str
+    ) -> tuple[DomainEventBrokerError | None, BaseException]:
+        """Sort out what one failed publish attempt raised (both retry loops).
+
+        Returns:
+            ``(error, exc)`` when the publish must end with ``error`` (pika's
+            error chained); ``(None, cause)`` when it may be retried after a
+            reconnect, ``cause`` being pika's error behind it.
+        """
+        if isinstance(exc, DomainEventBrokerError):
+            if isinstance(exc, BrokerUnavailableError):
+                # Reconnecting failed; retry while time is left. (A refused
+                # exchange is a PublishError from _open and ends here.)
+                return None, exc.__cause__ or exc
+            return exc, exc  # AuthenticationError, PublishError: final
+        if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):
+            self._reset()
+            return _chained(translate_pika_error(exc, what), exc), exc
+        if (
+            isinstance(exc, pika.exceptions.ChannelClosedByBroker)
+            and exc.reply_code in _FATAL_CHANNEL_CODES
+        ):
+            self._reset()
+            error = PublishError(
+                f"{what} to exchange {self.exchange!r}: the broker closed the channel "
+                f"({exc.reply_code} {exc.reply_text})"
+            )
+            return _chained(error, exc), exc
+        return None, exc
 
     def _on_lost(self, exc: BaseException, idle: float) -> None:
         """Drop the connection; log one warning per lost connection.
