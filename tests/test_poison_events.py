@@ -230,3 +230,26 @@ def test_timeout_zero_returns_promptly_and_negative_is_refused(names: Names) -> 
     for bad in (-1, math.nan, "1"):
         with pytest.raises(ValueError, match="timeout"):
             subscriber.start_consuming(timeout=bad)  # type: ignore[arg-type]
+
+
+def test_a_failing_tick_callback_is_logged_and_consuming_goes_on(
+    names: Names, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = names.new("tick")
+    recorder = Recorder()
+    ticks: list[float] = []
+
+    def broken_probe(busy_for: float) -> None:
+        ticks.append(busy_for)
+        raise OSError("the health file's disk is full")
+
+    subscriber = Subscriber()
+    subscriber.register(recorder, name, [f"{name}.k"])
+    subscriber.add_tick_callback(broken_probe)
+    with pytest.raises(TypeError):
+        subscriber.add_tick_callback("not callable")  # type: ignore[arg-type]
+    for _ in range(3):
+        publish_domain_event(f"{name}.k", {})
+    consume_until(subscriber, lambda: recorder.count() == 3 and len(ticks) >= 2)
+    assert all(busy >= 0 for busy in ticks)
+    assert "A tick callback failed" in caplog.text
