@@ -27,11 +27,14 @@ from ._connection import (
     close_quietly,
     connect,
 )
-from .errors import translate_pika_error
+from .errors import BrokerUnavailableError, translate_pika_error
 
 __all__ = ["Link", "Recovery"]
 
 log = logging.getLogger(__name__)
+
+#: Connections a forked child found (its parent's): never used, never closed.
+_abandoned: list[object] = []
 
 
 class Link:
@@ -44,6 +47,9 @@ class Link:
         config: the resolved broker settings.
         connection_name: shown in the management UI.
         should_stop: polled between connection attempts; true ends them.
+        setup: called with each new channel before it is handed out (e.g. to
+            declare an exchange); what it raises closes the new connection
+            and is raised (pika's channel errors translated).
     """
 
     def __init__(
@@ -52,10 +58,12 @@ class Link:
         connection_name: str,
         *,
         should_stop: Callable[[], bool] | None = None,
+        setup: Callable[[BlockingChannel], None] | None = None,
     ) -> None:
         self.config = config
         self._connection_name = connection_name
         self._should_stop = should_stop
+        self._setup = setup
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._pid = os.getpid()
@@ -74,29 +82,42 @@ class Link:
         self._forget_after_fork()
         return self._channel is not None and self._channel.is_open
 
-    def channel(self) -> BlockingChannel:
+    def channel(self, time_left: float | None = None) -> BlockingChannel:
         """The open channel, opening the connection and channel if needed.
+
+        Args:
+            time_left: seconds connecting may take (default: the config's
+                timeout); zero or less fails at once when not open.
 
         Raises:
             AuthenticationError: credentials refused.
             BrokerUnavailableError: no node answered in time, or the channel
                 could not be opened; chains pika's error.
+            Exception: what ``setup`` raised.
         """
         self._forget_after_fork()
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self.drop()
+        if time_left is not None and time_left <= 0:
+            raise BrokerUnavailableError(f"no time left to connect to {self.config.display}")
         connection = connect(
             self.config,
             f"{self._connection_name} (pid {os.getpid()})",
+            timeout=time_left,
             should_stop=self._should_stop,
         )
         try:
             channel = connection.channel()
             channel.confirm_delivery()
+            if self._setup is not None:
+                self._setup(channel)
         except CONNECTION_ERRORS as exc:
             close_quietly(connection)
             raise translate_pika_error(exc, "opening a channel") from exc
+        except BaseException:
+            close_quietly(connection)
+            raise
         self._connection, self._channel = connection, channel
         self.generation += 1
         return channel
@@ -111,6 +132,21 @@ class Link:
         self._forget_after_fork()
         connection, self._connection, self._channel = self._connection, None, None
         close_quietly(connection)
+
+    def abort(self, reason: str) -> None:
+        """Drop a connection that does not answer, without the closing
+        handshake (which would wait for that answer)."""
+        self._forget_after_fork()
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is None or not connection.is_open:
+            return
+        try:
+            # pika has no public "abort": end the TCP stream under the
+            # connection, then let the I/O loop notice (it raises the loss).
+            connection._impl._terminate_stream(pika.exceptions.StreamLostError(reason))
+            connection.process_data_events(0)
+        except Exception:  # the loss just caused, or anything from a dead connection
+            log.debug("Dropped a connection that did not answer", exc_info=True)
 
     def wake(self) -> None:
         """Have the owner's ``process_data_events`` return soon (any thread)."""
@@ -140,7 +176,10 @@ class Link:
 
     def _forget_after_fork(self) -> None:
         if self._pid != os.getpid():
-            # A forked child never uses (or closes) its parent's socket.
+            # A forked child never uses (or closes) its parent's socket: the
+            # parent's connection is only kept from the garbage collector.
+            if self._connection is not None:
+                _abandoned.append(self._connection)
             self._connection = self._channel = None
             self._pid = os.getpid()
 

@@ -17,8 +17,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final
 
@@ -28,18 +27,11 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from . import _config, _instrument, _validate
 from ._config import UNSET, BrokerConfig, ConnectionSettings, _Unset
-from ._connection import CONNECTION_ERRORS, backoff_delays, close_quietly, connect
-from ._link import Recovery
 from ._names import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE
+from ._sender import Sender
 from .errors import (
-    AuthenticationError,
     BatchPublishError,
     BrokerUnavailableError,
-    DomainEventBrokerError,
-    PublishError,
-    UnroutableError,
-    describe_error,
-    translate_pika_error,
 )
 from .events import DomainEvent, check_event, new_event, validate_routing_key
 
@@ -50,26 +42,8 @@ log = logging.getLogger(__name__)
 #: delivery_mode for messages that survive a broker restart.
 PERSISTENT: Final = 2
 
-#: Channel errors that retrying will not fix (access refused, precondition
-#: failed): raised at once. 404 NOT_FOUND is not among them: the exchange was
-#: deleted after it was declared, and reconnecting declares it again.
-_FATAL_CHANNEL_CODES: Final = frozenset({403, 406})
-
-#: Connections left behind by a parent process: never touched, never closed
-#: (closing would write on the parent's socket), only kept from the GC.
-_abandoned: list[object] = []
 
 _live_publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
-
-#: This process's id, kept up to date by the fork handler below.
-_process_id = os.getpid()
-
-#: Most events of a batch waiting for their confirm at once; past it,
-#: publishing pauses until half of them are confirmed (keeps the client's
-#: buffers and the broker's flow control in bounds).
-MAX_IN_FLIGHT: Final = 1000
-#: Events of a batch written into the client's buffer before it is sent.
-SEND_EVERY: Final = 50
 
 
 #: The AMQP ``timestamp`` property is an unsigned 64-bit integer.
@@ -96,109 +70,6 @@ def _event_properties(
         timestamp=_amqp_timestamp(event.timestamp),
         headers=dict(headers) if headers else None,
     )
-
-
-#: What one publish attempt may raise that :meth:`Publisher._sort_failure` sorts out.
-_ATTEMPT_ERRORS: Final = (
-    AuthenticationError,
-    PublishError,
-    BrokerUnavailableError,
-    *CONNECTION_ERRORS,
-)
-
-
-def _chained(error: DomainEventBrokerError, cause: BaseException) -> DomainEventBrokerError:
-    """``error`` with ``cause`` as its ``__cause__`` (it is stored, not raised)."""
-    error.__cause__ = cause
-    return error
-
-
-def _nothing() -> None:
-    """A timer callback that only wakes pika's I/O loop up."""
-
-
-class _NoConfirmInTime(Exception):
-    """Internal: the deadline passed while waiting for a batch's confirms."""
-
-
-class _Confirms:
-    """Confirms of one batch channel, whose delivery tags count from 1.
-
-    Called by pika's I/O loop in the publishing thread, never concurrently.
-    """
-
-    def __init__(self) -> None:
-        self.selected = False
-        self._next_tag = 1
-        #: delivery tag -> index in the current batch, of unconfirmed events
-        self._waiting: dict[int, int] = {}
-        self._order: deque[int] = deque()
-        #: message ids of the events the broker returned as unroutable
-        self._returned: set[str] = set()
-        self._batch: list[DomainEvent] = []
-        self._results: dict[int, DomainEventBrokerError | None] = {}
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._waiting)
-
-    def start(
-        self, batch: list[DomainEvent], results: dict[int, DomainEventBrokerError | None]
-    ) -> None:
-        self._batch, self._results = batch, results
-        self._waiting.clear()
-        self._order.clear()
-        self._returned.clear()
-
-    def sent(self, index: int) -> None:
-        self._waiting[self._next_tag] = index
-        self._order.append(self._next_tag)
-        self._next_tag += 1
-
-    def on_select_ok(self, frame: pika.frame.Method[Any]) -> None:
-        self.selected = True
-
-    def on_return(
-        self,
-        channel: object,
-        method: pika.spec.Basic.Return,
-        properties: pika.BasicProperties,
-        body: bytes,
-    ) -> None:
-        # The broker sends basic.return before the message's basic.ack.
-        if properties.message_id is not None:
-            self._returned.add(properties.message_id)
-
-    def on_confirm(self, frame: pika.frame.Method[Any]) -> None:
-        method = frame.method
-        refused = isinstance(method, pika.spec.Basic.Nack)
-        tag: int = method.delivery_tag
-        if method.multiple:
-            while self._order and self._order[0] <= tag:
-                self._settle(self._order.popleft(), refused)
-        else:
-            self._settle(tag, refused)
-            while self._order and self._order[0] not in self._waiting:
-                self._order.popleft()
-
-    def _settle(self, tag: int, refused: bool) -> None:
-        index = self._waiting.pop(tag, None)
-        if index is None:
-            return
-        event = self._batch[index]
-        if refused:
-            self._results[index] = PublishError(
-                f"publishing {event.routing_key!r} (uuid {event.uuid_string}): "
-                f"the broker refused (nacked) the message"
-            )
-        elif event.uuid_string in self._returned:
-            self._returned.discard(event.uuid_string)
-            self._results[index] = UnroutableError(
-                f"publishing {event.routing_key!r} (uuid {event.uuid_string}): "
-                f"the message could not be routed (no queue is bound)"
-            )
-        else:
-            self._results[index] = None
 
 
 class Publisher:
@@ -243,19 +114,10 @@ class Publisher:
         self.exchange = _validate.exchange_name(exchange)
         _validate.exchange_name(exchange_type, "exchange_type")
         self.exchange_type = exchange_type
-        self._lock = threading.RLock()
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-        #: A second channel for batches, with the library's own confirm tracking.
-        self._batch_channel: BlockingChannel | None = None
-        self._confirms: _Confirms | None = None
-        self._pid = os.getpid()
-        #: The "lost / reconnected" log lines and the reconnects metric.
-        self._recovery = Recovery(
-            log, self._config.display if self._config else "", component="publisher"
-        )
-        #: When the connection last carried a publish (or was opened).
-        self._last_used = time.monotonic()
+        #: The connection, confirms and retries (``None``: no broker).
+        self._sender: Sender | None = None
+        if self._config is not None:
+            self._sender = Sender(self._config, self.exchange, exchange_type)
         _live_publishers.add(self)
 
     def __repr__(self) -> str:
@@ -273,17 +135,17 @@ class Publisher:
     def connection(self) -> pika.BlockingConnection | None:
         """The underlying pika connection (opened if needed); ``None`` when
         the broker is disabled. Not thread-safe: prefer :meth:`publish`."""
-        with self._lock:
-            self._ensure_open()
-            return self._connection
+        if self._sender is None:
+            return None
+        with self._sender.lock:
+            self._sender.channel()
+            return self._sender.link.connection
 
     @property
     def channel(self) -> BlockingChannel | None:
         """The underlying pika channel (opened if needed); ``None`` when the
         broker is disabled. Not thread-safe: prefer :meth:`publish`."""
-        with self._lock:
-            self._ensure_open()
-            return self._channel
+        return None if self._sender is None else self._sender.channel()
 
     def connect(self) -> None:
         """Open the connection now instead of on first publish.
@@ -291,8 +153,8 @@ class Publisher:
         Raises:
             BrokerError: the broker could not be reached in time.
         """
-        with self._lock:
-            self._ensure_open()
+        if self._sender is not None:
+            self._sender.channel()
 
     # -- publishing ----------------------------------------------------------
 
@@ -468,7 +330,6 @@ class Publisher:
         if self._config is None:
             log.debug("No broker configured: not publishing %d event(s)", len(batch))
             return batch
-        config = self._config
         spans: list[Any] = []
         properties = []
         for index, event in enumerate(batch):
@@ -479,54 +340,8 @@ class Publisher:
                     span.__enter__()
                 spans.append(span)
             properties.append(_event_properties(event, headers))
-        #: index in the batch -> None (confirmed) or why it failed
-        results: dict[int, DomainEventBrokerError | None] = {}
-        deadline = time.monotonic() + config.timeout
-        backoff = backoff_delays()
-
-        def fail_the_rest(error: DomainEventBrokerError) -> None:
-            for index in range(len(batch)):
-                results.setdefault(index, error)
-
-        with self._lock:
-            idle = time.monotonic() - self._last_used
-            while len(results) < len(batch):
-                todo = [index for index in range(len(batch)) if index not in results]
-                try:
-                    self._open(deadline - time.monotonic())
-                    self._send_batch(todo, batch, bodies, properties, results, deadline, mandatory)
-                    self._last_used = time.monotonic()
-                    self._recovery.on_connected()
-                    continue
-                except _NoConfirmInTime:
-                    self._abort()
-                    fail_the_rest(
-                        BrokerUnavailableError(
-                            f"publishing a batch of {len(batch)} to {config.display}: no "
-                            f"confirm within {config.timeout:g}s (connection dropped)"
-                        )
-                    )
-                    break
-                except _ATTEMPT_ERRORS as exc:
-                    final, last = self._sort_failure(exc, "publishing a batch")
-                    if final is not None:
-                        fail_the_rest(final)
-                        break
-                self._on_lost(last, idle)
-                pause = backoff.next()
-                if time.monotonic() + pause >= deadline:
-                    fail_the_rest(
-                        _chained(
-                            BrokerUnavailableError(
-                                f"publishing a batch to {config.display} failed within "
-                                f"{config.timeout:g}s: {type(last).__name__}: {last}"
-                            ),
-                            last,
-                        )
-                    )
-                    break
-                log.debug("Publishing a batch failed (%r), retrying in %.2fs", last, pause)
-                time.sleep(pause)
+        assert self._sender is not None
+        results = self._sender.send_batch(batch, bodies, properties, mandatory)
         for index, span in enumerate(spans):
             error = results.get(index)
             span.__exit__(type(error) if error else None, error, None)
@@ -542,78 +357,6 @@ class Publisher:
             ) from first
         return batch
 
-    def _send_batch(
-        self,
-        todo: list[int],
-        batch: list[DomainEvent],
-        bodies: list[bytes],
-        properties: list[pika.BasicProperties],
-        results: dict[int, DomainEventBrokerError | None],
-        deadline: float,
-        mandatory: bool,
-    ) -> None:
-        """Send the events at ``todo`` on the batch channel; wait for their confirms.
-
-        Caller holds the lock and opened the connection. Writes the outcome
-        of each confirmed or refused event into ``results``.
-        """
-        channel, confirms = self._open_batch_channel()
-        confirms.start(batch, results)
-        # pika's blocking adapter waits for each confirm in basic_publish; its
-        # underlying channel (pika.channel.Channel) does not.
-        impl = channel._impl
-        low_water = MAX_IN_FLIGHT // 2
-        for count, index in enumerate(todo, 1):
-            if confirms.in_flight >= MAX_IN_FLIGHT:
-                self._wait(channel, lambda: confirms.in_flight <= low_water, deadline)
-            elif count % SEND_EVERY == 0:
-                channel._flush_output()  # send what is buffered; take confirms in
-            impl.basic_publish(
-                exchange=self.exchange,
-                routing_key=batch[index].routing_key,
-                body=bodies[index],
-                properties=properties[index],
-                mandatory=mandatory,
-            )
-            confirms.sent(index)
-        self._wait(channel, lambda: confirms.in_flight == 0, deadline)
-
-    def _wait(self, channel: BlockingChannel, done: Callable[[], bool], deadline: float) -> None:
-        """Process I/O on ``channel`` until ``done()``, at most until ``deadline``."""
-        if done():
-            return
-        connection = channel.connection
-        time_left = deadline - time.monotonic()
-        if time_left <= 0:
-            raise _NoConfirmInTime
-        timer = connection.call_later(time_left, _nothing)  # wakes the I/O loop up
-        try:
-            channel._flush_output(lambda: done() or time.monotonic() >= deadline)
-        finally:
-            if connection.is_open:
-                connection.remove_timeout(timer)
-        if not done():
-            raise _NoConfirmInTime
-
-    def _open_batch_channel(self) -> tuple[BlockingChannel, _Confirms]:
-        """The batch channel, opened in confirm mode if needed. Caller holds the lock."""
-        if (
-            self._batch_channel is not None
-            and self._batch_channel.is_open
-            and self._confirms is not None
-        ):
-            return self._batch_channel, self._confirms
-        assert self._connection is not None
-        channel = self._connection.channel()
-        confirms = _Confirms()
-        channel._impl.add_on_return_callback(confirms.on_return)
-        channel._impl.confirm_delivery(
-            ack_nack_callback=confirms.on_confirm, callback=confirms.on_select_ok
-        )
-        channel._flush_output(lambda: confirms.selected)
-        self._batch_channel, self._confirms = channel, confirms
-        return channel, confirms
-
     def _publish(
         self,
         body: bytes,
@@ -621,195 +364,13 @@ class Publisher:
         properties: pika.BasicProperties,
         mandatory: bool = False,
     ) -> None:
-        assert self._config is not None
-        deadline = time.monotonic() + self._config.timeout
-        backoff = backoff_delays()
-        with self._lock:
-            idle = time.monotonic() - self._last_used
-            while True:
-                try:
-                    self._open(deadline - time.monotonic())
-                    assert self._channel is not None
-                    self._channel.basic_publish(
-                        exchange=self.exchange,
-                        routing_key=routing_key,
-                        body=body,
-                        properties=properties,
-                        mandatory=mandatory,
-                    )
-                    self._last_used = time.monotonic()
-                    self._recovery.on_connected()
-                    return
-                except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
-                    raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
-                except _ATTEMPT_ERRORS as exc:
-                    final, last = self._sort_failure(exc, f"publishing {routing_key!r}")
-                    if final is not None:
-                        raise final from final.__cause__
-                self._on_lost(last, idle)
-                pause = backoff.next()
-                if time.monotonic() + pause >= deadline:
-                    raise BrokerUnavailableError(
-                        f"publishing {routing_key!r} to {self._config.display} failed within "
-                        f"{self._config.timeout:g}s: {describe_error(last)}"
-                    ) from last
-                log.debug("Publishing %s failed (%r), retrying in %.2fs", routing_key, last, pause)
-                time.sleep(pause)
-
-    def _sort_failure(
-        self, exc: BaseException, what: str
-    ) -> tuple[DomainEventBrokerError | None, BaseException]:
-        """Sort out what one failed publish attempt raised (both retry loops).
-
-        Returns:
-            ``(error, exc)`` when the publish must end with ``error`` (pika's
-            error chained); ``(None, cause)`` when it may be retried after a
-            reconnect, ``cause`` being pika's error behind it.
-        """
-        if isinstance(exc, DomainEventBrokerError):
-            if isinstance(exc, BrokerUnavailableError):
-                # Reconnecting failed; retry while time is left. (A refused
-                # exchange is a PublishError from _open and ends here.)
-                return None, exc.__cause__ or exc
-            return exc, exc  # AuthenticationError, PublishError: final
-        if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):
-            self._reset()
-            return _chained(translate_pika_error(exc, what), exc), exc
-        if (
-            isinstance(exc, pika.exceptions.ChannelClosedByBroker)
-            and exc.reply_code in _FATAL_CHANNEL_CODES
-        ):
-            self._reset()
-            error = PublishError(
-                f"{what} to exchange {self.exchange!r}: the broker closed the channel "
-                f"({exc.reply_code} {exc.reply_text})"
-            )
-            return _chained(error, exc), exc
-        return None, exc
-
-    def _on_lost(self, exc: BaseException, idle: float) -> None:
-        """Drop the connection; log one warning per lost connection.
-
-        ``idle``: seconds the connection had been unused before this publish.
-        Caller holds the lock.
-        """
-        had_connection = self._connection is not None
-        self._reset()
-        if not had_connection or self._recovery.lost:
-            return
-        assert self._config is not None
-        heartbeat = self._config.heartbeat
-        expected = None
-        if heartbeat is not None and idle > heartbeat:
-            # An idle blocking connection sends no heartbeats, so the broker
-            # closes it after a while: expected, not a fault.
-            expected = f"Publisher connection was idle for {idle:.0f}s and is gone"
-        self._recovery.on_lost(exc, expected=expected)
-
-    # -- connection management ------------------------------------------------
-
-    def _ensure_open(self) -> None:
-        """Open connection and channel if needed. Caller holds the lock.
-
-        Raises only library errors (see :meth:`_open`).
-        """
-        try:
-            self._open()
-        except CONNECTION_ERRORS as exc:
-            assert self._config is not None
-            raise translate_pika_error(exc, f"opening a channel on {self._config.display}") from exc
-
-    def _open(self, time_left: float | None = None) -> None:
-        """Open connection and channel if needed. Caller holds the lock.
-
-        Raises:
-            AuthenticationError, BrokerUnavailableError: from connecting.
-            PublishError: the broker refused the exchange declaration.
-            CONNECTION_ERRORS: the new connection or channel failed right away
-                (the caller may retry).
-        """
-        if self._config is None:
-            return
-        if self._pid != _process_id:  # a fork; no getpid() system call per publish
-            self._forget_after_fork()
-        if self._channel is not None and self._channel.is_open:
-            return
-        self._reset()
-        if time_left is not None and time_left <= 0:
-            raise BrokerUnavailableError(f"no time left to connect to {self._config.display}")
-        connection = connect(
-            self._config,
-            f"domain-event-broker publisher (pid {os.getpid()})",
-            timeout=time_left,
-        )
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()
-            channel.exchange_declare(
-                exchange=self.exchange,
-                exchange_type=self.exchange_type,
-                durable=True,
-                auto_delete=False,
-            )
-        except CONNECTION_ERRORS as exc:
-            close_quietly(connection)
-            if (
-                isinstance(exc, pika.exceptions.ChannelClosedByBroker)
-                and exc.reply_code in _FATAL_CHANNEL_CODES
-            ):
-                # e.g. 406: the exchange exists with another type or durability.
-                raise PublishError(
-                    f"declaring exchange {self.exchange!r} ({self.exchange_type}, durable): "
-                    f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"
-                ) from exc
-            raise
-        self._connection = connection
-        self._channel = channel
-        self._last_used = time.monotonic()
-        log.debug("Publisher connected to %s", self._config.display)
-
-    def _forget_after_fork(self) -> None:
-        """In a forked child: drop the parent's connection without using it."""
-        if self._connection is not None:
-            _abandoned.append(self._connection)
-        self._connection = None
-        self._channel = None
-        self._batch_channel = None
-        self._confirms = None
-        self._pid = os.getpid()
-
-    def _after_fork_in_child(self) -> None:
-        self._lock = threading.RLock()
-        self._forget_after_fork()
-
-    def _abort(self) -> None:
-        """Drop a connection that does not answer, without the closing
-        handshake (which would wait for an answer). Caller holds the lock."""
-        connection, self._connection, self._channel = self._connection, None, None
-        self._batch_channel = self._confirms = None
-        if connection is None or not connection.is_open:
-            return
-        try:
-            # pika has no public "abort": end the TCP stream under the
-            # connection, then let the I/O loop notice (it raises the loss).
-            connection._impl._terminate_stream(
-                pika.exceptions.StreamLostError("no confirm in time: connection dropped")
-            )
-            connection.process_data_events(0)
-        except Exception:  # the loss we just caused, or anything from a dead connection
-            log.debug("Dropped a connection that did not answer", exc_info=True)
-
-    def _reset(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        self._batch_channel = self._confirms = None
-        close_quietly(connection)
+        assert self._sender is not None
+        self._sender.send(body, routing_key, properties, mandatory)
 
     def close(self) -> None:
         """Close the connection. The publisher reconnects if used again."""
-        with self._lock:
-            if self._pid != os.getpid():
-                self._forget_after_fork()
-            self._reset()
+        if self._sender is not None:
+            self._sender.close()
 
     disconnect = close
 
@@ -982,14 +543,14 @@ def close_shared_publishers() -> None:
 def _reinit_after_fork() -> None:
     # The parent's locks may be held by threads that do not exist here, and
     # its pools may count publishers checked out by such threads.
-    global _shared_lock, _captures_lock, _process_id, _default_config  # noqa: PLW0603
-    _process_id = os.getpid()
+    global _shared_lock, _captures_lock, _default_config  # noqa: PLW0603
     _default_config = None
     _captures_lock = threading.Lock()
     _shared_lock = threading.Lock()
     _shared.clear()
     for publisher in list(_live_publishers):
-        publisher._after_fork_in_child()
+        if publisher._sender is not None:
+            publisher._sender.after_fork_in_child()
 
 
 atexit.register(close_shared_publishers)

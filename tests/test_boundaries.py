@@ -103,7 +103,9 @@ def test_headers_pika_cannot_encode_are_refused_before_connecting(
     with pytest.raises(error) as info:
         publisher.publish_event(DomainEvent("edges.nobody", {}), headers=headers)
     assert not isinstance(info.value, pika.exceptions.AMQPError)
-    assert publisher._connection is None  # nothing was sent, not even a connect
+    assert (
+        publisher._sender is not None and publisher._sender.link.connection is None
+    )  # nothing was sent, not even a connect
     properties = pika.BasicProperties(headers=headers)
     with pytest.raises(error):
         publisher.publish(b"{}", "edges.nobody", properties=properties)
@@ -132,7 +134,7 @@ def test_publish_refuses_a_body_that_is_not_str_or_bytes(publisher: Publisher) -
         publisher.publish(None, "edges.nobody")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="properties"):
         publisher.publish(b"{}", "edges.nobody", properties={"headers": {}})  # type: ignore[arg-type]
-    assert publisher._connection is None
+    assert publisher._sender is not None and publisher._sender.link.connection is None
 
 
 # -- event fields ---------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def test_bad_event_fields_are_refused_before_sending(
         publish_domain_event(**arguments, connection_settings=None)
     with pytest.raises(error):
         publisher.publish_event(DomainEvent(**arguments))
-    assert publisher._connection is None
+    assert publisher._sender is not None and publisher._sender.link.connection is None
 
 
 def test_data_nested_up_to_the_limit_is_sent(publisher: Publisher) -> None:

@@ -25,6 +25,7 @@ import pika.exceptions
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
+import domain_event_broker._link as link_module
 import domain_event_broker.publish as publish_module
 from domain_event_broker import (
     AuthenticationError,
@@ -113,13 +114,14 @@ def _fresh_shared_publishers() -> Iterator[None]:
 def connects(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records every connection the publishing code opens."""
     calls: list[str] = []
-    real = publish_module.connect
+    real = link_module.connect
 
     def spy(config: Any, name: str, **kwargs: Any) -> pika.BlockingConnection:
-        calls.append(name)
+        if "publisher" in name:
+            calls.append(name)
         return real(config, name, **kwargs)
 
-    monkeypatch.setattr(publish_module, "connect", spy)
+    monkeypatch.setattr(link_module, "connect", spy)
     return calls
 
 
@@ -349,8 +351,8 @@ def test_a_connection_lost_by_one_thread_does_not_disturb_the_others(
         run_threads(2, lambda n: publish_domain_event(inbox.key, {"n": n}))
     pool = next(iter(publish_module._shared.values()))
     victim = pool._idle[0]
-    assert victim._connection is not None
-    victim._connection.close()  # behind its back
+    assert victim._sender is not None and victim._sender.link.connection is not None
+    victim._sender.link.connection.close()  # behind its back
     assert barrier.broken is False
     run_threads(4, lambda n: [publish_domain_event(inbox.key, {"n": n}) for _ in range(5)])
     assert len(inbox.wait(22)) == 22

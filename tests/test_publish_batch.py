@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pika.adapters.blocking_connection import BlockingChannel
 
-import domain_event_broker.publish as publish_module
+import domain_event_broker._link as link_module
 from domain_event_broker import (
     BatchPublishError,
     BrokerError,
@@ -91,13 +91,14 @@ def limited(channel: BlockingChannel, names: Names) -> Queue:
 @pytest.fixture
 def connects(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    real = publish_module.connect
+    real = link_module.connect
 
     def spy(config: Any, name: str, **kwargs: Any) -> pika.BlockingConnection:
-        calls.append(name)
+        if "publisher" in name:
+            calls.append(name)
         return real(config, name, **kwargs)
 
-    monkeypatch.setattr(publish_module, "connect", spy)
+    monkeypatch.setattr(link_module, "connect", spy)
     return calls
 
 
