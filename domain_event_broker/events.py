@@ -16,6 +16,10 @@ __all__ = ["DomainEvent"]
 #: The keys of the JSON body, in the order 3.0.2 writes them.
 WIRE_KEYS = ("routing_key", "data", "domain_object_id", "uuid_string", "timestamp")
 
+#: ``json.dumps(..., allow_nan=False)``, built once. Its cycle check is left
+#: to :func:`_validate.json_value`, which refuses cycles before encoding.
+_ENCODER = json.JSONEncoder(allow_nan=False, check_circular=False)
+
 #: AMQP limits a routing key (a short string) to 255 bytes.
 MAX_ROUTING_KEY_BYTES = _validate.MAX_SHORTSTR_BYTES
 
@@ -173,7 +177,7 @@ class DomainEvent:
             raise ValueError(
                 f"domain event {str(self.routing_key)[:255]!r} is not strict JSON: {exc}"
             ) from None
-        return json.dumps(event_data, allow_nan=False)
+        return _ENCODER.encode(event_data)
 
     @classmethod
     def from_json(cls, json_data: str | bytes | bytearray) -> DomainEvent:

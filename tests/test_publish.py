@@ -190,6 +190,32 @@ def test_timestamps_3_0_2_accepted_are_still_sent(inbox: Inbox, timestamp: Any) 
     assert properties.timestamp is None  # cannot be an AMQP timestamp
 
 
+@pytest.mark.parametrize("size", [10, 300_000])  # 300 kB: three body frames at 128 KiB
+def test_each_message_reaches_the_socket_in_one_write(inbox: Inbox, size: int) -> None:
+    publisher = Publisher(BROKER_URL)
+    connection = publisher.connection
+    assert connection is not None
+    impl = connection._impl
+    writes: list[int] = []
+    emit = impl._adapter_emit_data
+
+    def spy(data: bytes) -> None:
+        writes.append(len(data))
+        emit(data)
+
+    impl._adapter_emit_data = spy
+    try:
+        for n in range(3):
+            publisher.publish_event(DomainEvent(inbox.key, {"n": n, "pad": "x" * size}))
+        sent = list(writes)
+    finally:
+        publisher.close()
+    assert len(sent) == 3, sent  # method, header and body frames joined per message
+    bodies = [json.loads(body) for _, _, body in inbox.wait(3)]
+    assert [body["data"]["n"] for body in bodies] == [0, 1, 2]
+    assert all(len(body["data"]["pad"]) == size for body in bodies)
+
+
 def test_one_connection_and_one_exchange_declare_for_many_events(
     inbox: Inbox, connects: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
