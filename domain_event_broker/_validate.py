@@ -41,7 +41,7 @@ import math
 import struct
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import pika
 import pika.data
@@ -211,13 +211,26 @@ def _is_plain_json(value: object, depth: int) -> bool:
     if depth >= MAX_DEPTH:
         return False
     if kind is dict:
-        return all(
-            type(key) is str and _is_plain_json(item, depth + 1)
-            for key, item in value.items()  # type: ignore[attr-defined]
-        )
+        mapping = cast("dict[object, object]", value)
+        return {*map(type, mapping)} <= _STR_ONLY and _plain_items(mapping.values(), depth + 1)
     if kind is list or kind is tuple:
-        return all(_is_plain_json(item, depth + 1) for item in value)  # type: ignore[attr-defined]
+        return _plain_items(cast("Iterable[object]", value), depth + 1)
     return False
+
+
+_STR_ONLY: Final = frozenset({str})
+
+
+def _plain_items(items: Iterable[object], depth: int) -> bool:
+    """Whether every item is plain JSON; scalars are checked in place, without
+    a call per item (publishing's hot path)."""
+    for item in items:
+        kind = type(item)
+        if item is None or kind is str or kind is int or kind is bool:
+            continue
+        if not _is_plain_json(item, depth):
+            return False
+    return True
 
 
 def _check_json(value: object, where: str, depth: int, active: set[int]) -> None:

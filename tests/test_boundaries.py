@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import unittest.mock
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pika.adapters.blocking_connection import BlockingChannel
 
+import domain_event_broker.events as events_module
 from domain_event_broker import (
     ConfigurationError,
     DomainEvent,
@@ -435,3 +437,37 @@ def test_configure_arguments(broker: Any, timeout: Any, require_route: Any) -> N
         assert not isinstance(exc, pika.exceptions.AMQPError)
     finally:
         configure(broker=None)
+
+
+def _exact_builtins(value: Any) -> bool:
+    """Whether ``value`` is made of exact JSON built-in types only (no subclasses)."""
+    kind = type(value)
+    if kind in (dict,):
+        return all(type(key) is str and _exact_builtins(item) for key, item in value.items())
+    if kind in (list, tuple):
+        return all(_exact_builtins(item) for item in value)
+    return value is None or kind in (str, int, bool, float)
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=anything)
+def test_the_fast_json_check_agrees_with_the_careful_one(value: Any) -> None:
+    fast = _validate._is_plain_json(value, 0)
+    try:
+        _validate._check_json(value, "data", 0, set())  # the walk with error messages
+    except (TypeError, ValueError, RecursionError):
+        careful = False
+    else:
+        careful = True
+    assert not fast or careful  # what the fast check passes is strict JSON
+    if careful and _exact_builtins(value):
+        assert fast  # and it passes all strict JSON of exact types (the hot path)
+    if fast:
+        json.dumps(value, allow_nan=False)
+
+
+@given(random=st.binary(min_size=16, max_size=16))
+def test_new_uuids_are_uuid4_strings(random: bytes) -> None:
+    with unittest.mock.patch.object(events_module.os, "urandom", return_value=random):
+        text = events_module._new_uuid_string()
+    assert text == str(uuid.UUID(bytes=random, version=4))
