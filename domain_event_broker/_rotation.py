@@ -71,7 +71,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
 
@@ -80,10 +79,11 @@ import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _headers, _instrument, _names
+from . import _instrument, _names
 from ._config import BrokerConfig
 from ._connection import CONNECTION_ERRORS, close_quietly, connect
 from ._deadletters import DELIVERY_COUNT, logical_view, parked_properties
+from ._rotation_items import DISCARD, LEAVE, RETRY, SKIP, Counts, Item, replay_properties
 from .errors import (
     BrokerError,
     DeadLetterQueueNotFoundError,
@@ -105,12 +105,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-RETRY: Final = "retry"
-LEAVE: Final = "leave"
-DISCARD: Final = "discard"
-#: Passed over by a filter: kept in place like LEAVE, counted apart.
-SKIP: Final = "skip"
 
 #: Dead letters carried out per transaction, at most (and so held
 #: unacknowledged at most, plus the one being decided).
@@ -139,45 +133,6 @@ MAX_RECOVERIES: Final = 5
 NOT_FOUND: Final = 404
 #: Reply code of a channel closed by the broker's ``consumer_timeout``.
 _PRECONDITION_FAILED: Final = 406
-
-
-@dataclass
-class Item:
-    """One dead letter taken by a run, and what to do with it."""
-
-    frame: pika.spec.Basic.Deliver
-    properties: pika.BasicProperties
-    body: bytes
-    #: Its own routing key and properties (without this library's headers).
-    routing_key: str
-    logical: pika.BasicProperties
-    action: str | None = None
-    #: Its RETRY copy is known to be routed (a committed probe).
-    copied: bool = False
-    #: Its RETRY copy could not be routed: it is left in place instead.
-    unroutable: bool = False
-
-
-@dataclass
-class Counts:
-    """What a run carried out so far (committed only)."""
-
-    replayed: int = 0
-    discarded: int = 0
-    left: int = 0
-    skipped: int = 0
-    unroutable: int = 0
-    #: Why RETRY copies could not be routed: reason -> routing keys.
-    unroutable_reasons: dict[str, set[str]] = field(default_factory=dict)
-
-
-def replay_properties(properties: pika.BasicProperties | None) -> pika.BasicProperties:
-    """A dead letter's (logical) properties for its republished copy: all
-    kept, except RabbitMQ's death headers (dropped) and the retry count
-    (reset)."""
-    headers = _headers.without_death_headers(properties.headers if properties else None)
-    headers.pop(_headers.RETRY_COUNT, None)
-    return _headers.copy_properties(properties, headers)
 
 
 def _recoverable(exc: BaseException) -> bool:
