@@ -63,10 +63,12 @@ until the broker noticed that the old connection is gone and put back what
 it held (at once for a closed socket; within two heartbeat intervals for a
 silent network).
 
-The run is in two pieces: :class:`Session` (this module) takes, decides,
-commits and recovers; :class:`._rotation_channel.RunChannel` is the
-connection and its transactional channel. :mod:`._rotation_items` has what
-they share.
+The run is in three pieces: :class:`Session` (this module) holds what was
+taken and decided and recovers after a lost connection;
+:class:`._rotation_commit.Committer` carries out a batch (probes, copies,
+parking, the commit, putting back late returns);
+:class:`._rotation_channel.RunChannel` is the connection and its
+transactional channel. :mod:`._rotation_items` has what they share.
 """
 
 from __future__ import annotations
@@ -80,11 +82,12 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _instrument, _names
+from . import _names
 from ._config import BrokerConfig
 from ._connection import CONNECTION_ERRORS
-from ._deadletters import DELIVERY_COUNT, parked_properties
-from ._rotation_channel import NOT_FOUND, RunChannel
+from ._deadletters import DELIVERY_COUNT
+from ._rotation_channel import RunChannel
+from ._rotation_commit import Committer
 from ._rotation_items import DISCARD, LEAVE, RETRY, SKIP, Counts, Item, replay_properties
 from .errors import BrokerError, is_auth_error
 
@@ -162,9 +165,9 @@ def _comparable(properties: pika.BasicProperties | None) -> dict[str, Any]:
 class Session:
     """One run over a handler's dead-letter queue (see the module docs).
 
-    The session holds what the run took and decided, commits it, and
-    recovers when its :class:`._rotation_channel.RunChannel` loses the
-    connection.
+    The session holds what the run took and decided, hands it to its
+    :class:`._rotation_commit.Committer`, and recovers when its
+    :class:`._rotation_channel.RunChannel` loses the connection.
 
     Args:
         name: the handler name.
@@ -192,14 +195,9 @@ class Session:
         self.count_at_start = 0
         self._on_done = on_done
         self._wire = RunChannel(name, config, purpose, prefetch)
-        self._before_commit = before_commit
-        #: Routing keys this run has seen routed by the retry exchange.
-        self._routable: set[str] = set()
-        self._exchange_checked = False
-        self._exchange_missing: BaseException | None = None
-        #: Acknowledged dead letters whose copy came back: to put back.
-        self._to_repark: list[Item] = []
-        self._committing = False
+        self._committer = Committer(
+            self._wire, self.exchange, self.counts, self._done, before_commit
+        )
         #: Taken and not committed yet, in the order taken.
         self._held: list[Item] = []
         self._pending = 0
@@ -215,7 +213,7 @@ class Session:
     @property
     def exchange_error(self) -> BaseException | None:
         """pika's error when the retry exchange turned out to be missing."""
-        return self._exchange_missing
+        return self._committer.exchange_missing
 
     # -- connection ------------------------------------------------------------
 
@@ -322,17 +320,18 @@ class Session:
         Raises:
             BrokerError: the broker failed in a way reconnecting cannot help.
         """
-        while self._pending or self._to_repark:
+        committer = self._committer
+        while self._pending or committer.to_repark:
             try:
-                if self._to_repark:
-                    self._repark()
+                if committer.to_repark:
+                    committer.repark()
                     continue
-                self._commit([item for item in self._held if item.action is not None])
+                committer.commit([item for item in self._held if item.action is not None])
             except CONNECTION_ERRORS as exc:
-                if self._note_missing_exchange(exc):
+                if committer.note_missing_exchange(exc):
                     self._recover(exc, committing=False, counted=False)
                     continue
-                self._recover(exc, committing=self._committing)
+                self._recover(exc, committing=committer.committing)
 
     def _done(self, items: list[Item]) -> None:
         """Forget ``items``, committed, and count them."""
@@ -356,138 +355,12 @@ class Session:
             if self._on_done is not None:
                 self._on_done(item)
 
-    def _note_missing_exchange(self, exc: BaseException) -> bool:
-        """Whether ``exc`` says that the retry exchange is missing (and if
-        so, remember it: later RETRY copies are unroutable)."""
-        missing = (
-            isinstance(exc, pika.exceptions.ChannelClosedByBroker)
-            and exc.reply_code == NOT_FOUND
-            and self.exchange in str(exc.reply_text)
-        )
-        if missing:
-            self._exchange_missing = exc
-        return missing
-
-    def _commit(self, items: list[Item]) -> None:
-        """Carry out ``items`` (every decided item held): probes first, then
-        all of them in one transaction."""
-        retries = [item for item in items if item.action == RETRY and not item.unroutable]
-        if retries:
-            self._check_exchange()
-            if self._exchange_missing is not None:
-                for item in retries:
-                    self._mark_unroutable(item, f"the exchange {self.exchange!r} does not exist")
-                retries = []
-        # 1. Probes: the first copy of each routing key this run has not
-        #    seen routed, committed on its own; its dead letter stays held.
-        probes = [
-            item for item in retries if not item.copied and item.routing_key not in self._routable
-        ]
-        if probes:
-            for item in probes:
-                self._publish_copy(item)
-            returned = {key for exchange, key in self._wire.commit() if exchange == self.exchange}
-            for item in probes:
-                if item.routing_key in returned:
-                    self._mark_unroutable(item, "no queue is bound for routing key")
-                else:
-                    item.copied = True
-                    self._routable.add(item.routing_key)
-        # 2. Everything else, and the acknowledgements, in one transaction.
-        for item in items:
-            if item.action == RETRY and not item.unroutable:
-                if not item.copied:
-                    self._publish_copy(item)
-            elif item.action != DISCARD:
-                self._park(item)
-            self._wire.ack(item)
-        if self._before_commit is not None:
-            self._before_commit()
-        self._committing = True
-        returned_list = self._wire.commit()
-        self._committing = False
-        self._done(items)
-        if returned_list:
-            self._after_late_returns(items, returned_list)
-
-    def _repark(self) -> None:
-        """Put back (at the tail) the dead letters of ``_to_repark``."""
-        for item in self._to_repark:
-            self._park(item)
-        self._wire.commit()
-        self._to_repark = []
-
-    def _check_exchange(self) -> None:
-        """Find out once whether the retry exchange exists (a publish to a
-        missing exchange would close the channel without saying why)."""
-        if self._exchange_checked:
-            return
-        missing = self._wire.missing_exchange(self.exchange)
-        if missing is not None:
-            self._exchange_missing = missing
-        self._exchange_checked = True
-
-    def _publish_copy(self, item: Item) -> None:
-        copy = replay_properties(item.logical)
-        headers = dict(copy.headers or {})
-        with _instrument.replay_span(copy.message_id, self.exchange, item.routing_key, headers):
-            copy.headers = headers or None  # with the replay span's trace context
-            self._wire.publish(self.exchange, item.routing_key, item.body, copy)
-
-    def _park(self, item: Item) -> None:
-        self._wire.publish(
-            "",
-            self._wire.queue,
-            item.body,
-            parked_properties(item.logical, item.routing_key),
-        )
-
-    def _mark_unroutable(self, item: Item, reason: str) -> None:
-        item.unroutable = True
-        self.counts.unroutable_reasons.setdefault(reason, set()).add(item.routing_key)
-
-    def _after_late_returns(self, items: list[Item], returned: list[tuple[str, str]]) -> None:
-        """Copies returned although their routing key was routed earlier in
-        this run (the handler's queue was unbound meanwhile): their dead
-        letters were acknowledged with them, so put them back (at the tail)."""
-        queue = self._wire.queue
-        if any(exchange == "" for exchange, _ in returned):
-            raise BrokerError(
-                f"the dead-letter queue {queue!r} was deleted during the run, "
-                "with the dead letters it held"
-            )
-        keys = {key for _, key in returned}
-        lost = [
-            item
-            for item in items
-            if item.action == RETRY
-            and not item.unroutable
-            and not item.copied
-            and item.routing_key in keys
-        ]
-        for item in lost:
-            self._routable.discard(item.routing_key)
-            self._mark_unroutable(item, "no queue is bound for routing key")
-            self.counts.replayed -= 1
-            self.counts.unroutable += 1
-        # Kept in memory until committed, also across a reconnection (if the
-        # connection goes during that commit, they may be put back twice).
-        self._to_repark = lost
-        self._repark()
-        log.warning(
-            "%d replayed cop(ies) to %s came back unroutable; their dead letters were put back "
-            "at the tail of %s",
-            len(lost),
-            self.exchange,
-            queue,
-        )
-
     # -- recovering ------------------------------------------------------------
 
     def _recover(self, exc: BaseException, *, committing: bool, counted: bool = True) -> None:
         """Reconnect after ``exc`` and take the held dead letters again (or
         learn that their transaction was committed)."""
-        self._committing = False
+        self._committer.committing = False
         if counted:
             if not _recoverable(exc):
                 raise self._wire.error(exc, "replaying") from exc
