@@ -62,35 +62,34 @@ After a reconnection the run first waits until the queue has no consumer:
 until the broker noticed that the old connection is gone and put back what
 it held (at once for a closed socket; within two heartbeat intervals for a
 silent network).
+
+The run is in three pieces: :class:`Session` (this module) holds what was
+taken and decided and recovers after a lost connection;
+:class:`._rotation_commit.Committer` carries out a batch (probes, copies,
+parking, the commit, putting back late returns);
+:class:`._rotation_channel.RunChannel` is the connection and its
+transactional channel. :mod:`._rotation_items` has what they share.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
 
 import pika
 import pika.exceptions
-import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import _headers, _instrument, _names
+from . import _names
 from ._config import BrokerConfig
-from ._connection import CONNECTION_ERRORS, close_quietly, connect
-from ._deadletters import DELIVERY_COUNT, logical_view, parked_properties
-from .errors import (
-    BrokerError,
-    DeadLetterQueueNotFoundError,
-    DomainEventBrokerError,
-    is_auth_error,
-    translate_pika_error,
-)
+from ._connection import CONNECTION_ERRORS
+from ._deadletters import DELIVERY_COUNT
+from ._rotation_channel import RunChannel
+from ._rotation_commit import Committer
+from ._rotation_items import DISCARD, LEAVE, RETRY, SKIP, Counts, Item, replay_properties
+from .errors import BrokerError, is_auth_error
 
 __all__ = [
     "BATCH_SIZE",
@@ -106,12 +105,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RETRY: Final = "retry"
-LEAVE: Final = "leave"
-DISCARD: Final = "discard"
-#: Passed over by a filter: kept in place like LEAVE, counted apart.
-SKIP: Final = "skip"
-
 #: Dead letters carried out per transaction, at most (and so held
 #: unacknowledged at most, plus the one being decided).
 BATCH_SIZE: Final = 100
@@ -119,65 +112,12 @@ BATCH_SIZE: Final = 100
 #: batch being decided plus the next one (acknowledgements in a transaction
 #: free their place only when it is committed).
 PREFETCH: Final = 2 * BATCH_SIZE
-#: Seconds without a delivery after which the queue is checked for being
-#: empty (it is, when it has fewer messages than counted at the start).
-IDLE_WAIT: Final = 0.5
-#: Seconds without a delivery, although the queue has ready messages, after
-#: which a run gives up.
-STALL_TIMEOUT: Final = 60.0
-#: Seconds to wait, beyond two heartbeat intervals (the longest the broker
-#: takes to notice a silently lost connection), for it to release the dead
-#: letters that connection held.
-RELEASE_MARGIN: Final = 30.0
-#: Seconds between two looks at whether they were released.
-RELEASE_POLL: Final = 0.2
 #: Reconnections in a row, without a committed batch in between, before a
 #: run gives up.
 MAX_RECOVERIES: Final = 5
 
-#: Reply code of a passive declaration of something that does not exist.
-NOT_FOUND: Final = 404
 #: Reply code of a channel closed by the broker's ``consumer_timeout``.
 _PRECONDITION_FAILED: Final = 406
-
-
-@dataclass
-class Item:
-    """One dead letter taken by a run, and what to do with it."""
-
-    frame: pika.spec.Basic.Deliver
-    properties: pika.BasicProperties
-    body: bytes
-    #: Its own routing key and properties (without this library's headers).
-    routing_key: str
-    logical: pika.BasicProperties
-    action: str | None = None
-    #: Its RETRY copy is known to be routed (a committed probe).
-    copied: bool = False
-    #: Its RETRY copy could not be routed: it is left in place instead.
-    unroutable: bool = False
-
-
-@dataclass
-class Counts:
-    """What a run carried out so far (committed only)."""
-
-    replayed: int = 0
-    discarded: int = 0
-    left: int = 0
-    skipped: int = 0
-    unroutable: int = 0
-    #: Why RETRY copies could not be routed: reason -> routing keys.
-    unroutable_reasons: dict[str, set[str]] = field(default_factory=dict)
-
-
-def replay_properties(properties: pika.BasicProperties | None) -> pika.BasicProperties:
-    """A dead letter's (logical) properties for its republished copy: all
-    kept, except RabbitMQ's death headers (dropped) and the retry count
-    (reset)."""
-    headers = _headers.without_death_headers(properties.headers if properties else None)
-    headers.pop(_headers.RETRY_COUNT, None)
-    return _headers.copy_properties(properties, headers)
 
 
 def _recoverable(exc: BaseException) -> bool:
@@ -225,6 +165,10 @@ def _comparable(properties: pika.BasicProperties | None) -> dict[str, Any]:
 class Session:
     """One run over a handler's dead-letter queue (see the module docs).
 
+    The session holds what the run took and decided, hands it to its
+    :class:`._rotation_commit.Committer`, and recovers when its
+    :class:`._rotation_channel.RunChannel` loses the connection.
+
     Args:
         name: the handler name.
         config: the broker settings.
@@ -249,46 +193,32 @@ class Session:
         self.exchange = _names.retry_exchange(name)
         self.counts = Counts()
         self.count_at_start = 0
-        self._config = config
-        self._purpose = purpose
         self._on_done = on_done
-        self._before_commit = before_commit
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-        self._prefetch = prefetch
-        #: Delivered by the broker, not taken yet.
-        self._deliveries: deque[tuple[pika.spec.Basic.Deliver, pika.BasicProperties, bytes]]
-        self._deliveries = deque()
-        self._consumer_tag: str | None = None
+        self._wire = RunChannel(name, config, purpose, prefetch)
+        self._committer = Committer(
+            self._wire, self.exchange, self.counts, self._done, before_commit
+        )
         #: Taken and not committed yet, in the order taken.
         self._held: list[Item] = []
         self._pending = 0
         #: A message taken while reconciling, to hand out next.
         self._lookahead: Item | None = None
-        self._returned: list[tuple[str, str]] = []
-        #: Routing keys this run has seen routed by the retry exchange.
-        self._routable: set[str] = set()
-        self._exchange_checked = False
-        self._exchange_missing: BaseException | None = None
         self._recoveries = 0
-        #: Acknowledged dead letters whose copy came back: to put back.
-        self._to_repark: list[Item] = []
 
     @property
     def channel(self) -> BlockingChannel:
         """The session's (transactional) channel."""
-        assert self._channel is not None
-        return self._channel
+        return self._wire.channel
 
     @property
     def exchange_error(self) -> BaseException | None:
         """pika's error when the retry exchange turned out to be missing."""
-        return self._exchange_missing
+        return self._committer.exchange_missing
 
     # -- connection ------------------------------------------------------------
 
     def __enter__(self) -> Session:
-        self._open()
+        self._wire.open()
         try:
             self.count_at_start = self.count()
         except BaseException:
@@ -307,38 +237,7 @@ class Session:
 
     def close(self) -> None:
         """Close the connection; uncommitted work is undone by the broker."""
-        if self._connection is not None:
-            close_quietly(self._connection)
-        self._connection = self._channel = None
-
-    def _open(self) -> None:
-        connection = connect(
-            self._config, f"domain-event-broker {self._purpose} (pid {os.getpid()})"
-        )
-        try:
-            channel = connection.channel()
-            channel.tx_select()
-            channel.basic_qos(prefetch_count=self._prefetch)
-            channel.add_on_return_callback(self._on_returned)
-        except CONNECTION_ERRORS as exc:
-            close_quietly(connection)
-            raise self._error(exc, "opening a channel") from exc
-        self._connection, self._channel = connection, channel
-        # Deliveries of the old channel are back in the queue.
-        self._deliveries.clear()
-        self._consumer_tag = None
-
-    def _error(self, exc: BaseException, doing: str) -> DomainEventBrokerError:
-        return translate_pika_error(exc, f"{doing} (dead-letter queue {self.queue!r})")
-
-    def _on_returned(
-        self,
-        channel: BlockingChannel,
-        method: pika.spec.Basic.Return,
-        properties: pika.BasicProperties,
-        body: bytes,
-    ) -> None:
-        self._returned.append((method.exchange, method.routing_key))
+        self._wire.close()
 
     def count(self) -> int:
         """Messages ready in the dead-letter queue now.
@@ -347,32 +246,13 @@ class Session:
             DeadLetterQueueNotFoundError: the queue does not exist.
             BrokerError: talking to the broker failed.
         """
-        assert self._connection is not None
-        try:
-            # A failed passive declaration closes its channel: a spare one.
-            channel = self._connection.channel()
-            frame = channel.queue_declare(self.queue, passive=True)
-            channel.close()
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == NOT_FOUND:
-                raise DeadLetterQueueNotFoundError(
-                    f"handler {self.name!r} has no dead-letter queue {self.queue!r} on "
-                    f"{self._config.display} (was it registered with dead_letter=True?)"
-                ) from exc
-            raise self._error(exc, "looking up the queue") from exc
-        except CONNECTION_ERRORS as exc:
-            raise self._error(exc, "looking up the queue") from exc
-        return int(frame.method.message_count)
+        return self._wire.count()
 
     def stop_taking(self) -> None:
         """Tell the broker to send no more dead letters (before the last
         :meth:`flush`, whose commit would otherwise make room for more)."""
-        if self._consumer_tag is None:
-            return
         try:
-            assert self._channel is not None
-            self._channel.basic_cancel(self._consumer_tag)
-            self._consumer_tag = None
+            self._wire.stop_consuming()
         except CONNECTION_ERRORS as exc:
             self._recover(exc, committing=False)
 
@@ -388,17 +268,7 @@ class Session:
         """
         while True:
             try:
-                assert self._channel is not None
-                if self._consumer_tag is not None:
-                    self._channel.basic_cancel(self._consumer_tag)
-                    self._consumer_tag = None
-                # Delivery tag 0 with multiple: every unacknowledged message.
-                self._channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
-                self._channel.tx_commit()
-                self._deliveries.clear()
-                # On the same channel, so counted after the requeue.
-                frame = self._channel.queue_declare(self.queue, passive=True)
-                return int(frame.method.message_count)
+                return self._wire.return_unacknowledged()
             except CONNECTION_ERRORS as exc:
                 if self._held:
                     raise
@@ -415,7 +285,7 @@ class Session:
                 taken, self._lookahead = self._lookahead, None
             else:
                 try:
-                    taken = self._take()
+                    taken = self._wire.take()
                 except CONNECTION_ERRORS as exc:
                     self._recover(exc, committing=False)
                     continue
@@ -423,49 +293,13 @@ class Session:
                 self._held.append(taken)
             return taken
 
-    def _take(self) -> Item | None:
-        assert self._channel is not None and self._connection is not None
-        if self._consumer_tag is None:
-            # Started only now, after the count at the start was read.
-            self._consumer_tag = self._channel.basic_consume(self.queue, self._on_delivery)
-        idle = 0.0
-        while not self._deliveries:
-            self._connection.process_data_events(time_limit=IDLE_WAIT)
-            if self._deliveries:
-                break
-            idle += IDLE_WAIT
-            ready = self.count()
-            if ready == 0 and idle >= 2 * IDLE_WAIT:
-                return None  # fewer messages than counted: someone else took some
-            if idle >= STALL_TIMEOUT:
-                raise BrokerError(
-                    f"the broker sent no dead letter of {self.queue!r} for {STALL_TIMEOUT:g} s "
-                    f"although {ready} are ready"
-                )
-        method, properties, body = self._deliveries.popleft()
-        key, logical = logical_view(method.routing_key, properties)
-        return Item(method, properties, body, key, logical)
-
-    def _on_delivery(
-        self,
-        channel: BlockingChannel,
-        method: pika.spec.Basic.Deliver,
-        properties: pika.BasicProperties,
-        body: bytes,
-    ) -> None:
-        self._deliveries.append((method, properties, body))
-
     def keepalive(self) -> None:
         """Service the connection (heartbeats) while the caller waits; if it
         was lost meanwhile, reconnect and take the held dead letters again."""
         try:
-            assert self._connection is not None and self._channel is not None
-            self._connection.process_data_events(0)
-            if self._channel.is_closed:
-                raise pika.exceptions.ChannelClosed(0, "closed while waiting")
+            self._wire.poll()
         except CONNECTION_ERRORS as exc:
-            reason = getattr(self._channel, "_closing_reason", None)
-            self._recover(reason if isinstance(reason, BaseException) else exc, committing=False)
+            self._recover(self._wire.closing_reason() or exc, committing=False)
 
     # -- carrying out ------------------------------------------------------------
 
@@ -486,124 +320,21 @@ class Session:
         Raises:
             BrokerError: the broker failed in a way reconnecting cannot help.
         """
-        while self._pending or self._to_repark:
+        committer = self._committer
+        while self._pending or committer.to_repark:
             try:
-                if self._to_repark:
-                    self._repark()
+                if committer.to_repark:
+                    committer.repark()
                     continue
-                self._commit()
+                committer.commit([item for item in self._held if item.action is not None])
             except CONNECTION_ERRORS as exc:
-                if self._is_missing_exchange(exc):
-                    self._exchange_missing = exc
+                if committer.note_missing_exchange(exc):
                     self._recover(exc, committing=False, counted=False)
                     continue
-                self._recover(exc, committing=self._committing)
-
-    _committing = False
-
-    def _is_missing_exchange(self, exc: BaseException) -> bool:
-        return (
-            isinstance(exc, pika.exceptions.ChannelClosedByBroker)
-            and exc.reply_code == NOT_FOUND
-            and self.exchange in str(exc.reply_text)
-        )
-
-    def _check_exchange(self) -> None:
-        """Find out once whether the retry exchange exists (a publish to a
-        missing exchange would close the channel without saying why)."""
-        if self._exchange_checked:
-            return
-        assert self._connection is not None
-        channel = self._connection.channel()
-        try:
-            channel.exchange_declare(self.exchange, passive=True)
-            channel.close()
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != NOT_FOUND:
-                raise
-            self._exchange_missing = exc
-        self._exchange_checked = True
-
-    def _publish_copy(self, item: Item) -> None:
-        assert self._channel is not None
-        copy = replay_properties(item.logical)
-        headers = dict(copy.headers or {})
-        with _instrument.replay_span(copy.message_id, self.exchange, item.routing_key, headers):
-            copy.headers = headers or None  # with the replay span's trace context
-            self._channel.basic_publish(
-                exchange=self.exchange,
-                routing_key=item.routing_key,
-                body=item.body,
-                properties=copy,
-                mandatory=True,
-            )
-
-    def _park(self, item: Item) -> None:
-        assert self._channel is not None
-        self._channel.basic_publish(
-            exchange="",
-            routing_key=self.queue,
-            body=item.body,
-            properties=parked_properties(item.logical, item.routing_key),
-            mandatory=True,
-        )
-
-    def _commit_now(self) -> list[tuple[str, str]]:
-        assert self._channel is not None and self._connection is not None
-        self._returned = []
-        self._channel.tx_commit()
-        # Dispatch the basic.return frames that came before commit-ok.
-        self._connection.process_data_events(0)
-        returned, self._returned = self._returned, []
-        return returned
-
-    def _commit(self) -> None:
-        items = [item for item in self._held if item.action is not None]
-        retries = [item for item in items if item.action == RETRY and not item.unroutable]
-        if retries:
-            self._check_exchange()
-            if self._exchange_missing is not None:
-                for item in retries:
-                    self._mark_unroutable(item, f"the exchange {self.exchange!r} does not exist")
-                retries = []
-        # 1. Probes: the first copy of each routing key this run has not
-        #    seen routed, committed on its own; its dead letter stays held.
-        probes = [
-            item for item in retries if not item.copied and item.routing_key not in self._routable
-        ]
-        if probes:
-            for item in probes:
-                self._publish_copy(item)
-            returned = {key for exchange, key in self._commit_now() if exchange == self.exchange}
-            for item in probes:
-                if item.routing_key in returned:
-                    self._mark_unroutable(item, "no queue is bound for routing key")
-                else:
-                    item.copied = True
-                    self._routable.add(item.routing_key)
-        # 2. Everything else, and the acknowledgements, in one transaction.
-        assert self._channel is not None
-        for item in items:
-            if item.action == RETRY and not item.unroutable:
-                if not item.copied:
-                    self._publish_copy(item)
-            elif item.action != DISCARD:
-                self._park(item)
-            self._channel.basic_ack(item.frame.delivery_tag)
-        if self._before_commit is not None:
-            self._before_commit()
-        self._committing = True
-        returned_list = self._commit_now()
-        self._committing = False
-        self._done(items)
-        if returned_list:
-            self._after_late_returns(items, returned_list)
-
-    def _mark_unroutable(self, item: Item, reason: str) -> None:
-        item.unroutable = True
-        self.counts.unroutable_reasons.setdefault(reason, set()).add(item.routing_key)
+                self._recover(exc, committing=committer.committing)
 
     def _done(self, items: list[Item]) -> None:
+        """Forget ``items``, committed, and count them."""
         done = {id(item) for item in items}
         self._held = [item for item in self._held if id(item) not in done]
         self._pending -= len(items)
@@ -624,92 +355,31 @@ class Session:
             if self._on_done is not None:
                 self._on_done(item)
 
-    def _after_late_returns(self, items: list[Item], returned: list[tuple[str, str]]) -> None:
-        """Copies returned although their routing key was routed earlier in
-        this run (the handler's queue was unbound meanwhile): their dead
-        letters were acknowledged with them, so put them back (at the tail)."""
-        if any(exchange == "" for exchange, _ in returned):
-            raise BrokerError(
-                f"the dead-letter queue {self.queue!r} was deleted during the run, "
-                "with the dead letters it held"
-            )
-        keys = {key for _, key in returned}
-        lost = [
-            item
-            for item in items
-            if item.action == RETRY
-            and not item.unroutable
-            and not item.copied
-            and item.routing_key in keys
-        ]
-        for item in lost:
-            self._routable.discard(item.routing_key)
-            self._mark_unroutable(item, "no queue is bound for routing key")
-            self.counts.replayed -= 1
-            self.counts.unroutable += 1
-        # Kept in memory until committed, also across a reconnection (if the
-        # connection goes during that commit, they may be put back twice).
-        self._to_repark = lost
-        self._repark()
-        log.warning(
-            "%d replayed cop(ies) to %s came back unroutable; their dead letters were put back "
-            "at the tail of %s",
-            len(lost),
-            self.exchange,
-            self.queue,
-        )
-
-    def _repark(self) -> None:
-        for item in self._to_repark:
-            self._park(item)
-        self._commit_now()
-        self._to_repark = []
-
     # -- recovering ------------------------------------------------------------
-
-    def _wait_for_release(self) -> None:
-        """Wait until the broker noticed that the old connection is gone and
-        put its unacknowledged dead letters back: until the queue has no
-        consumer (a broker that missed the loss notices it within two
-        heartbeat intervals)."""
-        timeout = 2 * (self._config.heartbeat or 60.0) + RELEASE_MARGIN
-        deadline = time.monotonic() + timeout
-        assert self._connection is not None
-        while True:
-            channel = self._connection.channel()
-            consumers = int(channel.queue_declare(self.queue, passive=True).method.consumer_count)
-            channel.close()
-            if consumers == 0:
-                return
-            if time.monotonic() > deadline:
-                raise BrokerError(
-                    f"{self.queue!r} still has {consumers} consumer(s) {timeout:g} s after "
-                    "the connection was lost; the dead letters this run held are still reserved "
-                    "(is another replay running?); nothing taken was lost"
-                )
-            self._connection.sleep(RELEASE_POLL)
 
     def _recover(self, exc: BaseException, *, committing: bool, counted: bool = True) -> None:
         """Reconnect after ``exc`` and take the held dead letters again (or
         learn that their transaction was committed)."""
-        self._committing = False
+        self._committer.committing = False
         if counted:
             if not _recoverable(exc):
-                raise self._error(exc, "replaying") from exc
+                raise self._wire.error(exc, "replaying") from exc
             self._recoveries += 1
             if self._recoveries > MAX_RECOVERIES:
-                raise self._error(exc, f"giving up after {MAX_RECOVERIES} reconnections") from exc
+                raise self._wire.error(
+                    exc, f"giving up after {MAX_RECOVERIES} reconnections"
+                ) from exc
             log.warning("Lost the connection to %s (%r); reconnecting", self.queue, exc)
-        self.close()
-        self._open()
+        self._wire.close()
+        self._wire.open()
         # Also when nothing is held: what the broker sent ahead must be back
         # at the head before this run takes anything more.
-        self._wait_for_release()
+        self._wire.wait_for_release()
         held = self._held
         if not held:
             return
         try:
-            first = self._take()
+            first = self._wire.take()
             decided = [item for item in held if item.action is not None]
             if committing and decided and not _same_message(first, decided[0]):
                 # The broker committed the batch before the connection went.
@@ -720,7 +390,7 @@ class Session:
                     self._lookahead = first
                     return
             for index, item in enumerate(held):
-                again = first if index == 0 else self._take()
+                again = first if index == 0 else self._wire.take()
                 if not _same_message(again, item):
                     raise BrokerError(
                         f"the dead letters this run held did not come back to the head of "

@@ -17,6 +17,7 @@ import pytest
 
 from domain_event_broker import DomainEvent
 from domain_event_broker import _rotation as rotation
+from domain_event_broker._rotation_channel import RunChannel
 from domain_event_broker.replay import (
     DISCARD,
     LEAVE,
@@ -256,21 +257,21 @@ def test_a_connection_lost_around_a_commit_does_each_event_once(
     count = rotation.BATCH_SIZE * 2 + 10
     fill(handler, count)
     wait_size(f"{handler}-dl", count)
-    real_commit = rotation.Session._commit_now
+    real_commit = RunChannel.commit
     calls: list[bool] = []
 
-    def commit_then_lose(session: rotation.Session) -> list[tuple[str, str]]:
+    def commit_then_lose(channel: RunChannel) -> list[tuple[str, str]]:
         # The second commit of the run (the first batch's, after its probe)
         # ... and the fourth: the second batch.
         calls.append(True)
         if len(calls) == 4:
             if committed:
-                real_commit(session)  # the broker commits; its answer is "lost"
+                real_commit(channel)  # the broker commits; its answer is "lost"
             proxy.cut()
             raise pika.exceptions.StreamLostError("cut by the test")
-        return real_commit(session)
+        return real_commit(channel)
 
-    monkeypatch.setattr(rotation.Session, "_commit_now", commit_then_lose)
+    monkeypatch.setattr(RunChannel, "commit", commit_then_lose)
 
     result = replay_dead_letters(
         handler, lambda event: LEAVE if event.data["n"] % 2 else RETRY, proxy.url(broker_url)
