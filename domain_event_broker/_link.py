@@ -38,7 +38,7 @@ _abandoned: list[object] = []
 
 
 class Link:
-    """A lazily opened connection with one confirm-mode channel.
+    """A lazily opened connection with one confirm-mode (or transactional) channel.
 
     Only the thread that owns the link may use it (pika's blocking adapter is
     not thread-safe), except :meth:`wake` (safe from any thread).
@@ -50,6 +50,10 @@ class Link:
         setup: called with each new channel before it is handed out (e.g. to
             declare an exchange); what it raises closes the new connection
             and is raised (pika's channel errors translated).
+        confirm: put each new channel in confirm mode; ``False`` leaves the
+            mode to ``setup`` (replay's channels are transactional, which
+            RabbitMQ refuses on a confirm-mode channel).
+        what: how errors opening the channel describe it.
     """
 
     def __init__(
@@ -59,11 +63,15 @@ class Link:
         *,
         should_stop: Callable[[], bool] | None = None,
         setup: Callable[[BlockingChannel], None] | None = None,
+        confirm: bool = True,
+        what: str = "opening a channel",
     ) -> None:
         self.config = config
         self._connection_name = connection_name
         self._should_stop = should_stop
         self._setup = setup
+        self._confirm = confirm
+        self._what = what
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._pid = os.getpid()
@@ -109,12 +117,13 @@ class Link:
         )
         try:
             channel = connection.channel()
-            channel.confirm_delivery()
+            if self._confirm:
+                channel.confirm_delivery()
             if self._setup is not None:
                 self._setup(channel)
         except CONNECTION_ERRORS as exc:
             close_quietly(connection)
-            raise translate_pika_error(exc, "opening a channel") from exc
+            raise translate_pika_error(exc, self._what) from exc
         except BaseException:
             close_quietly(connection)
             raise

@@ -10,7 +10,6 @@ nothing and does not recover: :class:`._rotation.Session` does both.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from typing import Final
@@ -22,8 +21,9 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from . import _names
 from ._config import BrokerConfig
-from ._connection import CONNECTION_ERRORS, close_quietly, connect
+from ._connection import CONNECTION_ERRORS
 from ._deadletters import logical_view
+from ._link import Link
 from ._rotation_items import Item
 from .errors import (
     BrokerError,
@@ -65,8 +65,15 @@ class RunChannel:
         self.name = name
         self.queue = _names.dead_letter_queue(name)
         self._config = config
-        self._purpose = purpose
         self._prefetch = prefetch
+        #: The connection; its channel is transactional, set up by _set_up.
+        self._link = Link(
+            config,
+            f"domain-event-broker {purpose}",
+            setup=self._set_up,
+            confirm=False,
+            what=f"opening a channel (dead-letter queue {self.queue!r})",
+        )
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         #: Delivered by the broker, not taken yet.
@@ -91,27 +98,23 @@ class RunChannel:
         Raises:
             DomainEventBrokerError: connecting or opening the channel failed.
         """
-        connection = connect(
-            self._config, f"domain-event-broker {self._purpose} (pid {os.getpid()})"
-        )
-        try:
-            channel = connection.channel()
-            channel.tx_select()
-            channel.basic_qos(prefetch_count=self._prefetch)
-            channel.add_on_return_callback(self._on_returned)
-        except CONNECTION_ERRORS as exc:
-            close_quietly(connection)
-            raise self.error(exc, "opening a channel") from exc
-        self._connection, self._channel = connection, channel
+        self._link.drop()
+        self._channel = self._link.channel()
+        self._connection = self._link.connection
         # Deliveries of the old channel are back in the queue.
         self._deliveries.clear()
         self._consumer_tag = None
 
     def close(self) -> None:
         """Close the connection; uncommitted work is undone by the broker."""
-        if self._connection is not None:
-            close_quietly(self._connection)
+        self._link.drop()
         self._connection = self._channel = None
+
+    def _set_up(self, channel: BlockingChannel) -> None:
+        """Each new channel: transactional, prefetch bounded, returns noted."""
+        channel.tx_select()
+        channel.basic_qos(prefetch_count=self._prefetch)
+        channel.add_on_return_callback(self._on_returned)
 
     def error(self, exc: BaseException, doing: str) -> DomainEventBrokerError:
         """pika's ``exc``, met while ``doing`` something, as this library's error."""

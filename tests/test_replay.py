@@ -15,7 +15,7 @@ from domain_event_broker import (
     DomainEvent,
     PublishError,
 )
-from domain_event_broker import _rotation_channel as rotation_channel
+from domain_event_broker import _link as link_module
 from domain_event_broker import replay as replay_module
 from domain_event_broker.replay import (
     DISCARD,
@@ -154,14 +154,14 @@ def test_replay_all_moves_everything_over_one_connection(
     events = [dead_letter_library_style(handler, make_event(handler, {"n": n})) for n in range(5)]
     wait_size(f"{handler}-dl", 5)
     connections: list[object] = []
-    real_connect = rotation_channel.connect
+    real_connect = link_module.connect
 
     def counting_connect(*args: Any, **kwargs: Any) -> pika.BlockingConnection:
         connection = real_connect(*args, **kwargs)
         connections.append(connection)
         return connection
 
-    monkeypatch.setattr(rotation_channel, "connect", counting_connect)
+    monkeypatch.setattr(link_module, "connect", counting_connect)
 
     assert replay_all(handler) == 0
 
