@@ -6,7 +6,7 @@ one channel (``confirm_delivery()``, one ``basic_publish`` per message), the
 library with its defaults (shared connection, confirms). Each side publishes
 ``--events`` events in ``--rounds`` alternating chunks, so that drift in a
 shared broker's load hits both alike; the rates compare total events over
-total time. Issue 2's target: a ratio of at least 0.8.
+total time. Issue 12's target: a ratio of at least 0.9 (issue 2 asked for 0.8).
 
 ``--with-302`` also times domain-event-broker 3.0.2 (a connection per event),
 imported from its wheel in a subprocess, for reference.
@@ -134,7 +134,7 @@ def main() -> int:
     print(f"raw pika (confirms, one channel): {raw:8.0f} events/s")
     print(f"publish_domain_event (defaults):  {library:8.0f} events/s")
     print(
-        f"ratio: {library / raw:.2f} (target >= 0.80; median of the rounds "
+        f"ratio: {library / raw:.2f} (target >= 0.90; median of the rounds "
         f"{statistics.median(ratios):.2f})"
     )
     events = chunk * args.rounds
