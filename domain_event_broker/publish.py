@@ -204,10 +204,10 @@ class Publisher:
         else:
             _validate.properties(properties)
         mandatory = _config.default_require_route(require_route)
-        if self._config is None:
+        if self._sender is None:
             log.debug("No broker configured: not publishing %s", routing_key)
             return
-        self._publish(body, routing_key, properties, mandatory)
+        self._sender.send(body, routing_key, properties, mandatory)
 
     def publish_event(
         self,
@@ -257,12 +257,12 @@ class Publisher:
     ) -> DomainEvent:
         if _captured(event):
             return event
-        if self._config is None:
+        if self._sender is None:
             log.debug("No broker configured: not publishing %r", event)
             return event
         sent_headers = dict(headers) if headers else {}
         with _instrument.publish_span(event, self.exchange, sent_headers):  # fills trace context
-            self._publish(
+            self._sender.send(
                 body, event.routing_key, _event_properties(event, sent_headers), mandatory
             )
         return event
@@ -327,7 +327,8 @@ class Publisher:
         """
         if not batch or any([_captured(event) for event in batch]):
             return batch
-        if self._config is None:
+        sender = self._sender
+        if sender is None:
             log.debug("No broker configured: not publishing %d event(s)", len(batch))
             return batch
         spans: list[Any] = []
@@ -340,8 +341,7 @@ class Publisher:
                     span.__enter__()
                 spans.append(span)
             properties.append(_event_properties(event, headers))
-        assert self._sender is not None
-        results = self._sender.send_batch(batch, bodies, properties, mandatory)
+        results = sender.send_batch(batch, bodies, properties, mandatory)
         for index, span in enumerate(spans):
             error = results.get(index)
             span.__exit__(type(error) if error else None, error, None)
@@ -356,16 +356,6 @@ class Publisher:
                 confirmed,
             ) from first
         return batch
-
-    def _publish(
-        self,
-        body: bytes,
-        routing_key: str,
-        properties: pika.BasicProperties,
-        mandatory: bool = False,
-    ) -> None:
-        assert self._sender is not None
-        self._sender.send(body, routing_key, properties, mandatory)
 
     def close(self) -> None:
         """Close the connection. The publisher reconnects if used again."""
