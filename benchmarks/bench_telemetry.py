@@ -15,8 +15,10 @@ Rounds alternate, so drift in a shared broker's load hits both alike.
 Prints events/s, the ratio to raw pika of each, and the loss with tracing
 on (issue 13's target: at most 15 %); since rates on a shared broker are
 noisy, also the client CPU per publish (median), whose increase over the
-wall time of one untraced publish is the loss tracing causes. Also prints the cost of the consumer
-hooks alone (``process_span`` enter, outcome, exit) per call.
+wall time of one untraced publish is the loss tracing causes. Also prints the cost of the
+hooks alone per call (``process_span`` enter, outcome, exit; ``publish_span`` enter, exit), and
+consuming: a ``Subscriber`` (defaults, no-op handler) draining as many events, which carry
+a trace context, in each process: events/s, the loss vs ``off``, and CPU per delivery.
 
 Usage: python benchmarks/bench_telemetry.py [--events 2000] [--rounds 4]
 """
@@ -111,10 +113,45 @@ CHILD = textwrap.dedent(
             scope.set_outcome("handled")
     hook_us = (time.perf_counter() - started) / hook_calls * 1e6
 
+    started = time.perf_counter()
+    for event in events[:1] * hook_calls:
+        with _instrument.publish_span(event, "domain-events", {}):
+            pass
+    publish_hook_us = (time.perf_counter() - started) / hook_calls * 1e6
+
+    # Consuming: a Subscriber (defaults, no-op handler) drains as many events,
+    # published before the clock starts with a trace context in their headers.
+    from domain_event_broker import Subscriber
+    consume_key = key + ".consume"
+    subscriber = Subscriber(url)
+    seen = [0]
+
+    def handler(event):
+        seen[0] += 1
+        if seen[0] == count:
+            subscriber.stop_consuming()
+
+    consume_queue = f"bench-telemetry-{uuid.uuid4().hex[:8]}"
+    subscriber.register(handler, consume_queue, [consume_key])
+    traced = pika.BasicProperties(delivery_mode=2, content_type="application/json",
+                                  headers=dict(headers))
+    for n in range(count):
+        body = DomainEvent(consume_key, {"n": n}).to_json().encode()
+        channel.basic_publish("domain-events", consume_key, body, traced)
+    started, cpu = time.perf_counter(), time.process_time()
+    subscriber.start_consuming(timeout=600)
+    consume = count / (time.perf_counter() - started)
+    consume_cpu_us = (time.process_time() - cpu) / count * 1e6
+    assert seen[0] == count, seen
+    subscriber.close()
+    channel.queue_delete(consume_queue)
+
     publisher.close()
     connection.close()
     print(json.dumps({"raw": raw, "library": library, "hook_us": hook_us,
-                      "raw_cpu_us": raw_cpu_us, "library_cpu_us": library_cpu_us}))
+                      "raw_cpu_us": raw_cpu_us, "library_cpu_us": library_cpu_us,
+                      "publish_hook_us": publish_hook_us, "consume": consume,
+                      "consume_cpu_us": consume_cpu_us}))
     """
 )
 
@@ -150,7 +187,9 @@ def main() -> int:
                 f"round {round_number + 1} {mode:>5}: library {values['library']:7.0f}/s, "
                 f"raw pika {values['raw']:7.0f}/s, ratio {values['library'] / values['raw']:.2f}; "
                 f"CPU/event library {values['library_cpu_us']:.0f} us, "
-                f"raw {values['raw_cpu_us']:.0f} us; process hook {values['hook_us']:.2f} us/call"
+                f"raw {values['raw_cpu_us']:.0f} us; process hook {values['hook_us']:.2f} us/call, "
+                f"publish hook {values['publish_hook_us']:.2f} us/call; consume "
+                f"{values['consume']:6.0f}/s, CPU/delivery {values['consume_cpu_us']:.0f} us"
             )
 
     def total_rate(mode: str, side: str) -> float:
@@ -178,6 +217,21 @@ def main() -> int:
             f"{mode:>5}: client CPU per publish {cpu:.0f} us (raw pika {raw_cpu:.0f} us), "
             f"added {cpu - cpu_off:+.0f} us = {100 * (cpu - cpu_off) / wall_off:.1f} % of the "
             f"{wall_off:.0f} us an untraced publish takes; process hook {hook:.2f} us/delivery"
+        )
+    consume_off = total_rate("off", "consume")
+    consume_cpu_off = statistics.median(values["consume_cpu_us"] for values in results["off"])
+    for mode in modes:
+        rate = total_rate(mode, "consume")
+        cpu = statistics.median(values["consume_cpu_us"] for values in results[mode])
+        hook = statistics.median(values["hook_us"] for values in results[mode])
+        publish_hook = statistics.median(values["publish_hook_us"] for values in results[mode])
+        print(
+            f"{mode:>5}: consume {rate:.0f} events/s "
+            f"(loss {100 * (1 - rate / consume_off):.1f} %), "
+            f"CPU per delivery {cpu:.0f} us (added {cpu - consume_cpu_off:+.0f} us); "
+            f"hooks alone: process {hook:.2f} us = {100 * hook * consume_off / 1e6:.1f} % of "
+            f"the {1e6 / consume_off:.0f} us an untraced delivery takes, publish "
+            f"{publish_hook:.2f} us = {100 * publish_hook / wall_off:.1f} % of an untraced publish"
         )
     return 0
 

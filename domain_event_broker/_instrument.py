@@ -44,6 +44,7 @@ Hook API (what the subscriber calls, from any thread)::
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -138,11 +139,18 @@ def _version() -> str:
 
 
 try:
+    from opentelemetry import baggage as _baggage
     from opentelemetry import context as _context
     from opentelemetry import metrics as _metrics
     from opentelemetry import propagate as _propagate
     from opentelemetry import trace as _trace
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator as _BaggagePropagator
+    from opentelemetry.context import Context as _Context
+    from opentelemetry.propagators.composite import CompositePropagator as _Composite
     from opentelemetry.propagators.textmap import Getter as _Getter
+    from opentelemetry.trace.propagation.tracecontext import (
+        TraceContextTextMapPropagator as _TraceContextPropagator,
+    )
 except ImportError:  # the [otel] extra is not installed
     _trace = None  # type: ignore[assignment]
 
@@ -191,6 +199,8 @@ if _trace is None:
 
 else:
     _SpanKind = _trace.SpanKind
+    _PRODUCER: Final = _SpanKind.PRODUCER
+    _CONSUMER: Final = _SpanKind.CONSUMER
     _Status = _trace.Status
     _StatusCode = _trace.StatusCode
 
@@ -208,34 +218,197 @@ else:
 
     _GETTER: Final = _HeaderGetter()
     _CONFIRMED: Final = ("outcome", "confirmed")
-    _tracer = _trace.get_tracer(INSTRUMENTATION_NAME, _version())
-    _meter = _metrics.get_meter(INSTRUMENTATION_NAME, _version())
+    _VERSION: Final = _version()
+    #: A proxy: the real tracer once an SDK is set up, a no-op one before.
+    _tracer = _trace.get_tracer(INSTRUMENTATION_NAME, _VERSION)
+    _meter = _metrics.get_meter(INSTRUMENTATION_NAME, _VERSION)
+    _INVALID: Final = _trace.INVALID_SPAN_CONTEXT
+    _NO_SDK: Final = (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider)
+    _HEX: Final = tuple(f"{value:02x}" for value in range(256))
+
+    #: (global tracer provider, its tracer or None when it is no SDK); see
+    #: :func:`_sdk_tracer`. Replaced as a whole, so readers need no lock.
+    _tracer_state: tuple[Any, Any] = (None, None)
+
+    def _sdk_tracer() -> Any:
+        """Our tracer from the global provider, or ``None`` when no SDK (or
+        another real tracer provider) is set up. Looked up again only when
+        the global provider changes: a span then costs no proxy lookups."""
+        global _tracer_state  # noqa: PLW0603
+        provider = _trace.get_tracer_provider()
+        known, tracer = _tracer_state
+        if provider is not known:
+            tracer = (
+                None
+                if isinstance(provider, _NO_SDK)
+                else provider.get_tracer(INSTRUMENTATION_NAME, _VERSION)
+            )
+            _tracer_state = (provider, tracer)
+        return tracer
+
+    def _plain_w3c(textmap: Any) -> bool:
+        """Whether ``textmap`` is W3C trace context, alone or with W3C
+        baggage (OpenTelemetry's default, ``OTEL_PROPAGATORS`` unset)."""
+        parts = getattr(textmap, "_propagators", None) if type(textmap) is _Composite else [textmap]
+        if not isinstance(parts, (list, tuple)):
+            return False
+        kinds = {type(part) for part in parts}
+        return _TraceContextPropagator in kinds and kinds <= {
+            _TraceContextPropagator,
+            _BaggagePropagator,
+        }
+
+    #: (global propagator, whether it is plain W3C); see :func:`_textmap`.
+    _textmap_state: tuple[Any, bool] = (None, False)
+
+    def _textmap() -> tuple[Any, bool]:
+        """The global propagator, and whether it is plain W3C."""
+        global _textmap_state  # noqa: PLW0603
+        textmap = _propagate.get_global_textmap()
+        state = _textmap_state
+        if textmap is not state[0]:
+            state = _textmap_state = (textmap, _plain_w3c(textmap))
+        return state
+
+    #: A W3C ``traceparent`` as OpenTelemetry's propagator reads it.
+    _TRACEPARENT: Final = re.compile(
+        r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:(-.*)|[ \t]*)$"
+    )
+    _NO_TRACE_ID: Final = "0" * 32
+    _NO_SPAN_ID: Final = "0" * 16
+
+    def _read_context(headers: Mapping[str, Any]) -> Any:
+        """The context the global propagator extracts from ``headers``
+        (an empty one when they hold no trace context).
+
+        With the default W3C propagator and a lone ``traceparent`` (no
+        ``tracestate``, no ``baggage``: the common case), this parses it as
+        the propagator would, without the propagators' round trips."""
+        textmap, plain = _textmap()
+        if plain and "baggage" not in headers and "tracestate" not in headers:
+            value = headers.get("traceparent")
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            if not isinstance(value, str):
+                return _Context()
+            if len(value) <= 512:  # else the propagator warns
+                match = _TRACEPARENT.match(value)
+                if match is None:
+                    return _Context()
+                version, trace_id, span_id, flags, rest = match.groups()
+                if (
+                    trace_id == _NO_TRACE_ID
+                    or span_id == _NO_SPAN_ID
+                    or version == "ff"
+                    or (version == "00" and rest)
+                ):
+                    return _Context()
+                span_context = _trace.SpanContext(
+                    int(trace_id, 16),
+                    int(span_id, 16),
+                    is_remote=True,
+                    trace_flags=_trace.TraceFlags(int(flags, 16)),
+                )
+                return _trace.set_span_in_context(_trace.NonRecordingSpan(span_context), _Context())
+        return textmap.extract(headers, getter=_GETTER)
+
+    def _write_context(span: Any, headers: MutableMapping[str, Any]) -> None:
+        """Write ``span``'s trace context (and the current baggage) into
+        ``headers`` through the global propagator, replacing the trace
+        context there; nothing when the span's context is invalid.
+
+        With the default W3C propagator and no baggage, this writes the
+        ``traceparent`` (and ``tracestate``) the propagator would, without
+        a context object and a carrier built for it."""
+        textmap, plain = _textmap()
+        if plain and not _baggage.get_all():
+            span_context = span.get_span_context()
+            if span_context == _INVALID:
+                return
+            flags = span_context.trace_flags
+            try:
+                traceparent = "-".join(
+                    (
+                        "00",
+                        span_context.trace_id.to_bytes(16, "big").hex(),
+                        span_context.span_id.to_bytes(8, "big").hex(),
+                        _HEX[flags] if 0 <= flags < 256 else f"{flags:02x}",
+                    )
+                )
+            except OverflowError:  # no W3C id: let the propagator write what it will
+                pass
+            else:
+                headers.pop("traceparent", None)
+                headers.pop("tracestate", None)
+                headers["traceparent"] = traceparent
+                if span_context.trace_state:
+                    headers["tracestate"] = span_context.trace_state.to_header()
+                return
+        carrier: dict[str, str] = {}
+        textmap.inject(carrier, context=_trace.set_span_in_context(span))
+        if carrier:  # only a valid span replaces the context that was there
+            for key in TRACE_HEADERS:
+                headers.pop(key, None)
+            headers.update(carrier)
 
     _Key = tuple[tuple[str, str], ...]
 
     class _Tally:
         """Cumulative counts in plain ints, reported when metrics are collected
         (through observable instruments): counting an event costs a dict
-        update, not a measurement through the SDK."""
+        update, not a measurement through the SDK.
 
-        __slots__ = ("_counts", "_lock")
+        Each thread counts into a dict of its own (no lock to take: only that
+        thread writes it); collecting adds them up. The counts of a thread
+        that ended are folded into one dict when the next thread starts
+        counting, so threads that come and go leave nothing behind."""
+
+        __slots__ = ("_local", "_lock", "_retired", "_shards")
 
         def __init__(self) -> None:
-            self._counts: dict[_Key, int] = {}
             self._lock = threading.Lock()
+            self._local = threading.local()
+            #: (thread, its counts) for every thread that has counted
+            self._shards: list[tuple[threading.Thread, dict[_Key, int]]] = []
+            self._retired: dict[_Key, int] = {}  # counted by threads that ended
 
         def add(self, key: _Key, amount: int = 1) -> None:
+            try:
+                counts: dict[_Key, int] = self._local.counts
+            except AttributeError:
+                counts = self._new_shard()
+            counts[key] = counts.get(key, 0) + amount
+
+        def _new_shard(self) -> dict[_Key, int]:
+            counts: dict[_Key, int] = {}
             with self._lock:
-                self._counts[key] = self._counts.get(key, 0) + amount
+                live = []
+                for thread, shard in self._shards:
+                    if thread.is_alive():
+                        live.append((thread, shard))
+                    else:  # it will not count again
+                        for key, value in shard.items():
+                            self._retired[key] = self._retired.get(key, 0) + value
+                live.append((threading.current_thread(), counts))
+                self._shards = live
+            self._local.counts = counts
+            return counts
+
+        def totals(self) -> dict[_Key, int]:
+            """The counts so far, over all threads."""
+            with self._lock:
+                totals = dict(self._retired)
+                shards = [shard.copy() for _, shard in self._shards]  # copy(): atomic
+            for shard in shards:
+                for key, value in shard.items():
+                    totals[key] = totals.get(key, 0) + value
+            return totals
 
         def observe(self, options: Any) -> list[Any]:
-            with self._lock:
-                items = list(self._counts.items())
-            return [_metrics.Observation(value, dict(key)) for key, value in items]
+            return [_metrics.Observation(value, dict(key)) for key, value in self.totals().items()]
 
         def reset_after_fork(self) -> None:
-            self._lock = threading.Lock()
-            self._counts = {}  # a child process counts its own events
+            self.__init__()  # type: ignore[misc]  # a child process counts its own events
 
     def _tally(name: str, unit: str, description: str, *, up_down: bool = False) -> _Tally:
         tally = _Tally()
@@ -290,6 +463,38 @@ else:
         description="Seconds from the start of a handler to its outcome, per handler and outcome.",
     )
 
+    #: exchange -> the attribute key of its confirmed publishes
+    _confirmed_keys: dict[str, _Key] = {}
+
+    def _confirmed_key(exchange: str) -> _Key:
+        key = _confirmed_keys.get(exchange)
+        if key is None:
+            key = (("messaging.destination.name", exchange), _CONFIRMED)
+            if len(_confirmed_keys) < 1024:  # a bound, for exchanges named on the fly
+                _confirmed_keys[exchange] = key
+        return key
+
+    #: handler -> its attribute key; (handler, outcome) -> duration attributes
+    _handler_keys: dict[str, _Key] = {}
+    _duration_sets: dict[tuple[str, str], dict[str, str]] = {}
+
+    def _handler_key(handler: str) -> _Key:
+        key = _handler_keys.get(handler)
+        if key is None:
+            key = (("handler", handler),)
+            if len(_handler_keys) < 1024:
+                _handler_keys[handler] = key
+        return key
+
+    def _duration_attributes(handler: str, outcome: str) -> dict[str, str]:
+        """The histogram's attributes (one dict per set, never changed)."""
+        attributes = _duration_sets.get((handler, outcome))
+        if attributes is None:
+            attributes = {"handler": handler, "outcome": outcome}
+            if len(_duration_sets) < 1024:
+                _duration_sets[handler, outcome] = attributes
+        return attributes
+
     def _base_attributes(
         operation_type: str, operation_name: str, exchange: str | None, routing_key: str
     ) -> dict[str, Any]:
@@ -318,16 +523,18 @@ else:
     class _ProducerSpan:
         """A PRODUCER span around one publish; injects its context."""
 
-        __slots__ = ("_attributes", "_exchange", "_headers", "_links", "_name", "_span")
+        __slots__ = ("_attributes", "_exchange", "_headers", "_links", "_name", "_span", "_tracer")
 
         def __init__(
             self,
+            tracer: Any,
             name: str,
             attributes: dict[str, Any],
             headers: MutableMapping[str, Any],
             exchange: str,
             links: Sequence[Any] = (),
         ) -> None:
+            self._tracer = tracer
             self._name = name
             self._attributes = attributes
             self._headers = headers
@@ -336,19 +543,13 @@ else:
             self._span: Any = None
 
         def __enter__(self) -> _ProducerSpan:
-            span = _tracer.start_span(
+            span = self._span = self._tracer.start_span(
                 self._name,
-                kind=_SpanKind.PRODUCER,
+                kind=_PRODUCER,
                 attributes=self._attributes,
                 links=self._links,
             )
-            self._span = span
-            carrier: dict[str, str] = {}
-            _propagate.inject(carrier, context=_trace.set_span_in_context(span))
-            if carrier:  # only a valid span replaces the context that was there
-                for key in TRACE_HEADERS:
-                    self._headers.pop(key, None)
-                self._headers.update(carrier)
+            _write_context(span, self._headers)
             return self
 
         def __exit__(
@@ -359,7 +560,7 @@ else:
         ) -> None:
             span = self._span
             if exc is None:
-                _published.add((("messaging.destination.name", self._exchange), _CONFIRMED))
+                _published.add(_confirmed_key(self._exchange))
             else:
                 error_type = _fail(span, exc)
                 _published.add(
@@ -371,11 +572,9 @@ else:
                 )
             span.end()
 
-    _NO_SDK: Final = (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider)
-
     def _tracing() -> bool:
         """Whether an SDK (or another real tracer provider) is set up."""
-        return not isinstance(_trace.get_tracer_provider(), _NO_SDK)
+        return _sdk_tracer() is not None
 
     class _CountOnly:
         """Counts a publish when there is nothing to trace (no SDK set up):
@@ -396,7 +595,7 @@ else:
             tb: TracebackType | None,
         ) -> None:
             if exc is None:
-                _published.add((("messaging.destination.name", self._exchange), _CONFIRMED))
+                _published.add(_confirmed_key(self._exchange))
                 return
             _published.add(
                 (
@@ -411,13 +610,22 @@ else:
         span's trace context is written into ``headers`` (the dict that will
         be sent). Counts the publish as confirmed, or failed when the block
         raises."""
-        if not _tracing():
+        tracer = _sdk_tracer()
+        if tracer is None:
             return _CountOnly(exchange)
-        attributes = _base_attributes("send", "publish", exchange, event.routing_key)
-        message_id = _message_id(event)
-        if message_id is not None:
+        attributes: dict[str, Any] = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": exchange,
+        }
+        routing_key = event.routing_key
+        if routing_key:
+            attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
+        message_id = getattr(event, "uuid_string", None)
+        if isinstance(message_id, str):
             attributes["messaging.message.id"] = message_id
-        return _ProducerSpan(f"publish {exchange}", attributes, headers, exchange)
+        return _ProducerSpan(tracer, f"publish {exchange}", attributes, headers, exchange)
 
     def replay_span(
         message_id: str | None, exchange: str, routing_key: str, headers: MutableMapping[str, Any]
@@ -434,7 +642,9 @@ else:
         span_context = original.get_span_context()
         if span_context.is_valid:
             links.append(_trace.Link(span_context, {"domain_event_broker.link": "dead_letter"}))
-        return _ProducerSpan(f"replay {exchange}", attributes, headers, exchange, links)
+        return _ProducerSpan(
+            _sdk_tracer() or _tracer, f"replay {exchange}", attributes, headers, exchange, links
+        )
 
     class _ProcessScope:
         """The CONSUMER span of one delivery to one handler, and its metrics.
@@ -465,24 +675,30 @@ else:
             message_id: str | None = None,
         ) -> None:
             self._handler = handler
-            self._parent = _propagate.extract(headers or {}, getter=_GETTER)
-            attributes = _base_attributes("process", "process", None, routing_key)
+            self._parent = _read_context(headers or {})
+            attributes: dict[str, Any] = {
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+            }
+            if routing_key:
+                attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
             attributes["messaging.consumer.group.name"] = handler
             message_id = _message_id(event) or message_id
             if isinstance(message_id, str):
                 attributes["messaging.message.id"] = message_id
             self._attributes = attributes
-            self._key: _Key = (("handler", handler),)
+            self._key = _handler_key(handler)
             self._outcome: str | None = None
             self._span: Any = None
             self._token: Any = None
             self._started = 0.0
 
         def __enter__(self) -> _ProcessScope:
-            self._span = _tracer.start_span(
+            self._span = (_sdk_tracer() or _tracer).start_span(
                 f"process {self._handler}",
                 context=self._parent,
-                kind=_SpanKind.CONSUMER,
+                kind=_CONSUMER,
                 attributes=self._attributes,
             )
             self._token = _context.attach(_trace.set_span_in_context(self._span))
@@ -541,7 +757,7 @@ else:
                 _fail(span, exc)
             _duration.record(
                 time.perf_counter() - self._started,
-                {"handler": self._handler, "outcome": self._outcome or "unknown"},
+                _duration_attributes(self._handler, self._outcome or "unknown"),
             )
             _in_flight.add(self._key, -1)
             _context.detach(self._token)
@@ -595,7 +811,7 @@ else:
         __slots__ = ("_context", "_token")
 
         def __init__(self, headers: Mapping[str, Any]) -> None:
-            self._context = _propagate.extract(headers, getter=_GETTER)
+            self._context = _read_context(headers)
             self._token: Any = None
 
         def __enter__(self) -> _UseContext:

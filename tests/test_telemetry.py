@@ -534,3 +534,120 @@ def test_the_real_worker_traces_retry_dead_letter_and_replay(names, tel: Otel) -
     [replay] = tel.finished("replay ")
     assert replayed.context.trace_id == replay.context.trace_id != publish.context.trace_id
     assert [link.context.trace_id for link in replay.links] == [publish.context.trace_id]
+
+
+# -- the fast paths agree with the propagator ---------------------------------------
+
+hex_digits = "0123456789abcdef"
+traceparents = st.one_of(
+    st.builds(
+        lambda lead, version, trace_id, span_id, flags, tail: (
+            f"{lead}{version}-{trace_id}-{span_id}-{flags}{tail}"
+        ),
+        st.sampled_from(["", " ", "\t", "x"]),
+        st.sampled_from(["00", "01", "ff", "cc", "0g", "0"]),
+        st.one_of(st.just("0" * 32), st.text(hex_digits, min_size=31, max_size=33)),
+        st.one_of(st.just("0" * 16), st.text(hex_digits, min_size=15, max_size=17)),
+        st.text("0123456789abcdefA", min_size=1, max_size=3),
+        st.sampled_from(["", " ", "\t ", "-", "-x", "\n", " \n", "x", "-\n", "- y"]),
+    ),
+    st.text(max_size=70),
+    st.text("0123456789abcdef-", min_size=54, max_size=56),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    traceparent=st.one_of(traceparents, traceparents.map(str.encode), header_values),
+    others=st.dictionaries(
+        st.sampled_from(["tracestate", "baggage", "x-other"]),
+        st.sampled_from(["vendor=value", "k=v,l=w", "", "=", b"vendor=value"]),
+        max_size=2,
+    ),
+)
+def test_reading_the_context_agrees_with_the_propagator(
+    traceparent: object, others: dict[str, object]
+) -> None:
+    from opentelemetry import baggage, propagate
+
+    headers = {**others, "traceparent": traceparent}
+    expected = propagate.extract(headers, getter=instrument._GETTER)
+    got = instrument._read_context(headers)
+    assert trace.get_current_span(got).get_span_context() == (
+        trace.get_current_span(expected).get_span_context()
+    )
+    assert dict(baggage.get_all(got)) == dict(baggage.get_all(expected))
+    assert len(got) == len(expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    trace_id=st.integers(1, 2**128 - 1),
+    span_id=st.integers(1, 2**64 - 1),
+    flags=st.integers(0, 255),
+    state=st.sampled_from([None, [("vendor", "value")], [("a", "1"), ("b", "2")]]),
+    with_baggage=st.booleans(),
+    before=st.dictionaries(
+        st.sampled_from(["traceparent", "tracestate", "baggage", "x-other"]), st.just("old")
+    ),
+)
+def test_writing_the_context_agrees_with_the_propagator(
+    trace_id: int,
+    span_id: int,
+    flags: int,
+    state: list[tuple[str, str]] | None,
+    with_baggage: bool,
+    before: dict[str, str],
+) -> None:
+    from opentelemetry import baggage, context, propagate
+
+    span = trace.NonRecordingSpan(
+        trace.SpanContext(
+            trace_id,
+            span_id,
+            is_remote=False,
+            trace_flags=trace.TraceFlags(flags),
+            trace_state=trace.TraceState(state) if state else None,
+        )
+    )
+    expected = dict(before)
+    carrier: dict[str, str] = {}
+    token = context.attach(baggage.set_baggage("k", "v")) if with_baggage else None
+    try:
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        for key in instrument.TRACE_HEADERS:
+            expected.pop(key, None)
+        expected.update(carrier)
+        got = dict(before)
+        instrument._write_context(span, got)
+    finally:
+        if token is not None:
+            context.detach(token)
+    assert got == expected
+
+
+def test_an_invalid_span_writes_no_context() -> None:
+    headers = {"traceparent": "old", "x": 1}
+    instrument._write_context(trace.INVALID_SPAN, headers)
+    assert headers == {"traceparent": "old", "x": 1}
+
+
+def test_counts_from_many_threads_add_up_also_after_they_ended() -> None:
+    tally = instrument._Tally()
+    key = (("handler", "tally-test"),)
+
+    def count(times: int) -> None:
+        for _ in range(times):
+            tally.add(key)
+
+    for _round in range(3):  # threads that ended are folded in by the next ones
+        threads = [threading.Thread(target=count, args=(1000,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    tally.add(key, -1)
+    assert tally.totals() == {key: 3 * 8 * 1000 - 1}
+    [observation] = tally.observe(None)
+    assert observation.value == 3 * 8 * 1000 - 1
+    assert observation.attributes == {"handler": "tally-test"}
