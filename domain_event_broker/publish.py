@@ -60,15 +60,15 @@ def _amqp_timestamp(timestamp: object) -> int | None:
     return int(timestamp)
 
 
-def _event_properties(
-    event: DomainEvent, headers: Mapping[str, Any] | None = None
-) -> pika.BasicProperties:
+def _event_properties(event: DomainEvent, headers: dict[str, Any]) -> pika.BasicProperties:
+    """The AMQP properties of ``event``; ``headers`` (a dict of the caller's
+    own, not copied) are sent when not empty."""
     return pika.BasicProperties(
         delivery_mode=PERSISTENT,
         content_type="application/json",
         message_id=event.uuid_string,
         timestamp=_amqp_timestamp(event.timestamp),
-        headers=dict(headers) if headers else None,
+        headers=headers or None,
     )
 
 
