@@ -1,0 +1,125 @@
+"""Client CPU per confirmed publish, in instructions: repeatable on a busy machine.
+
+Rates on a shared 2-core machine swing by a third from run to run; the
+instructions a process executes do not. This runs each side in a fresh
+process under ``valgrind --tool=callgrind`` twice, publishing no events and
+then ``--events`` events (confirmed, persistent, one at a time), and prints
+the difference per event:
+
+* ``raw pika``: ``basic_publish`` of one pre-encoded body with only
+  ``delivery_mode`` set, on a channel in confirm mode (as ``bench_publish.py``);
+* ``raw pika, same events``: building each event as an application must (a
+  ``DomainEvent``, its JSON body, ``content_type``, ``message_id`` and
+  ``timestamp``), then the same;
+* ``publish_domain_event``: the library with its defaults.
+
+Only user-space instructions of the client are counted: not the kernel's
+work for the socket (where the library's one write per message saves the
+most), nor the broker's. Skipped, with a message, when valgrind is missing.
+
+Usage: python benchmarks/bench_instructions.py [--events 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+URL = os.environ.get("DOMAIN_EVENT_BROKER", "amqp://guest:guest@localhost:5672/%2F").split(",")[0]
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, time, uuid
+    import pika
+    from domain_event_broker import DomainEvent, publish_domain_event
+    mode, count, url = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    KEY = "bench.instructions"
+    if mode == "library":
+        publish = lambda n: publish_domain_event(KEY, {"n": n})  # DOMAIN_EVENT_BROKER
+    else:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.exchange_declare("domain-events", "topic", durable=True)
+        body = json.dumps(DomainEvent(KEY, {"n": 0}).event_data).encode()
+        minimal = pika.BasicProperties(delivery_mode=2)
+        if mode == "raw":
+            publish = lambda n: channel.basic_publish("domain-events", KEY, body, minimal)
+        else:
+            def publish(n):
+                event = DomainEvent(KEY, {"n": n})
+                properties = pika.BasicProperties(
+                    delivery_mode=2,
+                    content_type="application/json",
+                    message_id=event.uuid_string,
+                    timestamp=int(event.timestamp),
+                )
+                channel.basic_publish(
+                    "domain-events", KEY, json.dumps(event.event_data).encode(), properties
+                )
+    publish(-1)  # connected, warm
+    for n in range(count):
+        publish(n)
+    """
+)
+
+SIDES = {
+    "raw": "raw pika",
+    "raw-same": "raw pika, same events",
+    "library": "publish_domain_event",
+}
+
+
+def instructions(mode: str, count: int) -> int:
+    """Instructions the child process executed (callgrind's total)."""
+    result = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            "-c",
+            CHILD,
+            mode,
+            str(count),
+            URL,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "DOMAIN_EVENT_BROKER": URL},
+    )
+    found = re.search(r"Collected : (\d+)", result.stderr)
+    if result.returncode or found is None:
+        sys.exit(f"{mode}: the child failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=500)
+    args, _ = parser.parse_known_args()  # run_all.py passes every benchmark's options
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed: skipped (apt install valgrind)")
+        return
+    per_event = {}
+    for mode in SIDES:
+        base = instructions(mode, 0)
+        per_event[mode] = (instructions(mode, args.events) - base) / args.events
+    print(f"client instructions per confirmed publish ({args.events} events, callgrind):")
+    for mode, label in SIDES.items():
+        print(f"  {label:24s} {per_event[mode] / 1000:7.0f} k")
+    library = per_event["library"]
+    print(
+        f"ratio raw pika / library: {per_event['raw'] / library:.2f}; "
+        f"raw pika publishing the same events / library: {per_event['raw-same'] / library:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
