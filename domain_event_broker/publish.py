@@ -60,7 +60,9 @@ def _amqp_timestamp(timestamp: object) -> int | None:
     return int(timestamp)
 
 
-def _event_properties(event: DomainEvent, headers: dict[str, Any]) -> pika.BasicProperties:
+def _event_properties(
+    event: DomainEvent, headers: dict[str, Any] | None = None
+) -> pika.BasicProperties:
     """The AMQP properties of ``event``; ``headers`` (a dict of the caller's
     own, not copied) are sent when not empty."""
     return pika.BasicProperties(
