@@ -205,26 +205,30 @@ def main() -> int:
             f"processes); vs off: {on / off:.3f} (loss {100 * (1 - on / off):.1f} %, "
             f"normalised to raw pika: {100 * (1 - (on / raw_on) / (off / raw_off)):.1f} %)"
         )
+
     # Client CPU per event is far less noisy than rates on a shared broker:
     # the added CPU over the wall time of one publish is the loss it causes.
-    cpu_off = statistics.median(values["library_cpu_us"] for values in results["off"])
+    def median(mode: str, key: str) -> float:
+        return statistics.median(values[key] for values in results[mode])
+
+    cpu_off = median("off", "library_cpu_us")
     wall_off = 1e6 / off
     for mode in modes:
-        cpu = statistics.median(values["library_cpu_us"] for values in results[mode])
-        raw_cpu = statistics.median(values["raw_cpu_us"] for values in results[mode])
-        hook = statistics.median(values["hook_us"] for values in results[mode])
+        cpu = median(mode, "library_cpu_us")
+        raw_cpu = median(mode, "raw_cpu_us")
+        hook = median(mode, "hook_us")
         print(
             f"{mode:>5}: client CPU per publish {cpu:.0f} us (raw pika {raw_cpu:.0f} us), "
             f"added {cpu - cpu_off:+.0f} us = {100 * (cpu - cpu_off) / wall_off:.1f} % of the "
             f"{wall_off:.0f} us an untraced publish takes; process hook {hook:.2f} us/delivery"
         )
     consume_off = total_rate("off", "consume")
-    consume_cpu_off = statistics.median(values["consume_cpu_us"] for values in results["off"])
+    consume_cpu_off = median("off", "consume_cpu_us")
     for mode in modes:
         rate = total_rate(mode, "consume")
-        cpu = statistics.median(values["consume_cpu_us"] for values in results[mode])
-        hook = statistics.median(values["hook_us"] for values in results[mode])
-        publish_hook = statistics.median(values["publish_hook_us"] for values in results[mode])
+        cpu = median(mode, "consume_cpu_us")
+        hook = median(mode, "hook_us")
+        publish_hook = median(mode, "publish_hook_us")
         print(
             f"{mode:>5}: consume {rate:.0f} events/s "
             f"(loss {100 * (1 - rate / consume_off):.1f} %), "
