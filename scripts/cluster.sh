@@ -58,6 +58,15 @@ ensure_chroot() {
         apt-get install -y -q debootstrap >&2 || { apt-get update -q >&2 && apt-get install -y -q debootstrap >&2; }
     fi
     command -v debootstrap >/dev/null || die "debootstrap is needed to build $CHROOT (apt-get install debootstrap)"
+    # Nothing under the cache may be a mount point (the host's /dev bound in
+    # a chroot) before anything there is deleted.
+    if grep -q " $CHROOT[/. ]" /proc/mounts; then
+        die "$CHROOT is incomplete but something is mounted under it; unmount it first"
+    fi
+    if [ -e "$CHROOT" ]; then   # a half-built chroot, or node folders made before it
+        echo "cluster.sh: removing the incomplete $CHROOT" >&2
+        rm -rf "$CHROOT"
+    fi
     echo "cluster.sh: building the RabbitMQ 4.0 chroot in $CHROOT (about a minute)" >&2
     mkdir -p "$(dirname "$CHROOT")"
     rm -rf "$CHROOT.tmp"
@@ -98,6 +107,7 @@ run() {
     read -r name port dist <<<"$(node_spec "$version" "$node")"
     root="$(root_of "$version")"
     dir="$BASE/$version/$name"     # as seen from inside the root
+    [ -z "$root" ] || ensure_chroot   # before making the node's folders in it
     mkdir -p "$root$dir/home"
     if [ ! -f "$root$dir/home/.erlang.cookie" ]; then
         printf '%s' "$COOKIE" >"$root$dir/home/.erlang.cookie"
@@ -117,7 +127,6 @@ run() {
         RABBITMQ_CTL_DIST_PORT_MIN="$((dist + 10000))" RABBITMQ_CTL_DIST_PORT_MAX="$((dist + 10009))"
     )
     if [ -n "$root" ]; then
-        ensure_chroot
         ensure_mounts
         exec chroot "$root" /usr/bin/env -i "${environment[@]}" "/usr/lib/rabbitmq/bin/$command" "$@"
     fi
