@@ -463,36 +463,34 @@ else:
         description="Seconds from the start of a handler to its outcome, per handler and outcome.",
     )
 
-    #: exchange -> the attribute key of its confirmed publishes
-    _confirmed_keys: dict[str, _Key] = {}
+    #: Attribute keys and sets built once per exchange, handler or
+    #: (handler, outcome), so counting builds no tuple or dict per event.
+    _remembered: dict[tuple[str, ...], Any] = {}
+
+    def _remember(key: tuple[str, ...], value: Any) -> Any:
+        """Store ``value`` under ``key`` (bounded, for exchanges or handlers
+        named on the fly); return it. Callers look ``key`` up first."""
+        if len(_remembered) < 4096:
+            _remembered[key] = value
+        return value
 
     def _confirmed_key(exchange: str) -> _Key:
-        key = _confirmed_keys.get(exchange)
-        if key is None:
-            key = (("messaging.destination.name", exchange), _CONFIRMED)
-            if len(_confirmed_keys) < 1024:  # a bound, for exchanges named on the fly
-                _confirmed_keys[exchange] = key
+        key: _Key = _remembered.get(("confirmed", exchange)) or _remember(
+            ("confirmed", exchange), (("messaging.destination.name", exchange), _CONFIRMED)
+        )
         return key
 
-    #: handler -> its attribute key; (handler, outcome) -> duration attributes
-    _handler_keys: dict[str, _Key] = {}
-    _duration_sets: dict[tuple[str, str], dict[str, str]] = {}
-
     def _handler_key(handler: str) -> _Key:
-        key = _handler_keys.get(handler)
-        if key is None:
-            key = (("handler", handler),)
-            if len(_handler_keys) < 1024:
-                _handler_keys[handler] = key
+        key: _Key = _remembered.get(("handler", handler)) or _remember(
+            ("handler", handler), (("handler", handler),)
+        )
         return key
 
     def _duration_attributes(handler: str, outcome: str) -> dict[str, str]:
         """The histogram's attributes (one dict per set, never changed)."""
-        attributes = _duration_sets.get((handler, outcome))
-        if attributes is None:
-            attributes = {"handler": handler, "outcome": outcome}
-            if len(_duration_sets) < 1024:
-                _duration_sets[handler, outcome] = attributes
+        attributes: dict[str, str] = _remembered.get(("duration", handler, outcome)) or _remember(
+            ("duration", handler, outcome), {"handler": handler, "outcome": outcome}
+        )
         return attributes
 
     def _base_attributes(
@@ -513,8 +511,24 @@ else:
         uuid_string = getattr(event, "uuid_string", None)
         return uuid_string if isinstance(uuid_string, str) else None
 
+    def _error_type(exc: BaseException) -> str:
+        return f"{type(exc).__module__}.{type(exc).__qualname__}"
+
+    def _count_publish(exchange: str, exc: BaseException | None) -> None:
+        """Count one publish: confirmed, or failed with the error's type."""
+        if exc is None:
+            _published.add(_confirmed_key(exchange))
+            return
+        _published.add(
+            (
+                ("messaging.destination.name", exchange),
+                ("outcome", "failed"),
+                ("error.type", _error_type(exc)),
+            )
+        )
+
     def _fail(span: Any, exc: BaseException) -> str:
-        error_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        error_type = _error_type(exc)
         span.record_exception(exc)
         span.set_status(_Status(_StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         span.set_attribute("error.type", error_type)
@@ -559,22 +573,10 @@ else:
             tb: TracebackType | None,
         ) -> None:
             span = self._span
-            if exc is None:
-                _published.add(_confirmed_key(self._exchange))
-            else:
-                error_type = _fail(span, exc)
-                _published.add(
-                    (
-                        ("messaging.destination.name", self._exchange),
-                        ("outcome", "failed"),
-                        ("error.type", error_type),
-                    )
-                )
+            if exc is not None:
+                _fail(span, exc)
+            _count_publish(self._exchange, exc)
             span.end()
-
-    def _tracing() -> bool:
-        """Whether an SDK (or another real tracer provider) is set up."""
-        return _sdk_tracer() is not None
 
     class _CountOnly:
         """Counts a publish when there is nothing to trace (no SDK set up):
@@ -594,16 +596,7 @@ else:
             exc: BaseException | None,
             tb: TracebackType | None,
         ) -> None:
-            if exc is None:
-                _published.add(_confirmed_key(self._exchange))
-                return
-            _published.add(
-                (
-                    ("messaging.destination.name", self._exchange),
-                    ("outcome", "failed"),
-                    ("error.type", f"{type(exc).__module__}.{type(exc).__qualname__}"),
-                )
-            )
+            _count_publish(self._exchange, exc)
 
     def publish_span(event: Any, exchange: str, headers: MutableMapping[str, Any]) -> Scope:
         """A PRODUCER span around publishing ``event``; on entering, the
@@ -613,17 +606,9 @@ else:
         tracer = _sdk_tracer()
         if tracer is None:
             return _CountOnly(exchange)
-        attributes: dict[str, Any] = {
-            "messaging.system": "rabbitmq",
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "publish",
-            "messaging.destination.name": exchange,
-        }
-        routing_key = event.routing_key
-        if routing_key:
-            attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
-        message_id = getattr(event, "uuid_string", None)
-        if isinstance(message_id, str):
+        attributes = _base_attributes("send", "publish", exchange, event.routing_key)
+        message_id = _message_id(event)
+        if message_id is not None:
             attributes["messaging.message.id"] = message_id
         return _ProducerSpan(tracer, f"publish {exchange}", attributes, headers, exchange)
 
@@ -676,13 +661,7 @@ else:
         ) -> None:
             self._handler = handler
             self._parent = _read_context(headers or {})
-            attributes: dict[str, Any] = {
-                "messaging.system": "rabbitmq",
-                "messaging.operation.type": "process",
-                "messaging.operation.name": "process",
-            }
-            if routing_key:
-                attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
+            attributes = _base_attributes("process", "process", None, routing_key)
             attributes["messaging.consumer.group.name"] = handler
             message_id = _message_id(event) or message_id
             if isinstance(message_id, str):
