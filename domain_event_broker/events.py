@@ -29,7 +29,7 @@ def validate_routing_key(routing_key: object) -> str:
     return _validate.routing_key(routing_key)
 
 
-def check_event(event: DomainEvent, *, routing_key_checked: bool = False) -> str:
+def check_event(event: DomainEvent) -> str:
     """Check every field of ``event`` against the boundary rules; return its JSON body.
 
     Raises:
@@ -39,8 +39,7 @@ def check_event(event: DomainEvent, *, routing_key_checked: bool = False) -> str
         TypeError: the timestamp is not a number, ``uuid_string`` not a
             str, or the data not JSON-serializable.
     """
-    if not routing_key_checked:
-        _validate.routing_key(event.routing_key)
+    _validate.routing_key(event.routing_key)
     _validate.uuid_string(event.uuid_string)
     _validate.timestamp(event.timestamp)
     return event.to_json()
@@ -61,7 +60,6 @@ def new_event(
         TypeError: ``data`` is not JSON-serializable, ``uuid_string`` not a
             str, or ``timestamp`` not a number.
     """
-    _validate.routing_key(routing_key)
     event = DomainEvent(
         routing_key=routing_key,
         data=data,
@@ -69,7 +67,7 @@ def new_event(
         uuid_string=uuid_string,
         timestamp=timestamp,
     )
-    return event, check_event(event, routing_key_checked=True)
+    return event, check_event(event)
 
 
 class _EmptyData:
