@@ -74,7 +74,8 @@ class RunChannel:
             confirm=False,
             what=f"opening a channel (dead-letter queue {self.queue!r})",
         )
-        self._connection: pika.BlockingConnection | None = None
+        #: This run's channel (kept when the broker closes it, so that its
+        #: use raises until the run reopens).
         self._channel: BlockingChannel | None = None
         #: Delivered by the broker, not taken yet.
         self._deliveries: deque[tuple[pika.spec.Basic.Deliver, pika.BasicProperties, bytes]]
@@ -82,6 +83,10 @@ class RunChannel:
         self._consumer_tag: str | None = None
         #: (exchange, routing key) of the copies returned during a commit.
         self._returned: list[tuple[str, str]] = []
+
+    @property
+    def _connection(self) -> pika.BlockingConnection | None:
+        return self._link.connection
 
     @property
     def channel(self) -> BlockingChannel:
@@ -100,7 +105,6 @@ class RunChannel:
         """
         self._link.drop()
         self._channel = self._link.channel()
-        self._connection = self._link.connection
         # Deliveries of the old channel are back in the queue.
         self._deliveries.clear()
         self._consumer_tag = None
@@ -108,7 +112,7 @@ class RunChannel:
     def close(self) -> None:
         """Close the connection; uncommitted work is undone by the broker."""
         self._link.drop()
-        self._connection = self._channel = None
+        self._channel = None
 
     def _set_up(self, channel: BlockingChannel) -> None:
         """Each new channel: transactional, prefetch bounded, returns noted."""
@@ -134,8 +138,7 @@ class RunChannel:
 
     def closing_reason(self) -> BaseException | None:
         """Why pika closed the channel, if it did and said so."""
-        reason = getattr(self._channel, "_closing_reason", None)  # set by pika when closed
-        return reason if isinstance(reason, BaseException) else None
+        return self._link.closing_reason()
 
     # -- looking up ----------------------------------------------------------------
 
