@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -45,6 +46,20 @@ def rabbitmqctl_command(with_node: bool = True) -> list[str]:
     command = shlex.split(os.environ.get(RABBITMQCTL_VARIABLE, "rabbitmqctl"))
     node = os.environ.get(NODE_VARIABLE)
     return [*command, "-n", node] if node and with_node else command
+
+
+def rabbitmqctl_rows(listing: str, *columns: str) -> list[list[str]]:
+    """The rows of ``rabbitmqctl list_<listing> COLUMNS``, split on blanks
+    (rows without a value in every column are left out)."""
+    result = subprocess.run(
+        [*rabbitmqctl_command(), "-q", f"list_{listing}", *columns, "--no-table-headers"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    rows = (line.split() for line in result.stdout.splitlines())
+    return [row for row in rows if len(row) >= len(columns)]
 
 
 def raw_connection() -> pika.BlockingConnection:

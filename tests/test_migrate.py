@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import subprocess
 import threading
 import time
 from contextlib import redirect_stdout
@@ -15,22 +14,20 @@ from domain_event_broker import DomainEvent, Publisher, Subscriber, _migrate, cl
 from domain_event_broker._migrate import MigrationError, migrate_queue_type
 
 from .conftest import Names
-from .helpers import BROKER_URL, queue_size, rabbitmqctl_command, raw_connection, wait_for
+from .helpers import (
+    BROKER_URL,
+    queue_size,
+    rabbitmqctl_rows,
+    raw_connection,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
 
 def _queue_type(queue: str) -> str:
     """The type of an existing queue, from rabbitmqctl."""
-    listed = subprocess.run(
-        [*rabbitmqctl_command(), "-q", "list_queues", "name", "type", "--no-table-headers"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    types = dict(line.split()[:2] for line in listed.splitlines() if len(line.split()) >= 2)
-    return types[queue]
+    return dict((row[0], row[1]) for row in rabbitmqctl_rows("queues", "name", "type"))[queue]
 
 
 class _Stream(threading.Thread):

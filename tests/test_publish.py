@@ -41,7 +41,7 @@ from domain_event_broker import (
 from domain_event_broker._config import ENVIRONMENT_VARIABLE
 
 from .conftest import Names
-from .helpers import BROKER_URL, rabbitmqctl_command, wait_for
+from .helpers import BROKER_URL, rabbitmqctl_command, rabbitmqctl_rows, wait_for
 
 EXCHANGE = "domain-events"
 #: A URL where nothing listens (port 1 refuses connections at once).
@@ -742,36 +742,14 @@ def test_reconnects_after_its_connection_was_closed_under_it(
 
 def broker_side_connections() -> list[tuple[str, str]]:
     """(pid, peer_port) of every connection, from rabbitmqctl."""
-    result = subprocess.run(
-        [
-            *rabbitmqctl_command(),
-            *("-q", "list_connections", "pid", "peer_port", "--no-table-headers"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return [
-        (parts[0], parts[1])
-        for parts in (line.split() for line in result.stdout.splitlines())
-        if len(parts) == 2
-    ]
+    return [(row[0], row[1]) for row in rabbitmqctl_rows("connections", "pid", "peer_port")]
 
 
 def broker_connection_state(broker_pid: str) -> str | None:
     """The state rabbitmqctl shows for one connection (None: gone)."""
-    result = subprocess.run(
-        [*rabbitmqctl_command(), "-q", "list_connections", "pid", "state", "--no-table-headers"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    for line in result.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == broker_pid:
-            return parts[1]
+    for row in rabbitmqctl_rows("connections", "pid", "state"):
+        if row[0] == broker_pid:
+            return row[1]
     return None
 
 
