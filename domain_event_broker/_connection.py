@@ -14,6 +14,7 @@ from typing import Final
 
 import pika
 import pika.exceptions
+from pika.adapters.utils import io_services_utils
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from . import _tls
@@ -139,12 +140,14 @@ def connect(
 
 
 def _one_write_per_message(connection: pika.BlockingConnection) -> pika.BlockingConnection:
-    """Have ``connection`` hand each message's frames to the socket in one write.
+    """Have ``connection`` hand each message's frames to the socket in one
+    write, as the message is sent.
 
     pika writes the method, header and body frames of a message one by one,
     so a small message costs three ``send()`` system calls here and three TCP
     segments for the broker to read. Joined, the bytes on the wire are the
-    same, sent in one call. (``_output_marshaled_frames`` is where pika 1.x
+    same, sent in one call, and at once where the socket can take them
+    (:func:`_send_now`). (``_output_marshaled_frames`` is where pika 1.x
     emits a message's frames; without it, nothing changes.)
     """
     impl = connection._impl
@@ -155,10 +158,43 @@ def _one_write_per_message(connection: pika.BlockingConnection) -> pika.Blocking
         data = marshaled_frames[0] if len(marshaled_frames) == 1 else b"".join(marshaled_frames)
         impl.bytes_sent += len(data)
         impl.frames_sent += len(marshaled_frames)
-        impl._adapter_emit_data(data)
+        rest = _send_now(impl._transport, data)
+        if rest:
+            impl._adapter_emit_data(rest)  # queued: sent when the socket can take it
 
     impl._output_marshaled_frames = output_marshaled_frames
     return connection
+
+
+#: pika's transport for plain TCP, and its state while the connection is up.
+_PLAIN_TRANSPORT: Final = getattr(io_services_utils, "_AsyncPlaintextTransport", None)
+_ACTIVE: Final = getattr(_PLAIN_TRANSPORT, "_STATE_ACTIVE", None)
+
+
+def _send_now(transport: object, data: bytes) -> bytes:
+    """Hand ``data`` to the socket now if nothing is queued before it; return
+    what the socket did not take.
+
+    pika queues every write, asks its event loop to watch the socket for
+    writability, and sends on the loop's next turn: two more system calls
+    and a poll per message. A socket with free buffer space (the usual case)
+    takes the message at once; what it does not take is returned, to be
+    queued behind nothing, so the order of bytes holds. Only a plain TCP
+    connection with an empty queue sends at once (TLS keeps pika's path). A
+    socket error is left to pika's own write, which meets it again and closes
+    the connection as it always does.
+    """
+    if (
+        type(transport) is not _PLAIN_TRANSPORT
+        or transport._state != _ACTIVE  # type: ignore[attr-defined]
+        or transport._tx_buffered_byte_count  # type: ignore[attr-defined]
+    ):
+        return data
+    try:
+        sent: int = transport._sock.send(data)  # type: ignore[attr-defined]
+    except OSError:  # would block, or broken: see the docstring
+        return data
+    return data[sent:]
 
 
 def _tls_failure(

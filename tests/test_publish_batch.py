@@ -309,6 +309,30 @@ def test_any_batch_of_json_data_arrives_whole_and_in_order(queue: Queue, data: l
     assert queue.take() == [event.event_data for event in events]
 
 
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+@given(sizes=st.lists(st.integers(0, 6 * 1024 * 1024), max_size=6))
+def test_big_events_sent_back_to_back_arrive_whole_and_in_order(
+    queue: Queue, sizes: list[int]
+) -> None:
+    # The first event is larger than the kernel's largest send buffer here
+    # (4 MiB): the socket takes it in part, the rest is queued, and whatever
+    # follows must queue behind it.
+    sizes = [8 * 1024 * 1024, *sizes]
+    events = [
+        DomainEvent(queue.key, {"n": n, "pad": chr(97 + n % 26) * size})
+        for n, size in enumerate(sizes)
+    ]
+    with Publisher() as publisher:
+        publisher.publish_many(events)
+    bodies = queue.take_until(len(events), timeout=60)
+    assert [body["data"]["n"] for body in bodies] == list(range(len(sizes)))
+    assert bodies == [event.event_data for event in events]
+
+
 @settings(max_examples=30, deadline=None)
 @given(items=st.lists(st.one_of(st.integers(), st.text(), st.none(), st.binary()), min_size=1))
 def test_anything_but_events_is_a_type_error(items: list[Any]) -> None:

@@ -1,0 +1,152 @@
+"""The write path every connection uses: frames joined, sent at once, in order.
+
+``_connection._one_write_per_message`` hands a message to the socket as it
+is published when nothing is queued before it, and queues what the socket
+does not take. These tests drive it on a real socket pair with a small send
+buffer, so that partial sends and full buffers happen at will, and check
+the one property that matters: the peer receives every byte, in order.
+(The same path against the broker: ``tests/test_publish.py``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
+
+from domain_event_broker._connection import _one_write_per_message
+
+
+class Loop:
+    """Stands in for pika's I/O loop: remembers what the transport asks to watch."""
+
+    def __init__(self) -> None:
+        self.on_writable: Callable[[], None] | None = None
+
+    def set_reader(self, fd: int, on_readable: Callable[[], None]) -> None:
+        pass
+
+    def set_writer(self, fd: int, on_writable: Callable[[], None]) -> None:
+        self.on_writable = on_writable
+
+    def remove_writer(self, fd: int) -> bool:
+        self.on_writable = None
+        return True
+
+
+class Wire:
+    """A plain pika transport on one end of a socket pair, read at the other."""
+
+    def __init__(self) -> None:
+        self.ours, self.peer = socket.socketpair()
+        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.ours.setblocking(False)
+        self.peer.setblocking(False)
+        self.loop = Loop()
+        protocol = SimpleNamespace(connection_made=lambda transport: None)
+        self.transport = _AsyncPlaintextTransport(self.ours, protocol, self.loop)
+        self.impl = SimpleNamespace(
+            _transport=self.transport,
+            _adapter_emit_data=self.transport.write,
+            _output_marshaled_frames=None,
+            bytes_sent=0,
+            frames_sent=0,
+        )
+        _one_write_per_message(SimpleNamespace(_impl=self.impl))  # type: ignore[arg-type]
+        self.received = bytearray()
+
+    def output(self, frames: list[bytes]) -> None:
+        """What pika calls with a message's frames."""
+        self.impl._output_marshaled_frames(frames)
+
+    def read(self, at_most: int) -> None:
+        """The peer reads up to ``at_most`` bytes (whatever has arrived)."""
+        with contextlib.suppress(BlockingIOError):  # nothing has arrived
+            self.received += self.peer.recv(at_most)
+
+    def turn(self) -> None:
+        """One turn of the loop: send queued bytes if it watches for writability."""
+        if self.loop.on_writable is not None:
+            self.loop.on_writable()
+
+    def drain(self) -> None:
+        while self.transport.get_write_buffer_size():
+            self.read(1 << 20)
+            self.turn()
+        self.read(1 << 20)
+        while True:
+            before = len(self.received)
+            self.read(1 << 20)
+            if len(self.received) == before:
+                return
+
+    def close(self) -> None:
+        self.ours.close()
+        self.peer.close()
+
+
+@pytest.fixture
+def wire() -> Iterator[Wire]:
+    made = Wire()
+    yield made
+    made.close()
+
+
+def test_a_message_the_socket_takes_whole_needs_no_loop_turn(wire: Wire) -> None:
+    wire.output([b"method", b"header", b"body"])
+    assert wire.loop.on_writable is None  # nothing was queued
+    wire.drain()
+    assert bytes(wire.received) == b"methodheaderbody"
+    assert (wire.impl.bytes_sent, wire.impl.frames_sent) == (16, 3)
+
+
+def test_what_a_full_socket_does_not_take_is_queued(wire: Wire) -> None:
+    message = bytes(range(256)) * 4096  # 1 MiB: far more than the buffers hold
+    wire.output([message])
+    assert 0 < wire.transport.get_write_buffer_size() < len(message)
+    assert wire.loop.on_writable is not None
+    wire.drain()
+    assert bytes(wire.received) == message
+
+
+# A step: publish a message (its frames, as lengths), or let the peer read
+# some bytes, or give the loop a turn to send what is queued.
+Step = tuple[str, Any]
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.lists(st.integers(1, 20_000), min_size=1, max_size=3)),
+        st.tuples(st.just("read"), st.integers(1, 30_000)),
+        st.tuples(st.just("turn"), st.none()),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=steps)
+def test_the_peer_receives_every_byte_in_order(steps: list[Step]) -> None:
+    wire = Wire()
+    try:
+        expected = bytearray()
+        for number, (action, argument) in enumerate(steps):
+            if action == "publish":
+                frames = [bytes([number % 256]) * size for size in argument]
+                expected += b"".join(frames)
+                wire.output(frames)
+            elif action == "read":
+                wire.read(argument)
+            else:
+                wire.turn()
+        wire.drain()
+        assert bytes(wire.received) == bytes(expected)
+        assert wire.impl.bytes_sent == len(expected)
+    finally:
+        wire.close()
