@@ -498,16 +498,24 @@ _default_config: tuple[tuple[object, ...], BrokerConfig | None] | None = None
 
 
 def _resolve(connection_settings: ConnectionSettings) -> BrokerConfig | None:
-    """``_config.resolve``, remembered for the default settings (a publish's hot path)."""
+    """``_config.resolve``, remembered for the default settings (a publish's hot path).
+
+    Not remembered while ``DOMAIN_EVENT_BROKER_FILE`` is set: the file is
+    looked at on every publish, so that a rotated one is read (once) as soon
+    as it changes.
+    """
     global _default_config  # noqa: PLW0603
     if not isinstance(connection_settings, _Unset):
+        return _config.resolve(connection_settings)
+    environ = os.environ
+    if environ.get(_config.FILE_ENVIRONMENT_VARIABLE):
         return _config.resolve(connection_settings)
     defaults = _config._defaults
     broker = defaults.broker
     if not isinstance(broker, (str, _Unset, type(None))):
         broker = tuple(broker)  # a list given to configure() may be changed later
     key = (
-        os.environ.get(_config.ENVIRONMENT_VARIABLE),
+        environ.get(_config.ENVIRONMENT_VARIABLE),
         broker,
         defaults.timeout,
         defaults.ssl_context,

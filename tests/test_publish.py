@@ -38,7 +38,7 @@ from domain_event_broker import (
     configure,
     publish_domain_event,
 )
-from domain_event_broker._config import ENVIRONMENT_VARIABLE
+from domain_event_broker._config import ENVIRONMENT_VARIABLE, FILE_ENVIRONMENT_VARIABLE
 
 from .conftest import Names
 from .helpers import BROKER_URL, rabbitmqctl_command, rabbitmqctl_rows, wait_for
@@ -975,6 +975,31 @@ def test_environment_variable_is_used_by_default(
     with pytest.raises(BrokerUnavailableError, match=r"127\.0\.0\.1:1"):
         publish_domain_event("a.b", {})
     assert connects
+
+
+def test_the_broker_file_is_followed_from_one_publish_to_the_next(
+    inbox: Inbox, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    configure(timeout=0.5)
+    publish_domain_event(inbox.key, {"n": 1})  # the default broker, remembered
+    secret = tmp_path / "broker-url"
+    secret.write_text(f"{DEAD_URL}\n")
+    monkeypatch.setenv(FILE_ENVIRONMENT_VARIABLE, str(secret))
+    with pytest.raises(BrokerUnavailableError, match=r"127\.0\.0\.1:1"):
+        publish_domain_event(inbox.key, {"n": 2})
+    secret.write_text(f"# rotated\n{BROKER_URL}\n")
+    publish_domain_event(inbox.key, {"n": 3})
+    secret.write_text(f"{DEAD_URL}\n")
+    with pytest.raises(BrokerUnavailableError, match=r"127\.0\.0\.1:1"):
+        publish_domain_event(inbox.key, {"n": 4})
+    monkeypatch.delenv(FILE_ENVIRONMENT_VARIABLE)
+    publish_domain_event(inbox.key, {"n": 5})  # the default broker again
+    assert [event.data["n"] for event in _events(inbox.wait(3))] == [1, 3, 5]
+
+
+def _events(messages: list[Message]) -> list[DomainEvent]:
+    return [DomainEvent.from_json(body) for _, _, body in messages]
 
 
 def test_changed_defaults_apply_to_the_next_publish(
