@@ -5,12 +5,13 @@ This is the one place where pika's connection errors are translated.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import pika
 import pika.exceptions
@@ -114,7 +115,7 @@ def connect(
             params = config.parameters(connection_name, share)[index]
             attempts += 1
             try:
-                return _one_write_per_message(pika.BlockingConnection(params))
+                return _lean_io(pika.BlockingConnection(params))
             except CONNECTION_ERRORS as exc:
                 if is_auth_error(exc) or _auth_in_chain(exc):
                     raise AuthenticationError(
@@ -139,16 +140,19 @@ def connect(
         time.sleep(pause)
 
 
-def _one_write_per_message(connection: pika.BlockingConnection) -> pika.BlockingConnection:
-    """Have ``connection`` hand each message's frames to the socket in one
-    write, as the message is sent.
+def _lean_io(connection: pika.BlockingConnection) -> pika.BlockingConnection:
+    """Spare ``connection`` the system calls pika makes for nothing.
 
-    pika writes the method, header and body frames of a message one by one,
-    so a small message costs three ``send()`` system calls here and three TCP
-    segments for the broker to read. Joined, the bytes on the wire are the
-    same, sent in one call, and at once where the socket can take them
-    (:func:`_send_now`). (``_output_marshaled_frames`` is where pika 1.x
-    emits a message's frames; without it, nothing changes.)
+    * Each message's method, header and body frames reach the socket in one
+      write, as the message is sent (:func:`_send_now`). pika writes them one
+      by one, so a small message cost three ``send()`` calls and three TCP
+      segments for the broker to read, each after a turn of its loop.
+    * Reading stops once the socket is empty (:func:`_read_until_empty`):
+      pika read again until the kernel said "would block", a system call
+      and a Python exception per wakeup.
+
+    The bytes on the wire are the same. ``_output_marshaled_frames`` is where
+    pika 1.x emits a message's frames; on another pika, nothing changes.
     """
     impl = connection._impl
     if not hasattr(impl, "_output_marshaled_frames") or not hasattr(impl, "_adapter_emit_data"):
@@ -163,6 +167,9 @@ def _one_write_per_message(connection: pika.BlockingConnection) -> pika.Blocking
             impl._adapter_emit_data(rest)  # queued: sent when the socket can take it
 
     impl._output_marshaled_frames = output_marshaled_frames
+    transport = getattr(impl, "_transport", None)
+    if _is_plain(transport):
+        transport._consume = functools.partial(_read_until_empty, transport)  # type: ignore[union-attr]
     return connection
 
 
@@ -171,7 +178,12 @@ _PLAIN_TRANSPORT: Final = getattr(io_services_utils, "_AsyncPlaintextTransport",
 _ACTIVE: Final = getattr(_PLAIN_TRANSPORT, "_STATE_ACTIVE", None)
 
 
-def _send_now(transport: object, data: bytes) -> bytes:
+def _is_plain(transport: object) -> bool:
+    """Whether ``transport`` is pika's plain TCP one (TLS keeps pika's own I/O)."""
+    return _PLAIN_TRANSPORT is not None and type(transport) is _PLAIN_TRANSPORT
+
+
+def _send_now(transport: Any, data: bytes) -> bytes:
     """Hand ``data`` to the socket now if nothing is queued before it; return
     what the socket did not take.
 
@@ -180,21 +192,43 @@ def _send_now(transport: object, data: bytes) -> bytes:
     and a poll per message. A socket with free buffer space (the usual case)
     takes the message at once; what it does not take is returned, to be
     queued behind nothing, so the order of bytes holds. Only a plain TCP
-    connection with an empty queue sends at once (TLS keeps pika's path). A
-    socket error is left to pika's own write, which meets it again and closes
-    the connection as it always does.
+    connection with an empty queue sends at once. A socket error is left to
+    pika's own write, which meets it again and closes the connection as it
+    always does.
     """
-    if (
-        type(transport) is not _PLAIN_TRANSPORT
-        or transport._state != _ACTIVE  # type: ignore[attr-defined]
-        or transport._tx_buffered_byte_count  # type: ignore[attr-defined]
-    ):
+    if not _is_plain(transport) or transport._state != _ACTIVE or transport._tx_buffered_byte_count:
         return data
     try:
-        sent: int = transport._sock.send(data)  # type: ignore[attr-defined]
+        sent: int = transport._sock.send(data)
     except OSError:  # would block, or broken: see the docstring
         return data
     return data[sent:]
+
+
+def _read_until_empty(transport: Any) -> None:
+    """pika's ``_consume`` for a plain TCP transport, without the last read.
+
+    pika reads in chunks until ``recv()`` raises "would block" (or 100 kB
+    were read). A chunk shorter than asked for means the socket was empty
+    just then, so this stops there: the event loop watches the socket
+    (level-triggered) and calls again as soon as more arrives. Everything
+    else is pika's: end of stream, errors, the per-wakeup limit.
+
+    Raises:
+        RxEndOfFile: the broker closed the connection.
+        OSError: from ``recv()``, as pika's own.
+    """
+    chunk, limit = transport._MAX_RECV_BYTES, transport._MAX_CONSUME_BYTES
+    received = 0
+    while transport._state == _ACTIVE and received < limit:
+        data: bytes = transport._sock.recv(chunk)
+        if not data:
+            log.debug("The broker closed the connection (end of stream)")
+            raise transport.RxEndOfFile()
+        received += len(data)
+        transport._protocol.data_received(data)
+        if len(data) < chunk:
+            return
 
 
 def _tls_failure(
