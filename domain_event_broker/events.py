@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Final
 
@@ -19,6 +20,35 @@ WIRE_KEYS = ("routing_key", "data", "domain_object_id", "uuid_string", "timestam
 #: ``json.dumps(..., allow_nan=False)``, built once. Its cycle check is left
 #: to :func:`_validate.json_value`, which refuses cycles before encoding.
 _ENCODER = json.JSONEncoder(allow_nan=False, check_circular=False)
+
+
+def _one_encoder() -> Callable[[Any], str]:
+    """``_ENCODER.encode``, without the C encoder it builds again for every call.
+
+    ``JSONEncoder.iterencode`` makes a new C encoder each time; with no cycle
+    check it keeps no state between calls, so one serves every call (the
+    same text: same separators, ASCII escapes and ``float.__repr__``).
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - an interpreter without the C accelerator
+        return _ENCODER.encode
+    iterencode = make(
+        None,  # markers: no cycle check
+        _ENCODER.default,
+        json.encoder.encode_basestring_ascii,
+        None,  # indent
+        _ENCODER.key_separator,
+        _ENCODER.item_separator,
+        False,  # sort_keys
+        False,  # skipkeys
+        False,  # allow_nan
+    )
+    join = "".join
+    return lambda value: join(iterencode(value, 0))
+
+
+#: What :meth:`DomainEvent.to_json` encodes with.
+_encode = _one_encoder()
 
 #: AMQP limits a routing key (a short string) to 255 bytes.
 MAX_ROUTING_KEY_BYTES = _validate.MAX_SHORTSTR_BYTES
@@ -197,7 +227,7 @@ class DomainEvent:
             raise ValueError(
                 f"domain event {str(self.routing_key)[:255]!r} is not strict JSON: {exc}"
             ) from None
-        return _ENCODER.encode(event_data)
+        return _encode(event_data)
 
     @classmethod
     def from_json(cls, json_data: str | bytes | bytearray) -> DomainEvent:

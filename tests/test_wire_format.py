@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pika.adapters.blocking_connection import BlockingChannel
 
 import domain_event_broker.publish as publish_module
@@ -126,6 +128,35 @@ def test_json_bytes_match_302_for_the_same_event(run_302: Run302) -> None:
     ours = [DomainEvent(*case).to_json() for case in CASES]
     for case, mine, theirs in zip(CASES, ours, expected, strict=True):
         assert mine == theirs, case
+
+
+strict_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**80), 2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    routing_key=st.text(min_size=1, max_size=30),
+    data=strict_json,
+    domain_object_id=st.none() | st.text(max_size=10) | st.integers(),
+    timestamp=st.floats(0, 2e10) | st.integers(0, 2**40),
+)
+def test_the_body_is_what_json_dumps_writes_as_302_did(
+    routing_key: str, data: Any, domain_object_id: Any, timestamp: float
+) -> None:
+    # 3.0.2 sent json.dumps(event.event_data); to_json keeps one C encoder
+    # for every event: the text must not differ for any strict JSON.
+    event = DomainEvent(routing_key, data, domain_object_id, "u", timestamp)
+    assert event.to_json() == json.dumps(event.event_data)
 
 
 def test_default_fields_look_like_302s(run_302: Run302) -> None:
