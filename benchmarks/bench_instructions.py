@@ -14,8 +14,9 @@ the difference per event:
 * ``publish_domain_event``: the library with its defaults.
 
 Only user-space instructions of the client are counted: not the kernel's
-work for the socket (where the library's one write per message saves the
-most), nor the broker's. Skipped, with a message, when valgrind is missing.
+work for the socket (where the library's one write per message and one read
+per wakeup save system calls), nor the broker's. Skipped, with a message,
+when valgrind is missing.
 
 Usage: python benchmarks/bench_instructions.py [--events 500]
 """
