@@ -459,6 +459,54 @@ def test_nothing_at_all_without_the_opentelemetry_api(names) -> None:
     assert properties.headers is None  # no trace context, no other header
 
 
+API_ONLY = """
+import json
+from domain_event_broker import _instrument
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+found = {}
+untraced = _instrument.process_span("h", None, "a.b", {"x-request-id": "r"})
+with untraced:
+    found["untraced passes on"] = _instrument.trace_headers()
+    untraced.set_outcome("handled")
+parent = {"traceparent": f"00-{TRACE}-b7ad6b7169203331-01"}
+traced = _instrument.process_span("h", None, "a.b", parent)
+with traced:
+    found["traced passes on"] = _instrument.trace_headers().get("traceparent", "")
+    traced.set_outcome("retry", delay_ms=5)
+with _instrument.process_span("h", None, "a.b", None) as bare:
+    bare.set_outcome("dead_letter", exception_type="x.Y")
+found["scopes"] = [type(untraced).__name__, type(traced).__name__, type(bare).__name__]
+found["counts"] = {
+    name: sum(getattr(_instrument, name).totals().values())
+    for name in ("_handled", "_retried", "_dead_lettered", "_in_flight")
+}
+print(json.dumps(found))
+"""
+
+
+def test_with_the_api_but_no_sdk_a_delivery_is_counted_and_its_context_passed_on() -> None:
+    # No SDK in this process: an untraced delivery gets its counts only, no
+    # span (nothing would record it); a traced one still passes its trace on
+    # to what the handler publishes.
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    result = subprocess.run(
+        [sys.executable, "-c", API_ONLY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+        env=environment,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["untraced passes on"] == {}
+    assert "0af7651916cd43dd8448eb211c80319c" in found["traced passes on"]
+    assert found["scopes"] == ["_ProcessCounts", "_ProcessScope", "_ProcessCounts"]
+    assert found["counts"] == {"_handled": 1, "_retried": 1, "_dead_lettered": 1, "_in_flight": 0}
+
+
 def test_the_message_id_property_stands_in_for_an_undecoded_event(tel: Otel) -> None:
     with instrument.process_span("tel-id", None, "a.b", None, message_id="m-1") as scope:
         scope.set_outcome("handled")
