@@ -980,9 +980,10 @@ def test_environment_variable_is_used_by_default(
 def test_the_broker_file_is_followed_from_one_publish_to_the_next(
     inbox: Inbox, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
+    # The variables win over configure(): this test sets them itself.
     monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
-    configure(timeout=0.5)
-    publish_domain_event(inbox.key, {"n": 1})  # the default broker, remembered
+    configure(broker=BROKER_URL, timeout=0.5)
+    publish_domain_event(inbox.key, {"n": 1})  # the configured broker, remembered
     secret = tmp_path / "broker-url"
     secret.write_text(f"{DEAD_URL}\n")
     monkeypatch.setenv(FILE_ENVIRONMENT_VARIABLE, str(secret))
@@ -994,7 +995,7 @@ def test_the_broker_file_is_followed_from_one_publish_to_the_next(
     with pytest.raises(BrokerUnavailableError, match=r"127\.0\.0\.1:1"):
         publish_domain_event(inbox.key, {"n": 4})
     monkeypatch.delenv(FILE_ENVIRONMENT_VARIABLE)
-    publish_domain_event(inbox.key, {"n": 5})  # the default broker again
+    publish_domain_event(inbox.key, {"n": 5})  # the configured broker again
     assert [event.data["n"] for event in _events(inbox.wait(3))] == [1, 3, 5]
 
 
