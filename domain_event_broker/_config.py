@@ -480,11 +480,55 @@ def resolve(
     """Resolve ``connection_settings`` to a :class:`BrokerConfig`, or ``None``
     when the broker is disabled.
 
+    The default settings (nothing given) are remembered until what they come
+    from changes (:func:`_resolve_default`): every ``publish_domain_event``
+    asks for them.
+
     Raises:
         ConfigurationError: a URL is malformed, a TLS file cannot be used, or
             the broker file cannot be read.
         TypeError: ``ssl_context`` is not an :class:`ssl.SSLContext`.
     """
+    if (
+        isinstance(connection_settings, _Unset)
+        and isinstance(timeout, _Unset)
+        and isinstance(ssl_context, _Unset)
+    ):
+        return _resolve_default()
+    return _resolve(connection_settings, timeout, ssl_context)
+
+
+#: The default settings, resolved, with what they were resolved from.
+_resolved_default: tuple[tuple[object, ...], BrokerConfig | None] | None = None
+
+
+def _resolve_default() -> BrokerConfig | None:
+    """``_resolve()`` of the defaults, remembered while the environment
+    variable and :func:`configure`'s broker, timeout and SSL context stay
+    the same. Not remembered while ``DOMAIN_EVENT_BROKER_FILE`` is set: the
+    file is looked at each time, and read again as soon as it changes."""
+    global _resolved_default  # noqa: PLW0603
+    environ = os.environ
+    if environ.get(FILE_ENVIRONMENT_VARIABLE):
+        return _resolve(UNSET, UNSET, UNSET)
+    broker = _defaults.broker
+    if not isinstance(broker, (str, _Unset, type(None))):
+        broker = tuple(broker)  # a list given to configure() may be changed later
+    key = (environ.get(ENVIRONMENT_VARIABLE), broker, _defaults.timeout, _defaults.ssl_context)
+    cached = _resolved_default
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    config = _resolve(UNSET, UNSET, UNSET)
+    _resolved_default = (key, config)
+    return config
+
+
+def _resolve(
+    connection_settings: ConnectionSettings,
+    timeout: float | _Unset,
+    ssl_context: ssl.SSLContext | _Unset | None,
+) -> BrokerConfig | None:
+    """What :func:`resolve` says, worked out now."""
     if isinstance(ssl_context, _Unset):
         context = _defaults.ssl_context
     else:

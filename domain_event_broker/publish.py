@@ -493,41 +493,6 @@ def _shared_pool(config: BrokerConfig) -> _PublisherPool:
     return pool
 
 
-#: The default broker's resolved settings, with what they were resolved from.
-_default_config: tuple[tuple[object, ...], BrokerConfig | None] | None = None
-
-
-def _resolve(connection_settings: ConnectionSettings) -> BrokerConfig | None:
-    """``_config.resolve``, remembered for the default settings (a publish's hot path).
-
-    Not remembered while ``DOMAIN_EVENT_BROKER_FILE`` is set: the file is
-    looked at on every publish, so that a rotated one is read (once) as soon
-    as it changes.
-    """
-    global _default_config  # noqa: PLW0603
-    if not isinstance(connection_settings, _Unset):
-        return _config.resolve(connection_settings)
-    environ = os.environ
-    if environ.get(_config.FILE_ENVIRONMENT_VARIABLE):
-        return _config.resolve(connection_settings)
-    defaults = _config._defaults
-    broker = defaults.broker
-    if not isinstance(broker, (str, _Unset, type(None))):
-        broker = tuple(broker)  # a list given to configure() may be changed later
-    key = (
-        environ.get(_config.ENVIRONMENT_VARIABLE),
-        broker,
-        defaults.timeout,
-        defaults.ssl_context,
-    )
-    cached = _default_config
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    config = _config.resolve(connection_settings)
-    _default_config = (key, config)
-    return config
-
-
 def close_shared_publishers() -> None:
     """Close the connections that :func:`publish_domain_event` keeps open.
 
@@ -543,8 +508,7 @@ def close_shared_publishers() -> None:
 def _reinit_after_fork() -> None:
     # The parent's locks may be held by threads that do not exist here, and
     # its pools may count publishers checked out by such threads.
-    global _shared_lock, _captures_lock, _default_config  # noqa: PLW0603
-    _default_config = None
+    global _shared_lock, _captures_lock  # noqa: PLW0603
     _captures_lock = threading.Lock()
     _shared_lock = threading.Lock()
     _shared.clear()
@@ -606,7 +570,7 @@ def publish_domain_event(
     """
     event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
     mandatory = _config.default_require_route(require_route)
-    config = _resolve(connection_settings)
+    config = _config.resolve(connection_settings)
     if _captured(event) or config is None:
         return event
     return _shared_pool(config).publish(event, body.encode("utf-8"), mandatory)
