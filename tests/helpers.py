@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pika
 import pika.exceptions
@@ -118,3 +119,38 @@ def get_messages(
     finally:
         connection.close()
     return messages
+
+
+class CountingSocket:
+    """Stands in for a pika transport's socket and records its I/O: each
+    ``send()`` as (bytes asked to send, bytes taken), the ``recv()`` calls
+    and how many of them would have blocked."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sends: list[tuple[int, int]] = []
+        self.reads = 0
+        self.would_block = 0
+
+    def send(self, data: bytes) -> int:
+        taken = self.sock.send(data)
+        self.sends.append((len(data), taken))
+        return taken
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        try:
+            return self.sock.recv(size)
+        except BlockingIOError:
+            self.would_block += 1
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def count_socket_io(transport: Any) -> CountingSocket:
+    """Put a :class:`CountingSocket` in ``transport`` (pika's); return it."""
+    counting = CountingSocket(transport._sock)
+    transport._sock = counting
+    return counting

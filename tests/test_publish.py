@@ -41,7 +41,13 @@ from domain_event_broker import (
 from domain_event_broker._config import ENVIRONMENT_VARIABLE, FILE_ENVIRONMENT_VARIABLE
 
 from .conftest import Names
-from .helpers import BROKER_URL, rabbitmqctl_command, rabbitmqctl_rows, wait_for
+from .helpers import (
+    BROKER_URL,
+    count_socket_io,
+    rabbitmqctl_command,
+    rabbitmqctl_rows,
+    wait_for,
+)
 
 EXCHANGE = "domain-events"
 #: A URL where nothing listens (port 1 refuses connections at once).
@@ -190,30 +196,6 @@ def test_timestamps_3_0_2_accepted_are_still_sent(inbox: Inbox, timestamp: Any) 
     assert properties.timestamp is None  # cannot be an AMQP timestamp
 
 
-class CountingSocket:
-    """Stands in for a connection's socket and records every ``send()``:
-    (bytes asked to send, bytes the socket took)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.sends: list[tuple[int, int]] = []
-
-    def send(self, data: bytes) -> int:
-        taken = self.sock.send(data)
-        self.sends.append((len(data), taken))
-        return taken
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sock, name)
-
-
-def count_sends(connection: pika.BlockingConnection) -> CountingSocket:
-    transport = connection._impl._transport
-    counting = CountingSocket(transport._sock)
-    transport._sock = counting
-    return counting
-
-
 def count_writer_turns(connection: pika.BlockingConnection) -> list[int]:
     """Each time pika's loop is asked to watch the socket for writability."""
     nbio = connection._impl._transport._nbio
@@ -233,7 +215,7 @@ def test_each_message_reaches_the_socket_in_one_send_at_once(inbox: Inbox, size:
     publisher = Publisher(BROKER_URL)
     connection = publisher.connection
     assert connection is not None
-    sends = count_sends(connection)
+    sends = count_socket_io(connection._impl._transport)
     writer_turns = count_writer_turns(connection)
     try:
         for n in range(3):
@@ -257,7 +239,7 @@ def test_what_the_socket_does_not_take_at_once_follows_in_order(inbox: Inbox) ->
     publisher = Publisher(BROKER_URL)
     connection = publisher.connection
     assert connection is not None
-    sends = count_sends(connection)
+    sends = count_socket_io(connection._impl._transport)
     try:
         publisher.publish_event(DomainEvent(inbox.key, {"n": 0, "pad": "a" * big}))
         publisher.publish_event(DomainEvent(inbox.key, {"n": 1, "pad": "b"}))

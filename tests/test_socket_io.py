@@ -25,6 +25,8 @@ from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 
 from domain_event_broker._connection import _lean_io
 
+from .helpers import count_socket_io
+
 
 class Loop:
     """Stands in for pika's I/O loop: remembers what the transport asks to watch."""
@@ -64,26 +66,6 @@ class Protocol:
         return True  # keep it open: nothing to tear down here
 
 
-class CountingSocket:
-    """The transport's socket, counting ``recv()`` calls and "would block"s."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.reads = 0
-        self.would_block = 0
-
-    def recv(self, size: int) -> bytes:
-        self.reads += 1
-        try:
-            return self.sock.recv(size)
-        except BlockingIOError:
-            self.would_block += 1
-            raise
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sock, name)
-
-
 class Wire:
     """A plain pika transport on one end of a socket pair, read at the other."""
 
@@ -96,8 +78,7 @@ class Wire:
         self.loop = Loop()
         self.protocol = Protocol()
         self.transport = _AsyncPlaintextTransport(self.ours, self.protocol, self.loop)
-        self.socket = CountingSocket(self.ours)
-        self.transport._sock = self.socket
+        self.socket = count_socket_io(self.transport)
         self.impl = SimpleNamespace(
             _transport=self.transport,
             _adapter_emit_data=self.transport.write,

@@ -487,8 +487,8 @@ print(json.dumps(found))
 
 def test_with_the_api_but_no_sdk_a_delivery_is_counted_and_its_context_passed_on() -> None:
     # No SDK in this process: an untraced delivery gets its counts only, no
-    # span (nothing would record it); a traced one still passes its trace on
-    # to what the handler publishes.
+    # span (nothing would record it); a traced one keeps its trace context
+    # current in the handler (trace_headers(), which the outbox stores).
     environment = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     result = subprocess.run(
         [sys.executable, "-c", API_ONLY],
