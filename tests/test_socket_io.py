@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -33,6 +34,10 @@ class Loop:
 
     def __init__(self) -> None:
         self.on_writable: Callable[[], None] | None = None
+        self.callbacks: list[Callable[[], None]] = []
+
+    def add_callback_threadsafe(self, callback: Callable[[], None]) -> None:
+        self.callbacks.append(callback)
 
     def set_reader(self, fd: int, on_readable: Callable[[], None]) -> None:
         pass
@@ -54,6 +59,7 @@ class Protocol:
     def __init__(self) -> None:
         self.received = bytearray()
         self.ended = False
+        self.lost: BaseException | None = None
 
     def connection_made(self, transport: object) -> None:
         pass
@@ -64,6 +70,9 @@ class Protocol:
     def eof_received(self) -> bool:
         self.ended = True
         return True  # keep it open: nothing to tear down here
+
+    def connection_lost(self, error: BaseException | None) -> None:
+        self.lost = error
 
 
 class Wire:
@@ -99,9 +108,13 @@ class Wire:
             self.received += self.peer.recv(at_most)
 
     def turn(self) -> None:
-        """One turn of the loop: send queued bytes if it watches for writability."""
+        """One turn of the loop: send queued bytes if it watches for
+        writability, then run the callbacks scheduled."""
         if self.loop.on_writable is not None:
             self.loop.on_writable()
+        callbacks, self.loop.callbacks = self.loop.callbacks, []
+        for callback in callbacks:
+            callback()
 
     def drain(self) -> None:
         while self.transport.get_write_buffer_size():
@@ -146,6 +159,24 @@ def test_what_a_full_socket_does_not_take_is_queued(wire: Wire) -> None:
     assert wire.loop.on_writable is not None
     wire.drain()
     assert bytes(wire.received) == message
+
+
+def test_a_broken_socket_is_left_to_pikas_write_which_reports_the_loss(wire: Wire) -> None:
+    wire.peer.close()
+    for _ in range(5):  # the kernel may take the first send before it learns
+        wire.output([b"x" * 1000])  # never raises: the error is pika's to report
+        wire.turn()
+    assert isinstance(wire.protocol.lost, OSError)
+
+
+def test_a_reset_while_reading_is_reported_as_the_loss(wire: Wire) -> None:
+    wire.output([b"unread by the peer"])
+    wire.peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wire.peer.close()  # with unread data and no linger: a reset
+    select.select([wire.ours], [], [], 5)
+    wire.transport._on_socket_readable()
+    wire.turn()
+    assert isinstance(wire.protocol.lost, ConnectionResetError)
 
 
 # A step: publish a message (its frames, as lengths), or let the peer read
