@@ -234,6 +234,23 @@ def test_each_message_reaches_the_socket_in_one_send_at_once(inbox: Inbox, size:
     assert all(len(body["data"]["pad"]) == size for body in bodies)
 
 
+def test_confirms_are_read_without_a_read_that_would_block(inbox: Inbox) -> None:
+    publisher = Publisher(BROKER_URL)
+    connection = publisher.connection
+    assert connection is not None
+    reads = count_socket_io(connection._impl._transport)
+    try:
+        for n in range(20):
+            publisher.publish_event(DomainEvent(inbox.key, {"n": n}))
+    finally:
+        publisher.close()
+    # One read per confirm: a short read means the socket is empty, so
+    # there is no second read to be told "would block".
+    assert reads.reads >= 20
+    assert reads.would_block == 0, (reads.reads, reads.would_block)
+    assert len(inbox.wait(20)) == 20
+
+
 def test_what_the_socket_does_not_take_at_once_follows_in_order(inbox: Inbox) -> None:
     big = 12 * 1024 * 1024  # past the kernel's largest send buffer here (4 MiB)
     publisher = Publisher(BROKER_URL)
