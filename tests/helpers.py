@@ -83,6 +83,18 @@ def queue_size(name: str) -> int | None:
             connection.close()
 
 
+def consumer_count(name: str) -> int:
+    """Consumers of queue ``name`` (0 when it does not exist)."""
+    connection = raw_connection()
+    try:
+        return int(connection.channel().queue_declare(name, passive=True).method.consumer_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
 def queue_exists(name: str) -> bool:
     return queue_size(name) is not None
 

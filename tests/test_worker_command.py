@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from domain_event_broker import publish_domain_event
 from domain_event_broker._worker_command import check_health
 
-from .helpers import BROKER_URL, raw_connection, wait_for
+from .helpers import BROKER_URL, consumer_count, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.worker_app:make_subscriber"
@@ -99,17 +99,6 @@ def start_worker(names, tmp_path: Path) -> Iterator:
             worker.process.wait(10)
 
 
-def consumers(queue: str) -> int:
-    connection = raw_connection()
-    try:
-        return int(connection.channel().queue_declare(queue, passive=True).method.consumer_count)
-    except pika.exceptions.ChannelClosedByBroker:
-        return 0
-    finally:
-        if connection.is_open:
-            connection.close()
-
-
 def health(path: Path, max_age: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -134,7 +123,7 @@ def test_processes_share_a_queue_and_sigterm_drains_them_all(start_worker, tmp_p
     worker = start_worker(
         "--processes", "2", "--health-file", str(health_file), "--health-interval", "0.2"
     )
-    wait_for(lambda: consumers(start_worker.name) == 2, timeout=30, message="two consumers")
+    wait_for(lambda: consumer_count(start_worker.name) == 2, timeout=30, message="two consumers")
     wait_for(lambda: health(health_file, 5).returncode == 0, timeout=15, message="healthy")
 
     uuids = [publish_domain_event(start_worker.key, {"sleep": 0.5}).uuid_string for _ in range(6)]
@@ -157,19 +146,19 @@ def test_processes_share_a_queue_and_sigterm_drains_them_all(start_worker, tmp_p
 
 def test_a_crashed_child_is_restarted(start_worker) -> None:
     worker = start_worker("--processes", "2")
-    wait_for(lambda: consumers(start_worker.name) == 2, timeout=30, message="two consumers")
+    wait_for(lambda: consumer_count(start_worker.name) == 2, timeout=30, message="two consumers")
     crash = publish_domain_event(start_worker.key, {"crash": True}).uuid_string
     wait_for(lambda: (worker.state / "crashed").exists(), timeout=15, message="a crash")
     # The event comes back (it was never acknowledged) and is handled.
     wait_for(lambda: any(crash in name for name in worker.handled()), timeout=30, message="handled")
-    wait_for(lambda: consumers(start_worker.name) == 2, timeout=30, message="restarted")
+    wait_for(lambda: consumer_count(start_worker.name) == 2, timeout=30, message="restarted")
     assert "restarting in" in worker.text()
     assert worker.stop() == 0, worker.text()
 
 
 def test_a_child_failing_for_good_stops_all_and_exits_non_zero(start_worker) -> None:
     worker = start_worker("--processes", "2", "--max-restarts", "1")
-    wait_for(lambda: consumers(start_worker.name) == 2, timeout=30, message="two consumers")
+    wait_for(lambda: consumer_count(start_worker.name) == 2, timeout=30, message="two consumers")
     # Every attempt crashes: the event is redelivered each time.
     publish_domain_event(start_worker.key, {"crash": True, "always": True})
     status = worker.process.wait(60)
@@ -278,7 +267,7 @@ def test_metrics_port_serves_prometheus_text_and_logs_are_json(start_worker) -> 
     worker = start_worker(
         "--metrics-port", str(port), "--metrics-host", "127.0.0.1", "--log-format", "json"
     )
-    wait_for(lambda: consumers(start_worker.name) == 1, timeout=30, message="a consumer")
+    wait_for(lambda: consumer_count(start_worker.name) == 1, timeout=30, message="a consumer")
     publish_domain_event(start_worker.key, {"publish": f"{start_worker.name}.followup"})
     wait_for(worker.handled, timeout=15, message="handled")
 
@@ -326,7 +315,9 @@ def test_the_django_management_command(start_worker, processes: int) -> None:
         command=[sys.executable, "-m", "django", "run_domain_event_worker", APP],
         env={"DJANGO_SETTINGS_MODULE": "tests.django.settings"},
     )
-    wait_for(lambda: consumers(start_worker.name) == processes, timeout=30, message="consumers")
+    wait_for(
+        lambda: consumer_count(start_worker.name) == processes, timeout=30, message="consumers"
+    )
     event = publish_domain_event(start_worker.key, {})
     wait_for(
         lambda: any(event.uuid_string in name for name in worker.handled()),
