@@ -15,6 +15,8 @@ from typing import Any, Final
 
 import pika
 import pika.exceptions
+import pika.spec
+from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils import io_services_utils
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
@@ -229,6 +231,54 @@ def _read_until_empty(transport: Any) -> None:
         transport._protocol.data_received(data)
         if len(data) < chunk:
             return
+
+
+def deliver_as_read(channel: BlockingChannel, consumer_tag: str) -> bool:
+    """Have pika call the consumer ``consumer_tag`` of ``channel`` as each
+    delivery is read, rather than queue it for a later dispatch.
+
+    pika's ``BlockingChannel`` wraps every delivery in an event object,
+    queues it, and calls the consumer from ``process_data_events()`` once the
+    read is done: about 2 µs per delivery, a sixth of decoding it. Here the
+    consumer is called straight from the frame that completes the message,
+    with the same arguments; ``process_data_events()`` is still asked to
+    return after the read, as it would to dispatch. The consumer must only
+    note the delivery (it runs inside pika's reading, where using the
+    channel would nest).
+
+    Cancelling still works as pika documents it, except that no delivery is
+    left undispatched for ``basic_cancel()`` to reject: each one has reached
+    the consumer already.
+
+    Returns:
+        False when this pika has not the names used, or the consumer is
+        unknown: it is then left as pika made it.
+    """
+    impl_consumers = getattr(getattr(channel, "_impl", None), "_consumers", None)
+    infos = getattr(channel, "_consumer_infos", None)
+    request_dispatch = getattr(channel.connection, "_request_channel_dispatch", None)
+    info = infos.get(consumer_tag) if isinstance(infos, dict) else None
+    callback = getattr(info, "on_message_callback", None)
+    if (
+        not isinstance(impl_consumers, dict)
+        or consumer_tag not in impl_consumers
+        or callback is None
+        or request_dispatch is None
+    ):
+        return False  # pragma: no cover - another pika than 1.x
+    wake_number = -channel.channel_number  # negative: "return", nothing to dispatch
+
+    def deliver(
+        _impl: object,
+        method: pika.spec.Basic.Deliver,
+        properties: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        callback(channel, method, properties, body)
+        request_dispatch(wake_number)
+
+    impl_consumers[consumer_tag] = deliver
+    return True
 
 
 def _tls_failure(

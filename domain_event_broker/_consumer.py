@@ -21,7 +21,7 @@ import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
 from . import _topology
-from ._connection import CONNECTION_ERRORS
+from ._connection import CONNECTION_ERRORS, deliver_as_read
 from ._dispatch import Action, Delivery, Outcome
 from ._handler_threads import HandlerThreads, Mailbox, ThreadDied
 from ._link import Link, Recovery
@@ -44,6 +44,11 @@ log = logging.getLogger("domain_event_broker.subscribe")
 #: Longest time (seconds) the I/O loop waits for network events before it
 #: looks at stop requests, deadlines and signals again.
 POLL_INTERVAL: Final = 0.2
+
+#: Longest time (seconds) the I/O thread waits, after handing deliveries
+#: over, for their outcomes, so that quick handlers' acknowledgements go out
+#: in the same turn (a slow handler's go out when it is done).
+CATCH_UP: Final = 0.002
 
 #: Name of the thread that runs handlers of concurrency 1.
 WORKER_THREAD_NAME: Final = "domain-event-broker-worker"
@@ -103,6 +108,9 @@ class ConsumeLoop:
         self._pools: dict[str, HandlerThreads] = {}
         self._shared_pool: HandlerThreads | None = None
         self._in_flight = 0
+        #: Deliveries pika dispatched during the current poll, with their
+        #: pools: handed over together when the poll returns.
+        self._arrived: list[tuple[HandlerThreads, Delivery]] = []
         self._consumer_tags: dict[str, Registration] = {}
         self._cancelled: list[str] = []
         self._consuming_generation = -1
@@ -190,7 +198,11 @@ class ConsumeLoop:
         limit = POLL_INTERVAL
         if deadline is not None:
             limit = max(0.0, min(limit, deadline - time.monotonic()))
-        connection.process_data_events(time_limit=limit)
+        if self._process_data_events(connection, limit):
+            # Rather than go back to the socket and take the GIL from the
+            # handler thread, sleep until it is done (quick handlers) or a
+            # moment has passed: one switch each way per batch.
+            self._mailbox.wait_for_outcomes(CATCH_UP)
         self._drain()
         self._check_pools()
         _raise_if_closed(self._link)
@@ -243,22 +255,51 @@ class ConsumeLoop:
             body: bytes,
         ) -> None:
             settler.delivered(method.delivery_tag)
-            self._in_flight += 1
-            pool.submit(
-                Delivery(
-                    registration=registration,
-                    delivery_tag=method.delivery_tag,
-                    routing_key=method.routing_key,
-                    body=body,
-                    properties=properties,
-                    redelivered=bool(method.redelivered),
-                    generation=generation,
+            self._arrived.append(
+                (
+                    pool,
+                    Delivery(
+                        registration=registration,
+                        delivery_tag=method.delivery_tag,
+                        routing_key=method.routing_key,
+                        body=body,
+                        properties=properties,
+                        redelivered=bool(method.redelivered),
+                        generation=generation,
+                    ),
                 )
             )
 
         channel.basic_qos(prefetch_count=max(self._prefetch_count, registration.concurrency))
         tag = channel.basic_consume(queue=registration.name, on_message_callback=on_message)
+        deliver_as_read(channel, tag)
         self._consumer_tags[tag] = registration
+
+    def _process_data_events(self, connection: pika.BlockingConnection, limit: float) -> int:
+        """One turn of pika's loop; what it delivered goes to the handlers.
+
+        Deliveries are handed over once per turn, not one by one: a handler
+        thread is woken once for all a read brought, and the two threads
+        do not take the GIL from each other for every event.
+
+        Returns:
+            How many deliveries were handed over.
+        """
+        try:
+            connection.process_data_events(time_limit=limit)
+        finally:  # even if the connection was lost midway: none is left behind
+            handed = self._hand_over()
+        return handed
+
+    def _hand_over(self) -> int:
+        arrived, self._arrived = self._arrived, []
+        if not arrived:
+            return 0
+        self._in_flight += len(arrived)
+        self._mailbox.expect(len(arrived))
+        for pool, deliveries in group_by_pool(arrived):
+            pool.submit(deliveries)
+        return len(arrived)
 
     def _pool_for(self, registration: Registration) -> HandlerThreads:
         if registration.concurrency == 1:
@@ -350,10 +391,12 @@ class ConsumeLoop:
             for tag in list(self._consumer_tags):
                 channel.basic_cancel(tag)
             self._consumer_tags.clear()
+            # What arrived while cancelling: skipped (stopping) and requeued.
+            self._hand_over()
             connection = self._link.connection
             assert connection is not None
             while self._in_flight > 0:
-                connection.process_data_events(time_limit=POLL_INTERVAL)
+                self._process_data_events(connection, POLL_INTERVAL)
                 self._drain()
                 self._check_pools()
                 _raise_if_closed(self._link)
@@ -404,6 +447,21 @@ class ConsumeLoop:
                     f"the subscriber stopped before {item.registration.name!r} was declared"
                 )
                 item.done.set()
+
+
+def group_by_pool(
+    arrived: list[tuple[HandlerThreads, Delivery]],
+) -> list[tuple[HandlerThreads, list[Delivery]]]:
+    """Deliveries by the pool that handles them, each pool's in arrival order."""
+    if not arrived:
+        return []
+    first = arrived[0][0]
+    if all(pool is first for pool, _ in arrived):  # the usual case: one pool
+        return [(first, [delivery for _, delivery in arrived])]
+    batches: dict[HandlerThreads, list[Delivery]] = {}
+    for pool, delivery in arrived:
+        batches.setdefault(pool, []).append(delivery)
+    return list(batches.items())
 
 
 def _raise_if_closed(link: Link) -> None:

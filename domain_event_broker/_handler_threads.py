@@ -40,23 +40,56 @@ class ThreadDied:
 class Mailbox:
     """Outcomes posted by handler threads, taken by the I/O thread.
 
+    The I/O thread says how many deliveries it handed over
+    (:meth:`expect`) and may wait a moment for their outcomes
+    (:meth:`wait_for_outcomes`); otherwise the first outcome posted since its
+    last :meth:`take` wakes it.
+
     Args:
-        wake: called (from the posting thread) after the first post since the
-            last :meth:`take`; must be safe from any thread.
+        wake: called (from the posting thread) to have the I/O thread take
+            what was posted; must be safe from any thread.
     """
 
     def __init__(self, wake: Callable[[], None]) -> None:
         self._wake = wake
         self._lock = threading.Lock()
+        self._caught_up = threading.Condition(self._lock)
         self._items: deque[Outcome | ThreadDied] = deque()
+        #: Deliveries handed over whose outcome is not posted yet.
+        self._pending = 0
+        #: Whether the I/O thread waits in :meth:`wait_for_outcomes`.
+        self._waiting = False
+
+    def expect(self, count: int) -> None:
+        """Note ``count`` deliveries handed to handler threads (I/O thread)."""
+        with self._lock:
+            self._pending += count
 
     def post(self, item: Outcome | ThreadDied) -> None:
-        """Add one outcome (any thread); wakes the I/O thread."""
+        """Add one outcome, or a thread's death (any thread)."""
         with self._lock:
             first = not self._items
             self._items.append(item)
+            if isinstance(item, Outcome):
+                self._pending -= 1
+            if self._waiting:  # it takes them as soon as it stops waiting
+                if self._pending <= 0 or isinstance(item, ThreadDied):
+                    self._caught_up.notify()
+                return
         if first:
             self._wake()
+
+    def wait_for_outcomes(self, timeout: float) -> None:
+        """Wait until every delivery handed over has its outcome posted, or a
+        thread died, or ``timeout`` seconds passed (I/O thread)."""
+        with self._lock:
+            if self._pending <= 0:
+                return
+            self._waiting = True
+            try:
+                self._caught_up.wait(timeout)
+            finally:
+                self._waiting = False
 
     def take(self) -> list[Outcome | ThreadDied]:
         """Everything posted so far, oldest first (I/O thread)."""
@@ -87,7 +120,8 @@ class HandlerThreads:
         self._name = name
         self._mailbox = mailbox
         self._skip = skip
-        self._inbox: queue.SimpleQueue[Delivery | object] = queue.SimpleQueue()
+        #: Lists of deliveries, each handled in order by one thread.
+        self._inbox: queue.SimpleQueue[list[Delivery] | object] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._run, name=f"{name}-{index}", daemon=True)
             for index in range(count)
@@ -102,9 +136,17 @@ class HandlerThreads:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, delivery: Delivery) -> None:
-        """Queue one delivery for a handler thread (any thread)."""
-        self._inbox.put(delivery)
+    def submit(self, deliveries: list[Delivery]) -> None:
+        """Queue deliveries for the handler threads (any thread), in order.
+
+        One thread takes them all at once, so it is woken once, not once
+        per delivery; several threads share them out one by one.
+        """
+        if len(self._threads) == 1:
+            self._inbox.put(deliveries)
+        else:
+            for delivery in deliveries:
+                self._inbox.put([delivery])
 
     def stop(self, timeout: float | None = None) -> None:
         """Ask every thread to finish after the deliveries queued, and wait.
@@ -127,22 +169,25 @@ class HandlerThreads:
                 item = self._inbox.get()
                 if item is _STOP:
                     return
-                assert isinstance(item, Delivery)
-                if self._skip(item):
-                    outcome = Outcome(item, Action.SKIP)
-                else:
-                    self._busy_since[threading.get_ident()] = time.monotonic()
-                    try:
-                        outcome = traced_dispatch(item)
-                    finally:
-                        self._busy_since.pop(threading.get_ident(), None)
-                self._mailbox.post(outcome)
+                assert isinstance(item, list)
+                for delivery in item:
+                    self._mailbox.post(self._handle(delivery))
         except BaseException as exc:  # report any death, never die in silence
             log.critical("Handler thread %s died: %r", name, exc, exc_info=True)
             try:
                 self._mailbox.post(ThreadDied(name, exc))
             except BaseException:  # noqa: BLE001  # nothing left to tell; the owner polls is_alive
                 log.critical("Handler thread %s could not report its death", name)
+
+    def _handle(self, delivery: Delivery) -> Outcome:
+        if self._skip(delivery):
+            return Outcome(delivery, Action.SKIP)
+        ident = threading.get_ident()
+        self._busy_since[ident] = time.monotonic()
+        try:
+            return traced_dispatch(delivery)
+        finally:
+            self._busy_since.pop(ident, None)
 
     def busy_for(self) -> float:
         """How long (seconds) the longest-running handler call has run; 0 when idle."""
