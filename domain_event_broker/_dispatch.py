@@ -118,13 +118,14 @@ def _dispatch(delivery: Delivery) -> Outcome:
             extra=fields(delivery, event),
         )
         return Outcome(delivery, Action.STOP, error=exc)
-    log.debug(
-        "Handled %s %s by %s",
-        event.routing_key,
-        event.uuid_string,
-        registration.name,
-        extra=fields(delivery, event),
-    )
+    if log.isEnabledFor(logging.DEBUG):  # spare building the fields otherwise
+        log.debug(
+            "Handled %s %s by %s",
+            event.routing_key,
+            event.uuid_string,
+            registration.name,
+            extra=fields(delivery, event),
+        )
     return Outcome(delivery, Action.ACK)
 
 

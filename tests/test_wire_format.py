@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pika.adapters.blocking_connection import BlockingChannel
 
+import domain_event_broker.events as events_module
 import domain_event_broker.publish as publish_module
 from domain_event_broker import DomainEvent, publish_domain_event
 
@@ -157,6 +158,36 @@ def test_the_body_is_what_json_dumps_writes_as_302_did(
     # for every event: the text must not differ for any strict JSON.
     event = DomainEvent(routing_key, data, domain_object_id, "u", timestamp)
     assert event.to_json() == json.dumps(event.event_data)
+
+
+def outcome(parse: Callable[[Any], Any], text: Any) -> tuple[str, Any]:
+    try:
+        return "value", parse(text)
+    except (ValueError, TypeError, RecursionError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+json_texts = st.one_of(
+    strict_json.map(json.dumps),  # documents as anybody writes them
+    st.tuples(
+        st.sampled_from(["", " ", "\n", "\ufeff", "{", "[", '"']),
+        strict_json.map(json.dumps),
+        st.sampled_from(["", " ", "\t\n", "x", "}", "{}", ",1"]),
+    ).map("".join),  # with whitespace, extra data or junk around them
+    st.text(max_size=40),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(json_texts)
+def test_bodies_are_parsed_as_json_loads_parses_them(text: str) -> None:
+    # from_json scans an object text with one C scanner; for any text, str
+    # or bytes, the value or the error must be json.loads's.
+    expected = outcome(json.loads, text)
+    assert outcome(events_module._decode, text) == expected
+    assert outcome(events_module._decode, text.encode("utf-8", "surrogatepass")) == outcome(
+        json.loads, text.encode("utf-8", "surrogatepass")
+    )
 
 
 def test_default_fields_look_like_302s(run_302: Run302) -> None:
