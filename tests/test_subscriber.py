@@ -21,6 +21,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from domain_event_broker import (
     ConfigurationError,
     DomainEvent,
+    Publisher,
     Retry,
     Subscriber,
     publish_domain_event,
@@ -289,6 +290,25 @@ def test_prefetch_count_limits_events_in_flight(names: Names) -> None:
         wait_for(lambda: recorder.count() == 1)
         # Three sent ahead of acknowledgement, seven still waiting in the queue.
         wait_for(lambda: queue_size(name) == 7, message="7 ready with prefetch 3")
+    finally:
+        release.set()
+        subscriber.stop_consuming()
+        thread.join(30)
+
+
+def test_by_default_100_events_are_sent_ahead(names: Names) -> None:
+    name = names.new("prefetch")
+    release = threading.Event()
+    recorder = Recorder(lambda event: release.wait(20))
+    subscriber = Subscriber()
+    subscriber.register(recorder, name, ["prefetch.default"])
+    with Publisher() as publisher:
+        publisher.publish_many([DomainEvent("prefetch.default", {"i": i}) for i in range(130)])
+    thread = threading.Thread(target=subscriber.start_consuming, kwargs={"timeout": 30})
+    thread.start()
+    try:
+        wait_for(lambda: recorder.count() == 1)
+        wait_for(lambda: queue_size(name) == 30, message="30 ready with the default prefetch")
     finally:
         release.set()
         subscriber.stop_consuming()
