@@ -31,7 +31,7 @@ def raw_pika(count: int) -> float:
     channel.exchange_declare("domain-events", "topic", durable=True)
     channel.queue_declare(name, durable=True)
     channel.queue_bind(name, "domain-events", name)
-    fill(channel, name, count)
+    fill(channel, name, name, count)
     channel.basic_qos(prefetch_count=20)
     received = 0
 
@@ -66,7 +66,7 @@ def library(count: int, concurrency: int) -> float:
 
     subscriber.register(handler, name, [name], concurrency=concurrency)
     filler = pika.BlockingConnection(pika.URLParameters(URL))
-    fill(filler.channel(), name, count)
+    fill(filler.channel(), name, name, count)
     filler.close()
     started = time.perf_counter()
     subscriber.start_consuming(timeout=600)
