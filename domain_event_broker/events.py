@@ -51,6 +51,7 @@ def _one_encoder() -> Callable[[Any], str]:
 #: What :meth:`DomainEvent.to_json` encodes with.
 _encode = _one_encoder()
 
+
 def _one_scanner() -> Callable[[Any], Any]:
     """``json.loads``, parsing an object text with the C scanner directly.
 
