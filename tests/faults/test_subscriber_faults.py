@@ -18,6 +18,7 @@ from domain_event_broker import (
     Publisher,
     Subscriber,
 )
+from domain_event_broker.subscribe import DEFAULT_PREFETCH_COUNT
 
 from ..helpers import BROKER_URL, queue_size, raw_connection, wait_for
 from .control import RabbitControl, Recorder, library_records, unique
@@ -89,7 +90,8 @@ def test_connection_closed_by_broker(
     channels = rabbitmq.ctl(
         "list_channels", "confirm", "prefetch_count", "consumer_count", "--no-table-headers"
     )
-    assert any(line.split() == ["true", "20", "1"] for line in channels.splitlines()), channels
+    expected = ["true", str(DEFAULT_PREFETCH_COUNT), "1"]
+    assert any(line.split() == expected for line in channels.splitlines()), channels
     runner.stop()
 
 
