@@ -1,4 +1,5 @@
-"""Client CPU per confirmed publish, in instructions: repeatable on a busy machine.
+"""Client CPU per confirmed publish and per delivery, in instructions: repeatable
+on a busy machine.
 
 Rates on a shared 2-core machine swing by a third from run to run; the
 instructions a process executes do not. This runs each side in a fresh
@@ -13,12 +14,19 @@ the difference per event:
   ``timestamp``), then the same;
 * ``publish_domain_event``: the library with its defaults.
 
+With ``--consume``, the same for draining a queue filled beforehand (the
+difference between draining 200 and 200 + ``--events`` events):
+
+* ``raw pika``: ``basic_consume`` with prefetch 200, ``json.loads`` of each
+  body, one ``basic_ack`` each (as ``bench_subscribe.py``);
+* ``Subscriber``: the defaults and a no-op handler; both its threads count.
+
 Only user-space instructions of the client are counted: not the kernel's
 work for the socket (where the library's one write per message and one read
 per wakeup save system calls), nor the broker's. Skipped, with a message,
 when valgrind is missing.
 
-Usage: python benchmarks/bench_instructions.py [--events 500]
+Usage: python benchmarks/bench_instructions.py [--events 500] [--consume]
 """
 
 from __future__ import annotations
@@ -30,6 +38,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import uuid
+
+import pika
+
+from domain_event_broker import DomainEvent, Subscriber
 
 URL = os.environ.get("DOMAIN_EVENT_BROKER", "amqp://guest:guest@localhost:5672/%2F").split(",")[0]
 
@@ -69,6 +82,39 @@ CHILD = textwrap.dedent(
     """
 )
 
+CONSUMER = textwrap.dedent(
+    """
+    import json, sys
+    import pika
+    from domain_event_broker import Subscriber
+    mode, count, url, queue = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    received = 0
+    if mode == "raw":
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=200)
+        def on_message(ch, method, properties, body):
+            global received
+            json.loads(body)
+            ch.basic_ack(method.delivery_tag)
+            received += 1
+            if received == count:
+                ch.stop_consuming()
+        channel.basic_consume(queue, on_message)
+        channel.start_consuming()
+        connection.close()
+    else:
+        subscriber = Subscriber(url)
+        def handler(event):
+            global received
+            received += 1
+            if received == count:
+                subscriber.stop_consuming()
+        subscriber.register(handler, queue, [queue])
+        subscriber.start_consuming(timeout=600)
+    """
+)
+
 SIDES = {
     "raw": "raw pika",
     "raw-same": "raw pika, same events",
@@ -76,7 +122,7 @@ SIDES = {
 }
 
 
-def instructions(mode: str, count: int) -> int:
+def instructions(mode: str, count: int, child: str = CHILD, *extra: str) -> int:
     """Instructions the child process executed (callgrind's total)."""
     result = subprocess.run(
         [
@@ -85,10 +131,11 @@ def instructions(mode: str, count: int) -> int:
             "--callgrind-out-file=/dev/null",
             sys.executable,
             "-c",
-            CHILD,
+            child,
             mode,
             str(count),
             URL,
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -101,9 +148,32 @@ def instructions(mode: str, count: int) -> int:
     return int(found.group(1))
 
 
+def consumed_instructions(mode: str, count: int) -> int:
+    """Instructions a child executed draining ``count`` events (its queue is
+    declared as the Subscriber declares it, and filled, beforehand)."""
+    queue = f"bench-instructions-{uuid.uuid4().hex[:8]}"
+    declaring = Subscriber(URL)
+    declaring.register(lambda event: None, queue, [queue])  # its queue, as it declares it
+    declaring.close()
+    connection = pika.BlockingConnection(pika.URLParameters(URL))
+    channel = connection.channel()
+    try:
+        properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+        for n in range(count):
+            body = DomainEvent(queue, {"n": n}).to_json()
+            channel.basic_publish("", queue, body, properties)
+        while channel.queue_declare(queue, passive=True).method.message_count < count:
+            connection.sleep(0.05)
+        return instructions(mode, count, CONSUMER, queue)
+    finally:
+        channel.queue_delete(queue)
+        connection.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=500)
+    parser.add_argument("--consume", action="store_true", help="also count a delivery's")
     args, _ = parser.parse_known_args()  # run_all.py passes every benchmark's options
     if shutil.which("valgrind") is None:
         print("valgrind is not installed: skipped (apt install valgrind)")
@@ -120,6 +190,17 @@ def main() -> None:
         f"ratio raw pika / library: {per_event['raw'] / library:.2f}; "
         f"raw pika publishing the same events / library: {per_event['raw-same'] / library:.2f}"
     )
+
+    if not args.consume:
+        return
+    per_delivery = {}
+    for mode in ("raw", "library"):
+        base = consumed_instructions(mode, 200)
+        per_delivery[mode] = (consumed_instructions(mode, 200 + args.events) - base) / args.events
+    print(f"client instructions per delivery ({args.events} events, callgrind):")
+    print(f"  {'raw pika':24s} {per_delivery['raw'] / 1000:7.0f} k")
+    print(f"  {'Subscriber':24s} {per_delivery['library'] / 1000:7.0f} k")
+    print(f"ratio raw pika / Subscriber: {per_delivery['raw'] / per_delivery['library']:.2f}")
 
 
 if __name__ == "__main__":
