@@ -166,6 +166,35 @@ def test_outside_a_wait_the_first_outcome_wakes_the_loop_once() -> None:
     mailbox.wait_for_outcomes(10.0)  # all posted: returns at once
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["expect", "post", "take", "wait"]), max_size=40))
+def test_the_mailbox_loses_nothing_and_wakes_once_per_take(operations: list[str]) -> None:
+    wakes: list[None] = []
+    mailbox = Mailbox(lambda: wakes.append(None))
+    posted: list[Outcome] = []
+    taken: list[Outcome | ThreadDied] = []
+    expected_wakes = 0
+    waiting_items = 0  # posted since the last take
+    for operation in operations:
+        if operation == "expect":
+            mailbox.expect(1)
+        elif operation == "post":
+            item = outcome()
+            if waiting_items == 0:
+                expected_wakes += 1
+            waiting_items += 1
+            mailbox.post(item)
+            posted.append(item)
+        elif operation == "take":
+            taken.extend(mailbox.take())
+            waiting_items = 0
+        else:
+            mailbox.wait_for_outcomes(0.0)  # never blocks the test
+        assert len(wakes) == expected_wakes
+    taken.extend(mailbox.take())
+    assert taken == posted  # every outcome, once, in order
+
+
 # -- handing over -----------------------------------------------------------------
 
 
