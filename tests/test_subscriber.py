@@ -276,39 +276,28 @@ def test_several_handlers_on_one_subscriber(names: Names) -> None:
     assert {e.routing_key for e in two.events} == {"several.one", "several.two"}
 
 
-def test_prefetch_count_limits_events_in_flight(names: Names) -> None:
+@pytest.mark.parametrize(
+    ("options", "published", "ready"),
+    [({"prefetch_count": 3}, 10, 7), ({}, 130, 30)],
+    ids=["prefetch_count=3", "default 100"],
+)
+def test_prefetch_count_limits_events_in_flight(
+    names: Names, options: dict[str, int], published: int, ready: int
+) -> None:
     name = names.new("prefetch")
+    key = f"{name}.x"
     release = threading.Event()
     recorder = Recorder(lambda event: release.wait(20))
-    subscriber = Subscriber(prefetch_count=3)
-    subscriber.register(recorder, name, ["prefetch.x"])
-    for i in range(10):
-        publish_domain_event("prefetch.x", {"i": i})
-    thread = threading.Thread(target=subscriber.start_consuming, kwargs={"timeout": 30})
-    thread.start()
-    try:
-        wait_for(lambda: recorder.count() == 1)
-        # Three sent ahead of acknowledgement, seven still waiting in the queue.
-        wait_for(lambda: queue_size(name) == 7, message="7 ready with prefetch 3")
-    finally:
-        release.set()
-        subscriber.stop_consuming()
-        thread.join(30)
-
-
-def test_by_default_100_events_are_sent_ahead(names: Names) -> None:
-    name = names.new("prefetch")
-    release = threading.Event()
-    recorder = Recorder(lambda event: release.wait(20))
-    subscriber = Subscriber()
-    subscriber.register(recorder, name, ["prefetch.default"])
+    subscriber = Subscriber(**options)
+    subscriber.register(recorder, name, [key])
     with Publisher() as publisher:
-        publisher.publish_many([DomainEvent("prefetch.default", {"i": i}) for i in range(130)])
+        publisher.publish_many([DomainEvent(key, {"i": i}) for i in range(published)])
     thread = threading.Thread(target=subscriber.start_consuming, kwargs={"timeout": 30})
     thread.start()
     try:
         wait_for(lambda: recorder.count() == 1)
-        wait_for(lambda: queue_size(name) == 30, message="30 ready with the default prefetch")
+        # The prefetch window sent ahead of acknowledgement, the rest waiting.
+        wait_for(lambda: queue_size(name) == ready, message=f"{ready} ready in the queue")
     finally:
         release.set()
         subscriber.stop_consuming()
