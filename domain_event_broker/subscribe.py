@@ -55,8 +55,8 @@ registration_hooks: list[Callable[[Registration], Callable[[], object]]] = []
 #: How many unacknowledged events the broker sends ahead of each handler.
 #: Handlers still run one at a time, in order; a larger window only saves
 #: round trips. Enough for the events of one read to reach the worker thread
-#: together while the broker sends the next (20 halved the rate of a quick
-#: handler here), small enough that a busy worker holds little back from
+#: together while the broker sends the next (with 20, a quick handler ran at
+#: two thirds of the rate here), small enough that a busy worker holds little back from
 #: others on the same queue.
 DEFAULT_PREFETCH_COUNT: Final = 100
 
