@@ -56,8 +56,8 @@ registration_hooks: list[Callable[[Registration], Callable[[], object]]] = []
 #: Handlers still run one at a time, in order; a larger window only saves
 #: round trips. Enough for the events of one read to reach the worker thread
 #: together while the broker sends the next (with 20, a quick handler ran at
-#: two thirds of the rate here), small enough that a busy worker holds little back from
-#: others on the same queue.
+#: two thirds of the rate here), small enough that a busy worker holds little
+#: back from others on the same queue.
 DEFAULT_PREFETCH_COUNT: Final = 100
 
 
