@@ -21,10 +21,11 @@ import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
 from . import _topology
-from ._connection import CONNECTION_ERRORS, deliver_as_read
+from ._connection import CONNECTION_ERRORS
 from ._dispatch import Action, Delivery, Outcome
 from ._handler_threads import HandlerThreads, Mailbox, ThreadDied
 from ._link import Link, Recovery
+from ._pika_io import deliver_as_read
 from ._registration import Registration
 from ._settle import Settler
 from .errors import (

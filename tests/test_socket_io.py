@@ -1,4 +1,4 @@
-"""The socket I/O every connection uses (``_connection._lean_io``).
+"""The socket I/O every connection uses (``_pika_io.lean_io``).
 
 Writing: a message's frames are joined and handed to the socket as it is
 published when nothing is queued before it; what the socket does not take
@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 
-from domain_event_broker._connection import _lean_io
+from domain_event_broker._pika_io import lean_io
 
 from .helpers import count_socket_io
 
@@ -95,7 +95,7 @@ class Wire:
             bytes_sent=0,
             frames_sent=0,
         )
-        _lean_io(SimpleNamespace(_impl=self.impl))  # type: ignore[arg-type]
+        lean_io(SimpleNamespace(_impl=self.impl))  # type: ignore[arg-type]
         self.received = bytearray()
 
     def output(self, frames: list[bytes]) -> None:
