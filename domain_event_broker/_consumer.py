@@ -23,7 +23,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from . import _topology
 from ._connection import CONNECTION_ERRORS
 from ._dispatch import Action, Delivery, Outcome
-from ._handler_threads import HandlerThreads, Mailbox, ThreadDied
+from ._handler_threads import HandlerThreads, Intake, Mailbox, ThreadDied
 from ._link import Link, Recovery
 from ._pika_io import deliver_as_read
 from ._registration import Registration
@@ -109,9 +109,7 @@ class ConsumeLoop:
         self._pools: dict[str, HandlerThreads] = {}
         self._shared_pool: HandlerThreads | None = None
         self._in_flight = 0
-        #: Deliveries pika dispatched during the current poll, with their
-        #: pools: handed over together when the poll returns.
-        self._arrived: list[tuple[HandlerThreads, Delivery]] = []
+        self._intake = Intake(self._mailbox)
         self._consumer_tags: dict[str, Registration] = {}
         self._cancelled: list[str] = []
         self._consuming_generation = -1
@@ -248,6 +246,7 @@ class ConsumeLoop:
         pool = self._pool_for(registration)
         generation = self._link.generation
         settler = self._settler
+        intake = self._intake
 
         def on_message(
             _channel: BlockingChannel,
@@ -256,19 +255,17 @@ class ConsumeLoop:
             body: bytes,
         ) -> None:
             settler.delivered(method.delivery_tag)
-            self._arrived.append(
-                (
-                    pool,
-                    Delivery(
-                        registration=registration,
-                        delivery_tag=method.delivery_tag,
-                        routing_key=method.routing_key,
-                        body=body,
-                        properties=properties,
-                        redelivered=bool(method.redelivered),
-                        generation=generation,
-                    ),
-                )
+            intake.add(
+                pool,
+                Delivery(
+                    registration=registration,
+                    delivery_tag=method.delivery_tag,
+                    routing_key=method.routing_key,
+                    body=body,
+                    properties=properties,
+                    redelivered=bool(method.redelivered),
+                    generation=generation,
+                ),
             )
 
         channel.basic_qos(prefetch_count=max(self._prefetch_count, registration.concurrency))
@@ -293,14 +290,9 @@ class ConsumeLoop:
         return handed
 
     def _hand_over(self) -> int:
-        arrived, self._arrived = self._arrived, []
-        if not arrived:
-            return 0
-        self._in_flight += len(arrived)
-        self._mailbox.expect(len(arrived))
-        for pool, deliveries in group_by_pool(arrived):
-            pool.submit(deliveries)
-        return len(arrived)
+        handed = self._intake.hand_over()
+        self._in_flight += handed
+        return handed
 
     def _pool_for(self, registration: Registration) -> HandlerThreads:
         if registration.concurrency == 1:
@@ -448,21 +440,6 @@ class ConsumeLoop:
                     f"the subscriber stopped before {item.registration.name!r} was declared"
                 )
                 item.done.set()
-
-
-def group_by_pool(
-    arrived: list[tuple[HandlerThreads, Delivery]],
-) -> list[tuple[HandlerThreads, list[Delivery]]]:
-    """Deliveries by the pool that handles them, each pool's in arrival order."""
-    if not arrived:
-        return []
-    first = arrived[0][0]
-    if all(pool is first for pool, _ in arrived):  # the usual case: one pool
-        return [(first, [delivery for _, delivery in arrived])]
-    batches: dict[HandlerThreads, list[Delivery]] = {}
-    for pool, delivery in arrived:
-        batches.setdefault(pool, []).append(delivery)
-    return list(batches.items())
 
 
 def _raise_if_closed(link: Link) -> None:

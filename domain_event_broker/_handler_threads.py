@@ -22,7 +22,7 @@ from . import _headers, _instrument
 from ._dispatch import Action, Delivery, Outcome, dispatch
 from .telemetry import event_log_context
 
-__all__ = ["HandlerThreads", "Mailbox", "ThreadDied"]
+__all__ = ["HandlerThreads", "Intake", "Mailbox", "ThreadDied"]
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,34 @@ class HandlerThreads:
     def alive(self) -> bool:
         """Whether every thread is still running."""
         return all(thread.is_alive() for thread in self._threads)
+
+
+class Intake:
+    """Deliveries read in one turn of the I/O loop, handed to their pools
+    together when it ends (I/O thread only).
+
+    A handler thread is then woken once for all a read brought, not once per
+    delivery; each pool gets its deliveries in the order they came.
+    """
+
+    def __init__(self, mailbox: Mailbox) -> None:
+        self._mailbox = mailbox
+        self._arrived: dict[HandlerThreads, list[Delivery]] = {}
+
+    def add(self, pool: HandlerThreads, delivery: Delivery) -> None:
+        """Note a delivery for ``pool``."""
+        self._arrived.setdefault(pool, []).append(delivery)
+
+    def hand_over(self) -> int:
+        """Submit what was noted to its pools, and tell the mailbox to expect
+        their outcomes; returns how many deliveries were handed over."""
+        arrived, self._arrived = self._arrived, {}
+        count = sum(len(deliveries) for deliveries in arrived.values())
+        if count:
+            self._mailbox.expect(count)
+            for pool, deliveries in arrived.items():
+                pool.submit(deliveries)
+        return count
 
 
 _MALFORMED: Final = "domain_event_broker.errors.MalformedEventError"

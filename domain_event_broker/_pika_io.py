@@ -115,7 +115,7 @@ def _read_until_empty(transport: Any) -> None:
             return
 
 
-def deliver_as_read(channel: BlockingChannel, consumer_tag: str) -> bool:
+def deliver_as_read(channel: BlockingChannel, consumer_tag: str) -> None:
     """Have pika call the consumer ``consumer_tag`` of ``channel`` as each
     delivery is read, rather than queue it for a later dispatch.
 
@@ -132,9 +132,8 @@ def deliver_as_read(channel: BlockingChannel, consumer_tag: str) -> bool:
     left undispatched for ``basic_cancel()`` to reject: each one has reached
     the consumer already.
 
-    Returns:
-        False when this pika has not the names used, or the consumer is
-        unknown: it is then left as pika made it.
+    On a pika without the names used, or for an unknown consumer, the
+    consumer is left as pika made it.
     """
     impl_consumers = getattr(getattr(channel, "_impl", None), "_consumers", None)
     infos = getattr(channel, "_consumer_infos", None)
@@ -147,7 +146,7 @@ def deliver_as_read(channel: BlockingChannel, consumer_tag: str) -> bool:
         or callback is None
         or request_dispatch is None
     ):
-        return False  # pragma: no cover - another pika than 1.x
+        return  # pragma: no cover - another pika than 1.x
     wake_number = -channel.channel_number  # negative: "return", nothing to dispatch
 
     def deliver(
@@ -160,4 +159,3 @@ def deliver_as_read(channel: BlockingChannel, consumer_tag: str) -> bool:
         request_dispatch(wake_number)
 
     impl_consumers[consumer_tag] = deliver
-    return True

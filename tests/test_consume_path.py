@@ -17,9 +17,8 @@ from hypothesis import strategies as st
 from pika.adapters.blocking_connection import BlockingChannel
 
 from domain_event_broker import DomainEvent, Publisher, Subscriber
-from domain_event_broker._consumer import group_by_pool
 from domain_event_broker._dispatch import Action, Delivery, Outcome
-from domain_event_broker._handler_threads import HandlerThreads, Mailbox, ThreadDied
+from domain_event_broker._handler_threads import HandlerThreads, Intake, Mailbox, ThreadDied
 from domain_event_broker._registration import Registration
 
 from .conftest import Names
@@ -198,21 +197,34 @@ def test_the_mailbox_loses_nothing_and_wakes_once_per_take(operations: list[str]
 # -- handing over -----------------------------------------------------------------
 
 
+class RecordingPool:
+    """Stands in for a pool of handler threads: records what it is given."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Delivery]] = []
+
+    def submit(self, deliveries: list[Delivery]) -> None:
+        self.batches.append(deliveries)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=3), max_size=60))
 def test_each_pool_gets_its_deliveries_in_the_order_they_came(pools_of: list[int]) -> None:
-    pools = [object() for _ in range(4)]
+    pools = [RecordingPool() for _ in range(4)]
     registration = Registration(lambda event: None, "q", ("k",))
-    arrived = [
-        (pools[index], Delivery(registration, tag, "k", b"{}"))
-        for tag, index in enumerate(pools_of)
-    ]
-    groups = group_by_pool(arrived)  # type: ignore[arg-type]
+    mailbox = Mailbox(lambda: None)
+    intake = Intake(mailbox)
+    for tag, index in enumerate(pools_of):
+        intake.add(pools[index], Delivery(registration, tag, "k", b"{}"))  # type: ignore[arg-type]
+    assert intake.hand_over() == len(pools_of)
+    groups = [(pool, batch) for pool in pools for batch in pool.batches]
     assert len(groups) == len(set(pools_of))
     assert len({id(pool) for pool, _ in groups}) == len(groups)  # one batch per pool
     for pool, deliveries in groups:
         expected = [tag for tag, index in enumerate(pools_of) if pools[index] is pool]
         assert [delivery.delivery_tag for delivery in deliveries] == expected
+    assert mailbox._pending == len(pools_of)  # their outcomes are expected
+    assert intake.hand_over() == 0  # nothing twice
 
 
 def test_the_handler_threads_of_a_pool_share_a_batch(names: Names) -> None:
