@@ -41,8 +41,9 @@ import textwrap
 import uuid
 
 import pika
+from bench_subscribe import fill
 
-from domain_event_broker import DomainEvent, Subscriber
+from domain_event_broker import Subscriber
 
 URL = os.environ.get("DOMAIN_EVENT_BROKER", "amqp://guest:guest@localhost:5672/%2F").split(",")[0]
 
@@ -158,12 +159,7 @@ def consumed_instructions(mode: str, count: int) -> int:
     connection = pika.BlockingConnection(pika.URLParameters(URL))
     channel = connection.channel()
     try:
-        properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-        for n in range(count):
-            body = DomainEvent(queue, {"n": n}).to_json()
-            channel.basic_publish("", queue, body, properties)
-        while channel.queue_declare(queue, passive=True).method.message_count < count:
-            connection.sleep(0.05)
+        fill(channel, queue, queue, count)  # bound with its own name as the key
         return instructions(mode, count, CONSUMER, queue)
     finally:
         channel.queue_delete(queue)
