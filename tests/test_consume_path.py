@@ -12,10 +12,12 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pika.adapters.blocking_connection import BlockingChannel
 
+import domain_event_broker._consumer as consumer_module
 from domain_event_broker import DomainEvent, Publisher, Subscriber
 from domain_event_broker._dispatch import Action, Delivery, Outcome
 from domain_event_broker._handler_threads import HandlerThreads, Intake, Mailbox, ThreadDied
@@ -245,3 +247,24 @@ def test_the_handler_threads_of_a_pool_share_a_batch(names: Names) -> None:
     fill(f"{name}.k", 16)
     consume_until(subscriber, lambda: len(handled) == 16, timeout=30)
     assert len(seen) == 4
+
+
+def test_a_failure_while_noting_a_delivery_stops_the_subscriber_loudly(
+    names: Names, monkeypatch: Any
+) -> None:
+    """The consumer runs inside pika's reading: if it raises (a bug), the
+    error ends start_consuming() and the event stays in the queue."""
+
+    def broken(*args: Any, **kwargs: Any) -> Delivery:
+        raise RuntimeError("cannot note this delivery")
+
+    name = names.new("noting")
+    subscriber = Subscriber(BROKER_URL)
+    handled: list[DomainEvent] = []
+    subscriber.register(handled.append, name, [f"{name}.k"])
+    fill(f"{name}.k", 3)
+    monkeypatch.setattr(consumer_module, "Delivery", broken)
+    with pytest.raises(RuntimeError, match="cannot note"):
+        subscriber.start_consuming(timeout=30)
+    assert handled == []
+    wait_for(lambda: queue_size(name) == 3)  # redelivered, nothing lost
