@@ -751,11 +751,12 @@ else:
             exception_type: str | None = None,
         ) -> None:
             """See :meth:`_ProcessCounts.set_outcome`; also on the span."""
-            _validate_outcome(outcome)
             span = self._span
-            if span is None:
+            if span is None:  # not entered: nothing counted yet, nothing to mark
+                _validate_outcome(outcome)
                 self._outcome = outcome
                 return
+            super().set_outcome(outcome, delay_ms=delay_ms, exception_type=exception_type)
             span.set_attribute("domain_event_broker.outcome", outcome)
             if delay_ms is not None:
                 span.set_attribute("domain_event_broker.retry.delay_ms", int(delay_ms))
@@ -763,7 +764,6 @@ else:
                 span.set_attribute("error.type", exception_type)
             if outcome in ("dead_letter", "discarded", "malformed"):
                 span.set_status(_Status(_StatusCode.ERROR, exception_type or outcome))
-            super().set_outcome(outcome, delay_ms=delay_ms, exception_type=exception_type)
 
         def __exit__(
             self,
