@@ -1,15 +1,19 @@
 """Send and receive domain events via RabbitMQ.
 
-The public API is what this module exports (see ``__all__``); the
-submodules are implementation details, apart from the ``transport`` and
-``replay`` modules kept for code written against 3.0.2.
+The core API is what this module exports (see ``__all__``). These submodules
+are public as well: ``events``, ``errors``, ``publish``, ``subscribe`` and
+``replay`` (the richer dead-letter functions), ``transport`` (3.0.2's import
+path), ``testing`` (a test double), ``telemetry`` (log fields and the
+heartbeat), ``cli`` (the ``domain-event-broker`` command) and ``django`` (the
+optional Django app). Modules and packages whose names start with an
+underscore are implementation details.
 """
 
 import logging as _logging
-from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
-from importlib.metadata import version as _version
 
-from ._config import UNSET, configure, reset_defaults
+from ._amqp.config import UNSET, ConnectionSettings, configure, reset_defaults
+from ._core.version import __version__
+from ._deadletters.migrate import MigrationError, migrate_queue_type
 from .errors import (
     AuthenticationError,
     BatchPublishError,
@@ -26,14 +30,9 @@ from .errors import (
     UnroutableError,
 )
 from .events import DomainEvent
-from .publish import Publisher, publish_domain_event
+from .publish import Publisher, close_shared_publishers, publish_domain_event
 from .replay import DISCARD, LEAVE, RETRY, replay_all, replay_event, retry_event
-from .subscribe import Retry, Subscriber
-
-try:
-    __version__ = _version("domain-event-broker")
-except _PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0+unknown"
+from .subscribe import Handler, Retry, Subscriber
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -47,11 +46,14 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailableError",
     "ConfigurationError",
+    "ConnectionSettings",
     "DeadLetterQueueNotFoundError",
     "DomainEvent",
     "DomainEventBrokerError",
+    "Handler",
     "HandlerThreadError",
     "MalformedEventError",
+    "MigrationError",
     "PublishError",
     "PublishTimeoutError",
     "Publisher",
@@ -60,7 +62,9 @@ __all__ = [
     "TLSError",
     "UnroutableError",
     "__version__",
+    "close_shared_publishers",
     "configure",
+    "migrate_queue_type",
     "publish_domain_event",
     "replay_all",
     "replay_event",

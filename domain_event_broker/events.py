@@ -10,8 +10,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Final
 
-from . import _validate
-from .errors import MalformedEventError
+from ._core import validate as _validate
+from ._core.exceptions import MalformedEventError
 
 __all__ = ["DomainEvent"]
 

@@ -19,10 +19,12 @@ from typing import Any
 
 import pika
 
-from . import _headers, publish, subscribe
-from ._dispatch import Action, Delivery, dispatch
-from ._registration import Registration
-from ._topic import topic_matches
+from ._core import headers as _headers
+from ._core.topic import topic_matches
+from ._publishing import publisher as publish
+from ._subscribing import subscriber as subscribe
+from ._subscribing.dispatch import Action, Delivery, dispatch
+from ._subscribing.registration import Registration
 from .errors import MalformedEventError
 from .events import DomainEvent
 

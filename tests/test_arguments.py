@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain_event_broker import _arguments
+from domain_event_broker._cli import arguments as _arguments
 
 
 @given(st.text(max_size=12))

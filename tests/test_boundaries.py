@@ -32,11 +32,11 @@ from domain_event_broker import (
     Publisher,
     Subscriber,
     UnroutableError,
-    _validate,
     configure,
     publish_domain_event,
 )
-from domain_event_broker.cli import AnswerReader, InteractivePrompt
+from domain_event_broker._cli.prompt import AnswerReader, InteractivePrompt
+from domain_event_broker._core import validate as _validate
 from domain_event_broker.events import check_event
 
 from .conftest import Names

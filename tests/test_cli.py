@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from domain_event_broker import DomainEvent
-from domain_event_broker._config import redact
+from domain_event_broker._amqp.config import redact
 
 from .conftest import Names
 from .helpers import BROKER_URL, get_messages, queue_exists, queue_size, raw_connection, wait_for

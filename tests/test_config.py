@@ -13,7 +13,7 @@ from domain_event_broker import (
     configure,
     reset_defaults,
 )
-from domain_event_broker._config import (
+from domain_event_broker._amqp.config import (
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
     ENVIRONMENT_VARIABLE,

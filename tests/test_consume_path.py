@@ -17,11 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pika.adapters.blocking_connection import BlockingChannel
 
-import domain_event_broker._consumer as consumer_module
+import domain_event_broker._subscribing.consume_loop as consumer_module
 from domain_event_broker import DomainEvent, Publisher, Subscriber
-from domain_event_broker._dispatch import Action, Delivery, Outcome
-from domain_event_broker._handler_threads import HandlerThreads, Intake, Mailbox, ThreadDied
-from domain_event_broker._registration import Registration
+from domain_event_broker._subscribing.dispatch import Action, Delivery, Outcome
+from domain_event_broker._subscribing.handler_threads import (
+    HandlerThreads,
+    Intake,
+    Mailbox,
+    ThreadDied,
+)
+from domain_event_broker._subscribing.registration import Registration
 
 from .conftest import Names
 from .helpers import BROKER_URL, consumer_count, queue_size, wait_for

@@ -1,4 +1,4 @@
-"""Dead letters as values (``domain_event_broker._deadletters``): filters,
+"""Dead letters as values (``domain_event_broker._deadletters.letters``): filters,
 topic patterns, ages, summaries and the export format. No broker needed."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domain_event_broker._deadletters import (
+from domain_event_broker._deadletters.letters import (
     ORIGINAL_ROUTING_KEY,
     DeadLetter,
     DeadLetterFilter,
@@ -230,7 +230,7 @@ def test_summary_counts_every_letter_once_per_field(dead_letters: list[DeadLette
 
 
 def test_summary_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from domain_event_broker import _deadletters
+    from domain_event_broker._deadletters import letters as _deadletters
 
     monkeypatch.setattr(_deadletters, "MAX_DISTINCT", 3)
     summary = DeadLetterSummary()

@@ -14,8 +14,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from domain_event_broker import DomainEvent, Retry
-from domain_event_broker._dispatch import UNPRINTABLE, Action, Delivery, Outcome, dispatch
-from domain_event_broker._registration import MAX_RETRY_DELAY, Registration, build_registration
+from domain_event_broker._subscribing.dispatch import (
+    UNPRINTABLE,
+    Action,
+    Delivery,
+    Outcome,
+    dispatch,
+)
+from domain_event_broker._subscribing.registration import (
+    MAX_RETRY_DELAY,
+    Registration,
+    build_registration,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

@@ -47,8 +47,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
-from domain_event_broker import _names, _topology
-from domain_event_broker._registration import Registration
+from domain_event_broker._amqp import names as _names
+from domain_event_broker._subscribing import topology as _topology
+from domain_event_broker._subscribing.registration import Registration
 
 from .helpers import rabbitmqctl_command
 

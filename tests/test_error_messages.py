@@ -23,8 +23,8 @@ from domain_event_broker import (
     Publisher,
     configure,
 )
-from domain_event_broker._config import resolve
-from domain_event_broker._connection import connect
+from domain_event_broker._amqp.config import resolve
+from domain_event_broker._amqp.connect import connect
 from domain_event_broker.cli import main
 
 #: Nothing listens there: connecting is refused at once.

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from domain_event_broker import DomainEvent, Publisher, Subscriber, _migrate, cli
-from domain_event_broker._migrate import MigrationError, migrate_queue_type
+from domain_event_broker import DomainEvent, Publisher, Subscriber, cli
+from domain_event_broker._deadletters import migrate as _migrate
+from domain_event_broker._deadletters.migrate import MigrationError, migrate_queue_type
 
 from .conftest import Names
 from .helpers import (

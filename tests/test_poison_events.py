@@ -16,10 +16,10 @@ from domain_event_broker import (
     HandlerThreadError,
     Retry,
     Subscriber,
-    _handler_threads,
-    _names,
     publish_domain_event,
 )
+from domain_event_broker._amqp import names as _names
+from domain_event_broker._subscribing import handler_threads as _handler_threads
 
 from .conftest import Names
 from .helpers import get_messages, queue_size, wait_for

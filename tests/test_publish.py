@@ -25,8 +25,8 @@ import pika.exceptions
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
-import domain_event_broker._link as link_module
-import domain_event_broker.publish as publish_module
+import domain_event_broker._amqp.link as link_module
+import domain_event_broker._publishing.publisher as publish_module
 from domain_event_broker import (
     AuthenticationError,
     BrokerError,
@@ -38,7 +38,7 @@ from domain_event_broker import (
     configure,
     publish_domain_event,
 )
-from domain_event_broker._config import ENVIRONMENT_VARIABLE, FILE_ENVIRONMENT_VARIABLE
+from domain_event_broker._amqp.config import ENVIRONMENT_VARIABLE, FILE_ENVIRONMENT_VARIABLE
 
 from .conftest import Names
 from .helpers import (

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pika.adapters.blocking_connection import BlockingChannel
 
-import domain_event_broker._link as link_module
+import domain_event_broker._amqp.link as link_module
 from domain_event_broker import (
     BatchPublishError,
     BrokerError,

@@ -22,7 +22,7 @@ from domain_event_broker import (
     configure,
     publish_domain_event,
 )
-from domain_event_broker._config import redact, resolve
+from domain_event_broker._amqp.config import redact, resolve
 from domain_event_broker.cli import main
 
 SECRET = "S3cretPw"

@@ -15,8 +15,8 @@ from domain_event_broker import (
     DomainEvent,
     PublishError,
 )
-from domain_event_broker import _link as link_module
 from domain_event_broker import replay as replay_module
+from domain_event_broker._amqp import link as link_module
 from domain_event_broker.replay import (
     DISCARD,
     LEAVE,

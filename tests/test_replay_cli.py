@@ -236,7 +236,7 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(
 ) -> None:
     from io import StringIO
 
-    from domain_event_broker import cli as cli_module
+    from domain_event_broker._cli import main as cli_module
     from domain_event_broker.replay import ReplayResult
 
     clock = iter(float(n) for n in range(100))

@@ -18,7 +18,7 @@ from django.conf import settings  # noqa: E402  # after importorskip
 from django.core.management import CommandError, call_command  # noqa: E402
 
 from domain_event_broker import DomainEvent  # noqa: E402
-from domain_event_broker import _rotation as rotation  # noqa: E402
+from domain_event_broker._deadletters import run as rotation  # noqa: E402
 
 from . import replay_django_settings  # noqa: E402
 from .conftest import Names  # noqa: E402

@@ -16,8 +16,8 @@ import pika.exceptions
 import pytest
 
 from domain_event_broker import DomainEvent
-from domain_event_broker import _rotation as rotation
-from domain_event_broker._rotation_channel import RunChannel
+from domain_event_broker._deadletters import run as rotation
+from domain_event_broker._deadletters.run_channel import RunChannel
 from domain_event_broker.replay import (
     DISCARD,
     LEAVE,

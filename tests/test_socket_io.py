@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 
-from domain_event_broker._pika_io import lean_io
+from domain_event_broker._amqp.pika_internals import lean_io
 
 from .helpers import count_socket_io
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from domain_event_broker import _names
-from domain_event_broker._management import (
+from domain_event_broker._amqp import names as _names
+from domain_event_broker._amqp.management import (
     ENVIRONMENT_VARIABLE,
     delays_in_listing,
     management_endpoints,

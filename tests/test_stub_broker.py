@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from domain_event_broker import DomainEvent, Retry, Subscriber, publish_domain_event
-from domain_event_broker._topic import topic_matches
+from domain_event_broker._core.topic import topic_matches
 from domain_event_broker.testing import StubBroker
 
 from .conftest import Names

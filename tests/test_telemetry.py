@@ -26,7 +26,7 @@ from domain_event_broker import (
     Subscriber,
     replay_all,
 )
-from domain_event_broker import _instrument as instrument
+from domain_event_broker._telemetry import otel as instrument
 from domain_event_broker.telemetry import (
     EventLogFilter,
     Heartbeat,

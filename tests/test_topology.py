@@ -11,17 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain_event_broker import (
-    ConfigurationError,
-    Publisher,
-    Retry,
-    Subscriber,
-    _config,
-    _names,
-    _topology,
-    configure,
-)
-from domain_event_broker._registration import Registration
+from domain_event_broker import ConfigurationError, Publisher, Retry, Subscriber, configure
+from domain_event_broker._amqp import config as _config
+from domain_event_broker._amqp import names as _names
+from domain_event_broker._subscribing import topology as _topology
+from domain_event_broker._subscribing.registration import Registration
 
 from .conftest import Names
 from .helpers import get_messages, queue_size, raw_connection, wait_for

@@ -25,8 +25,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pika.adapters.blocking_connection import BlockingChannel
 
+import domain_event_broker._publishing.publisher as publish_module
 import domain_event_broker.events as events_module
-import domain_event_broker.publish as publish_module
 from domain_event_broker import DomainEvent, publish_domain_event
 
 from .helpers import raw_connection, wait_for

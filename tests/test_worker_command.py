@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain_event_broker import publish_domain_event
-from domain_event_broker._worker_command import check_health
+from domain_event_broker._worker.runner import check_health
 
 from .helpers import BROKER_URL, consumer_count, wait_for
 

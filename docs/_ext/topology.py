@@ -1,8 +1,8 @@
 """Sphinx extension: the picture of one handler's topology, drawn from the code.
 
 ``.. handler-topology::`` runs the library's own topology code
-(:mod:`domain_event_broker._topology`, which takes its names from
-:mod:`domain_event_broker._names`) against a channel that only records what
+(:mod:`domain_event_broker._subscribing.topology`, which takes its names from
+:mod:`domain_event_broker._amqp.names`) against a channel that only records what
 it is asked to declare, and draws what was recorded as an inline SVG: the
 exchanges and queues with their arguments, the bindings, the queues'
 dead-letter exchanges, and the routes the worker publishes retries and dead
@@ -31,8 +31,9 @@ from docutils.parsers.rst import directives
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
-from domain_event_broker import _names, _topology
-from domain_event_broker._registration import Registration
+from domain_event_broker._amqp import names as _names
+from domain_event_broker._subscribing import topology as _topology
+from domain_event_broker._subscribing.registration import Registration
 
 PUBLISHER = "application"
 HANDLER = "handler"

@@ -6,8 +6,7 @@ from django.apps import AppConfig
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from .. import configure
-from .._config import read_broker_file
+from .._amqp.config import configure, read_broker_file
 from ..errors import ConfigurationError
 
 #: The Django setting holding the broker URL, list of URLs, or ``None``.

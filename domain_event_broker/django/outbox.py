@@ -22,7 +22,7 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from .. import _instrument
+from .._telemetry import otel as _instrument
 from ..events import DomainEvent, new_event
 from .models import OutboxEvent
 

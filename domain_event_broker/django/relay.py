@@ -48,9 +48,9 @@ from django.db import (
 )
 from django.utils import timezone
 
-from .. import _instrument
-from .._config import UNSET, ConnectionSettings, _Unset
-from .._link import Recovery
+from .._amqp.config import UNSET, ConnectionSettings, _Unset
+from .._amqp.link import Recovery
+from .._telemetry import otel as _instrument
 from ..errors import BatchPublishError, BrokerError
 from ..events import DomainEvent, check_event
 from ..publish import Publisher

@@ -7,8 +7,8 @@ from typing import Any
 
 from django.db import transaction
 
-from .. import _config
-from .._config import UNSET, ConnectionSettings
+from .._amqp import config as _config
+from .._amqp.config import UNSET, ConnectionSettings
 from ..events import DomainEvent, new_event
 from ..publish import publish_domain_event
 

@@ -9,7 +9,7 @@ from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
-from domain_event_broker import _config
+from domain_event_broker._amqp import config as _config
 
 
 def _ready() -> None:

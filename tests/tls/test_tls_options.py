@@ -16,8 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain_event_broker import ConfigurationError, Publisher, _config, _tls, configure
-from domain_event_broker._config import redact, resolve
+from domain_event_broker import ConfigurationError, Publisher, configure
+from domain_event_broker._amqp import config as _config
+from domain_event_broker._amqp import tls as _tls
+from domain_event_broker._amqp.config import redact, resolve
 
 from .certs import Certificates
 

@@ -8,9 +8,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, DatabaseError
 
-from ...._arguments import positive_seconds
-from ...._config import UNSET
-from ...._signals import graceful_stop
+from ...._amqp.config import UNSET
+from ...._cli.arguments import positive_seconds
+from ...._core.signals import graceful_stop
 from ....errors import DomainEventBrokerError
 from ...outbox import failed_events, retry_failed_events
 from ...relay import DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL, OutboxRelay

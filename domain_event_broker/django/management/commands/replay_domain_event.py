@@ -13,7 +13,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from domain_event_broker import replay
-from domain_event_broker.cli import DEFAULT_ANSWER_TIMEOUT, InteractivePrompt
+from domain_event_broker._cli.prompt import DEFAULT_ANSWER_TIMEOUT, InteractivePrompt
 from domain_event_broker.errors import DomainEventBrokerError
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from .... import _worker_command
+from ...._cli import worker as _worker_command
+from ...._worker.runner import run_worker
 from ....errors import ConfigurationError
 
 
@@ -36,7 +37,7 @@ class Command(BaseCommand):
         if options.get("pythonpath"):
             command.append(f"--pythonpath={options['pythonpath']}")
         try:
-            status = _worker_command.run_worker(worker_options, command)
+            status = run_worker(worker_options, command)
         except ConfigurationError as exc:
             raise CommandError(str(exc)) from exc
         if status:

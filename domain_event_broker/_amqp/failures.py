@@ -1,0 +1,140 @@
+"""pika's exceptions, translated into this library's, in one place.
+
+Every module that catches a pika exception hands it to
+:func:`translate_pika_error` and raises the result ``from`` it, so no pika
+exception reaches a caller. :func:`describe_error` puts a cause in a few
+words for log lines.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pika.exceptions
+from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
+
+from ..errors import (
+    AuthenticationError,
+    BrokerUnavailableError,
+    DomainEventBrokerError,
+    PublishError,
+    PublishTimeoutError,
+    UnroutableError,
+)
+
+__all__ = ["describe_error", "is_auth_error", "root_cause", "translate_pika_error"]
+
+#: pika errors that mean "retrying cannot help".
+_AUTH_ERRORS = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.ProbableAccessDeniedError,
+    pika.exceptions.AuthenticationError,
+)
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a refusal of credentials or vhost access."""
+    if isinstance(exc, _AUTH_ERRORS):
+        return True
+    if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
+        # 403 ACCESS_REFUSED, 530 NOT_ALLOWED (e.g. unknown vhost)
+        return exc.reply_code in (403, 530)
+    return False
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost error behind ``exc``, following pika's wrappers.
+
+    pika wraps the real reason in ``args`` (``AMQPConnectionError``), in
+    ``.exception`` (connector phase errors) or in ``.exceptions`` (workflow
+    failures); others chain it with ``raise ... from``.
+    """
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner: BaseException | None = None
+        nested = getattr(exc, "exception", None)
+        if isinstance(nested, BaseException):
+            inner = nested
+        elif getattr(exc, "exceptions", None):
+            last = exc.exceptions[-1]  # type: ignore[attr-defined]
+            inner = last if isinstance(last, BaseException) else None
+        if inner is None:
+            inner = next((a for a in exc.args if isinstance(a, BaseException)), None)
+        if inner is None:
+            inner = exc.__cause__
+        if inner is None:
+            return exc
+        exc = inner
+    return exc
+
+
+def describe_error(exc: BaseException | None) -> str:  # noqa: PLR0911  # one return per cause
+    """The underlying reason of ``exc`` in a few words, e.g. "connection refused".
+
+    Args:
+        exc: an error from pika or the socket layer (or a library error
+            chaining one).
+    """
+    if exc is None:
+        return "no attempt made"
+    if is_auth_error(exc) or any(is_auth_error(arg) for arg in _inner(exc)):
+        cause = root_cause(exc)
+        detail = f" ({_text(cause)})" if _text(cause) else ""
+        return f"access refused{detail}"
+    cause = root_cause(exc)
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, socket.gaierror):
+        return (cause.strerror or "host name not found").lower()
+    if isinstance(cause, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(cause, AMQPConnectorStackTimeout):
+        return "no AMQP handshake in time (is this the AMQP port of a RabbitMQ node?)"
+    if isinstance(cause, pika.exceptions.IncompatibleProtocolError):
+        return "the peer does not speak AMQP 0-9-1 (is this the AMQP port?)"
+    if isinstance(cause, pika.exceptions.ConnectionClosedByBroker):
+        return f"closed by the broker ({cause.reply_code} {cause.reply_text})"
+    if isinstance(cause, pika.exceptions.ChannelClosedByBroker):
+        return f"channel closed by the broker ({cause.reply_code} {cause.reply_text})"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    text = _text(cause)
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+def _text(exc: BaseException) -> str:
+    text = str(exc)
+    return "" if text == type(exc).__name__ else text[:500]
+
+
+def _inner(exc: BaseException) -> list[BaseException]:
+    return [arg for arg in getattr(exc, "args", ()) if isinstance(arg, BaseException)]
+
+
+def translate_pika_error(exc: BaseException, context: str) -> DomainEventBrokerError:
+    """Map a pika exception to this library's hierarchy.
+
+    Args:
+        exc: the exception pika raised.
+        context: a short description of what was being done, without secrets.
+
+    Returns:
+        The library error to raise, ``from exc``.
+    """
+    if isinstance(exc, DomainEventBrokerError):
+        return exc
+    if is_auth_error(exc):
+        return AuthenticationError(f"{context}: access refused by the broker ({exc!r})")
+    if isinstance(exc, pika.exceptions.NackError):
+        return PublishError(f"{context}: the broker refused (nacked) the message")
+    if isinstance(exc, pika.exceptions.UnroutableError):
+        return UnroutableError(
+            f"{context}: no queue is bound for this routing key, so the broker returned "
+            f"the message (is the subscriber's handler registered?)"
+        )
+    if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):
+        return PublishTimeoutError(
+            f"{context}: the broker blocked the connection (resource alarm) for too long"
+        )
+    return BrokerUnavailableError(f"{context}: {describe_error(exc)}")

@@ -1,0 +1,295 @@
+"""Declaring a handler's exchanges, queues and bindings on a channel.
+
+Plain functions of a channel and a :class:`Registration`; the names come
+from :mod:`._names`. Used by the Subscriber when registering, after every
+reconnection, and for each retry's delay queue.
+
+All topology policy lives here: durability, queue types and arguments, and
+how queues of 3.0.2 or of the other type are taken over.
+
+Restart safety. 3.0.2 declares ``name-retry`` and ``name-dlx`` non-durable and
+its delay queues with ``x-dead-letter-exchange: name-retry``; its workers
+re-declare exactly that during a rolling upgrade, and neither an exchange's
+durability nor a queue's arguments can change in place. So those objects stay
+as they are (still declared, for 3.0.2's workers and its waiting retries), and
+every path 4.1 sends an event along runs through durable objects of new
+names that 3.0.2 never declares:
+
+- a retry waits in ``name-delay-<ms>-<type>``, which dead-letters into the
+  durable fanout exchange ``name-retry-durable``, bound to the handler's queue
+  (a durable binding): it re-enters the queue after a broker restart with no
+  worker running, whatever its routing key;
+- a dead letter is published to the durable fanout exchange
+  ``name-dlx-durable``, bound to ``name-dl``; a quorum handler's queue
+  dead-letters (delivery limit) into it too, at least once.
+
+The 3.0.2 exchanges additionally bind with ``#``, so that anything sent to
+``name-retry`` (3.0.2's retries, replays) or to ``name-dlx`` (3.0.2's dead
+letters, broker-side dead-lettering of a queue 3.0.2 declared) reaches its
+queue whatever its routing key.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from .._amqp import config as _config
+from .._amqp import names as _names
+from ..errors import ConfigurationError
+from .registration import Registration
+
+__all__ = ["dead_letter_route", "declare_delay", "declare_handler", "requested_queue_type"]
+
+log = logging.getLogger(__name__)
+
+#: The queue type each handler's queue turned out to have, per channel: it
+#: decides the type of the handler's delay queues.
+_queue_types: weakref.WeakKeyDictionary[BlockingChannel, dict[str, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def requested_queue_type(registration: Registration) -> str | None:
+    """The queue type a handler asks for: its own, else the configured default.
+
+    Raises:
+        ConfigurationError: the environment names an unknown queue type.
+    """
+    return registration.queue_type or _config.default_queue_type()
+
+
+def declare_handler(
+    channel: BlockingChannel, registration: Registration, exchange: str, exchange_type: str
+) -> None:
+    """Declare one handler's whole topology.
+
+    The handler's queue and ``name-dl`` get the requested queue type; one that
+    exists with the other type is taken over as it is, with a WARNING saying
+    how to migrate it.
+
+    Raises:
+        ConfigurationError: the queue exists with arguments this library
+            never declares.
+        pika.exceptions.AMQPError: anything else the broker refused; the
+            caller translates it.
+    """
+    name = registration.name
+    wanted = requested_queue_type(registration)
+    if registration.dead_letter:
+        dlx = _names.dead_letter_exchange(name)
+        durable_dlx = _names.durable_dead_letter_exchange(name)
+        dlq = _names.dead_letter_queue(name)
+        channel.exchange_declare(exchange=dlx, exchange_type=exchange_type)  # 3.0.2's
+        channel.exchange_declare(exchange=durable_dlx, exchange_type="fanout", durable=True)
+        _declare_queue(
+            channel,
+            dlq,
+            wanted,
+            {"durable": True},
+            [(t, _names.dead_letter_queue_arguments(t)) for t in _candidates(wanted)],
+            name,
+        )
+        for key in (*registration.binding_keys, "#"):
+            channel.queue_bind(exchange=dlx, queue=dlq, routing_key=key)
+        channel.queue_bind(exchange=durable_dlx, queue=dlq, routing_key="")
+    queue_type = _declare_queue(
+        channel,
+        name,
+        wanted,
+        {
+            "durable": registration.durable,
+            "exclusive": registration.exclusive,
+            "auto_delete": registration.auto_delete,
+        },
+        [
+            (t, _names.inbox_arguments(name, registration.dead_letter, t))
+            for t in _candidates(wanted)
+        ],
+        name,
+        registration,
+    )
+    _queue_types.setdefault(channel, {})[name] = queue_type
+    channel.exchange_declare(
+        exchange=exchange, exchange_type=exchange_type, durable=True, auto_delete=False
+    )
+    retry = _names.retry_exchange(name)
+    durable_retry = _names.durable_retry_exchange(name)
+    channel.exchange_declare(exchange=retry, exchange_type=exchange_type)  # 3.0.2's
+    channel.exchange_declare(exchange=durable_retry, exchange_type="fanout", durable=True)
+    for key in registration.binding_keys:
+        channel.queue_bind(exchange=exchange, queue=name, routing_key=key)
+        channel.queue_bind(exchange=retry, queue=name, routing_key=key)
+    channel.queue_bind(exchange=retry, queue=name, routing_key="#")
+    channel.queue_bind(exchange=durable_retry, queue=name, routing_key="")
+
+
+def declare_delay(
+    channel: BlockingChannel, registration: Registration, milliseconds: int, exchange_type: str
+) -> tuple[str, str]:
+    """Declare (and so keep alive) the delay queue of a handler for one delay.
+
+    The delay queue has the type of the handler's queue and dead-letters into
+    the durable ``name-retry-durable``; quorum ones at least once.
+    ``exchange_type`` is kept for the signature: the delay exchange is a
+    fanout, so a retry's routing key never matters.
+
+    Returns:
+        The exchange and routing key to publish the retry with; the routing
+        key ``""`` means: keep the event's own key.
+    """
+    del exchange_type
+    name = registration.name
+    queue_type = _queue_types.get(channel, {}).get(name)
+    if queue_type is None:
+        durable_retry = _names.durable_retry_exchange(name)
+        channel.exchange_declare(exchange=durable_retry, exchange_type="fanout", durable=True)
+        queue_type = _probe_type(channel, name)
+        _queue_types.setdefault(channel, {})[name] = queue_type
+    delay_name = _names.typed_delay_queue(name, milliseconds, queue_type)
+    channel.queue_declare(
+        queue=delay_name,
+        durable=True,
+        arguments=_names.typed_delay_queue_arguments(name, milliseconds, queue_type),
+    )
+    channel.exchange_declare(
+        exchange=delay_name, exchange_type="fanout", durable=True, auto_delete=True
+    )
+    channel.queue_bind(exchange=delay_name, queue=delay_name, routing_key="")
+    return delay_name, ""
+
+
+def dead_letter_route(registration: Registration) -> tuple[str, str]:
+    """The exchange and routing key a dead letter of a handler is published with.
+
+    The durable fanout ``name-dlx-durable``: it reaches ``name-dl`` whatever
+    its routing key, which it keeps (replay re-publishes with it).
+    The routing key ``""`` means: keep the event's own key.
+    """
+    return _names.durable_dead_letter_exchange(registration.name), ""
+
+
+# -- taking over queues of either type -------------------------------------------------
+
+
+def _candidates(wanted: str | None) -> list[str | None]:
+    """Argument sets to try, the wanted one first, then those of the other types."""
+    order: list[str | None] = [wanted]
+    for queue_type in (None, "classic", "quorum"):
+        if queue_type not in order:
+            order.append(queue_type)
+    return order
+
+
+def _declare_queue(
+    channel: BlockingChannel,
+    queue: str,
+    wanted: str | None,
+    options: dict[str, bool],
+    candidates: Sequence[tuple[str | None, dict[str, object]]],
+    handler: str,
+    registration: Registration | None = None,
+) -> str:
+    """Declare ``queue`` with the first argument set the broker accepts.
+
+    Each attempt runs on a channel of its own, as a refusal closes it.
+
+    Returns:
+        The queue's type.
+    """
+    first_error: pika.exceptions.ChannelClosedByBroker | None = None
+    for queue_type, arguments in candidates:
+        probe = channel.connection.channel()
+        try:
+            probe.queue_declare(queue=queue, arguments=arguments, **options)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:
+                raise
+            first_error = first_error or exc
+            continue
+        else:
+            probe.close()
+        actual = queue_type or _probe_type(channel, queue, arguments, options)
+        if queue_type is not wanted and wanted is not None:
+            hint = (
+                f"run `domain-event-broker migrate {handler} --queue-type {wanted}` to move it"
+                if actual != wanted
+                else "its arguments are not those this version declares; migrate it to "
+                f"renew them (`domain-event-broker migrate {handler} --queue-type {wanted}`)"
+            )
+            log.warning(
+                "Queue %s exists as a %s queue, not as the %s queue asked for: "
+                "taken over as it is; %s",
+                queue,
+                actual,
+                wanted,
+                hint,
+            )
+        return actual
+    assert first_error is not None
+    if registration is None:
+        raise ConfigurationError(
+            f"queue {queue!r} already exists with arguments this library never declares "
+            f"({first_error.reply_text}). Drain and delete it first."
+        ) from first_error
+    raise ConfigurationError(
+        f"queue {queue!r} already exists with other settings than "
+        f"dead_letter={registration.dead_letter}, durable={registration.durable}, "
+        f"exclusive={registration.exclusive}, auto_delete={registration.auto_delete} "
+        f"({first_error.reply_text}). Register it as it was declared, or drain and delete "
+        f"the queue first."
+    ) from first_error
+
+
+def _probe_type(
+    channel: BlockingChannel,
+    queue: str,
+    arguments: dict[str, object] | None = None,
+    options: dict[str, bool] | None = None,
+) -> str:
+    """The type of the existing ``queue``, declared with ``arguments`` and no type.
+
+    Asks whether it is a classic queue first, which the broker confirms
+    without closing a channel in the common case. Without ``arguments``
+    (a handler's queue on a channel its topology was not declared on),
+    tries each argument set 3.0.2 declares a handler's queue with.
+    """
+    if arguments is None:
+        for dead_letter in (True, False):
+            candidate = {
+                **_names.inbox_arguments(queue, dead_letter, None),
+                "x-queue-type": "classic",
+            }
+            if _accepts(channel, queue, candidate, {"durable": True}, passive_first=True):
+                return "classic"
+        return "quorum" if _accepts(channel, queue, None, {}, passive_first=True) else "classic"
+    if _accepts(channel, queue, {**arguments, "x-queue-type": "classic"}, options or {}):
+        return "classic"
+    return "quorum"
+
+
+def _accepts(
+    channel: BlockingChannel,
+    queue: str,
+    arguments: dict[str, object] | None,
+    options: dict[str, bool],
+    passive_first: bool = False,
+) -> bool:
+    """Whether the broker accepts declaring the existing ``queue`` so
+    (``arguments`` ``None``: whether it exists)."""
+    probe = channel.connection.channel()
+    try:
+        if passive_first or arguments is None:
+            probe.queue_declare(queue=queue, passive=True)
+        if arguments is not None:
+            probe.queue_declare(queue=queue, arguments=arguments, **options)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code in (404, 406):
+            return False
+        raise
+    probe.close()
+    return True
