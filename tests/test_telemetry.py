@@ -419,7 +419,8 @@ def test_heartbeat_touches_at_most_every_interval_and_not_when_stalled(tmp_path:
 WITHOUT_OTEL = """
 import json, sys
 sys.modules["opentelemetry"] = None  # as if the otel extra were not installed
-from domain_event_broker import DomainEvent, Publisher, _instrument
+from domain_event_broker import DomainEvent, Publisher
+from domain_event_broker._telemetry import otel as _instrument
 from domain_event_broker.telemetry import log_fields
 assert not _instrument.ENABLED
 headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
@@ -461,7 +462,7 @@ def test_nothing_at_all_without_the_opentelemetry_api(names) -> None:
 
 API_ONLY = """
 import json
-from domain_event_broker import _instrument
+from domain_event_broker._telemetry import otel as _instrument
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 found = {}
