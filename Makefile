@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - virtualenv, package, a broker, then the demo
 #   make test   - the same plus test dependencies, then the whole suite
-# Developer extras: make lint, make tox, make docs, make bench, make faults, make soak.
+# Developer extras: make lint, make tox, make docs, make bench, make faults, make soak,
+# make unit-offline (the tests that need no broker).
 # RabbitMQ 4 and clusters: make test-rabbitmq4, make cluster-up, make cluster-down
 # (scripts/cluster.sh; RABBITMQ_VERSION=3.10 or 4.0).
 
@@ -16,7 +17,7 @@ COMPAT_WHEEL_DIR := build/wheel-302
 COMPAT_WHEEL := $(COMPAT_WHEEL_DIR)/domain_event_broker-$(COMPAT_VERSION)-py3-none-any.whl
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test unit compat lint tox docs bench soak faults broker clean venv
+.PHONY: demo test unit unit-offline compat lint tox docs bench soak faults broker clean venv
 .PHONY: test-rabbitmq4 cluster-up cluster-down
 RABBITMQ_VERSION ?= 3.10
 
@@ -47,6 +48,11 @@ test: $(VENV)/.dev broker unit compat
 
 unit: $(VENV)/.dev broker
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The tests that need no RabbitMQ (no `broker` marker, see tests/conftest.py):
+# no broker is started or needed, and they take well under a minute.
+unit-offline: $(VENV)/.dev
+	$(VPY) -m pytest -m "not broker" $(PYTEST_ARGS)
 
 # 3.0.2's own test suite, downloaded at test time and run unmodified against
 # this library (except the tests that patch 3.0.2's private modules).

@@ -1,6 +1,10 @@
 """Fixtures for tests against the real RabbitMQ broker.
 
 Tests skip locally when no broker answers, and fail in CI (CI=true).
+
+Every test that needs a broker gets the ``broker`` marker here, at collection
+(see :func:`pytest_collection_modifyitems`), so ``pytest -m "not broker"``
+runs the others alone, with no broker at all.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pika
 import pika.exceptions
@@ -17,6 +22,36 @@ import pytest
 from domain_event_broker import reset_defaults
 
 from .helpers import BROKER_URL, rabbitmqctl_command, raw_connection
+
+#: Directories whose tests all need RabbitMQ: the shared broker (faults, soak)
+#: or nodes of their own (cluster, tls).
+BROKER_DIRECTORIES = tuple(
+    Path(__file__).parent / name for name in ("faults", "cluster", "soak", "tls")
+)
+#: Fixtures that reach the broker; a test using one, directly or through other
+#: fixtures, needs it.
+BROKER_FIXTURES = frozenset({"broker_url"})
+
+
+def needs_broker(item: pytest.Item) -> bool:
+    """Whether ``item`` talks to RabbitMQ (see :func:`pytest_collection_modifyitems`)."""
+    if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return True
+    return any(directory in item.path.parents for directory in BROKER_DIRECTORIES)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs a broker ``broker``: those using the
+    ``broker_url`` fixture, directly or through other fixtures (``names``,
+    ``channel``, ...: pytest's closure of the test's fixtures), and every test
+    under ``tests/faults``, ``tests/cluster``, ``tests/soak`` and ``tests/tls``.
+
+    A test that reaches the broker without one of those fixtures must ask for
+    ``broker_url`` (it then also skips, or fails in CI, when none answers).
+    """
+    for item in items:
+        if needs_broker(item):
+            item.add_marker(pytest.mark.broker)
 
 
 def _broker_answers() -> bool:
