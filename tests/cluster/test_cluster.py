@@ -6,14 +6,20 @@ for a few seconds. Every confirmed event is counted: lost (confirmed, never
 handled) must be 0 for quorum handlers; duplicates are allowed (at least
 once) and reported. Classic handlers are measured for comparison only: their
 queue lives on one node, so it is unavailable while that node is down.
+
+On RabbitMQ 3.10 the quorum scenarios are skipped: the broker strands some
+retries (see :data:`QUORUM_STRANDS_RETRIES` and docs/cluster.rst, "Measured").
+``DEB_TEST_CLUSTER_QUORUM_ON_310=1`` runs them there anyway, to measure again.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
 
+import pika
 import pytest
 
 from domain_event_broker import BrokerError, DomainEvent, Publisher, Subscriber
@@ -65,6 +71,22 @@ def _left(cluster: Cluster, name: str) -> dict[str, int]:
     return {}
 
 
+def _delete_handler(cluster: Cluster, name: str) -> None:
+    """Delete the handler's queues and exchanges: every scenario binds
+    ``cluster.#``, so a queue left behind would take the next scenario's
+    events too (and hold more messages than that scenario published)."""
+    node = next(node for node in cluster.nodes if node.answers())
+    connection = pika.BlockingConnection(pika.URLParameters(node.url))
+    try:
+        channel = connection.channel()
+        for queue in node.queue_messages(name):
+            channel.queue_delete(queue)
+        for suffix in ("retry", "dlx", "retry-durable", "dlx-durable"):
+            channel.exchange_delete(f"{name}-{suffix}")
+    finally:
+        connection.close()
+
+
 def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, int]:
     """Run one outage; return (confirmed, lost, duplicates)."""
     name = f"cluster-{queue_type}-{fault}-{uuid.uuid4().hex[:6]}"
@@ -103,8 +125,11 @@ def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, 
         except AssertionError as exc:
             failure = exc
     finally:
-        worker.stop()
-    left = _left(cluster, name)
+        try:
+            worker.stop()
+        finally:
+            left = _left(cluster, name)
+            _delete_handler(cluster, name)
     with recorder.lock:
         lost = len(stream.confirmed - set(recorder.handled))
         duplicates = sum(count - 1 for count in recorder.handled.values())
@@ -121,17 +146,28 @@ def _scenario(cluster: Cluster, queue_type: str, fault: str) -> tuple[int, int, 
     return confirmed, lost, duplicates
 
 
-#: RabbitMQ 3.10.8 (the machine's) strands expired retries in a quorum delay
-#: queue after its leader changed: kept, not lost, but not dead-lettered until
-#: the queue's leader changes again (fixed in later releases; 4.0 passes).
-STRANDS_RETRIES = pytest.mark.xfail(
-    VERSION == "3.10",
-    reason="RabbitMQ 3.10.8 may strand retries in quorum delay queues after a leader change",
-    strict=False,
+#: RabbitMQ 3.10.8 (the machine's) strands some retries of a quorum handler
+#: when the node leading its queues goes: the delay queue's at-least-once
+#: dead-letter worker forwards expired retries to the handler's queue, whose
+#: leader is moving too; for some of them no confirmation ever comes back, and
+#: the worker leaves resending to a quorum queue to its Ra client, which no
+#: longer holds them. They stay in the delay queue, dead-lettered but
+#: unsettled ("discard checked out"), until that queue's leader changes again,
+#: then arrive. Measured (docs/cluster.rst, "Measured"): 7 runs of 15 stranded
+#: 5 to 13 of the 150 retries; in one, 9 were still there after 295 s, and all
+#: arrived once the delay queue's leader was moved. The library's queues and
+#: arguments are right (4.0.5 lost nothing), so the test is skipped on 3.10
+#: instead of being an expected failure that cannot fail.
+QUORUM_STRANDS_RETRIES = pytest.mark.skipif(
+    VERSION == "3.10" and not os.environ.get("DEB_TEST_CLUSTER_QUORUM_ON_310"),
+    reason=(
+        "RabbitMQ 3.10.8 strands retries of quorum delay queues through a leader change "
+        "(a broker bug, measured in docs/cluster.rst); DEB_TEST_CLUSTER_VERSION=4.0 runs it"
+    ),
 )
 
 
-@STRANDS_RETRIES
+@QUORUM_STRANDS_RETRIES
 @pytest.mark.parametrize("fault", ["stop", "kill"])
 def test_quorum_handler_loses_nothing_when_the_leader_goes(cluster: Cluster, fault: str) -> None:
     confirmed, lost, _ = _scenario(cluster, "quorum", fault)
