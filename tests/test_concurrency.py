@@ -21,10 +21,17 @@ from .test_subscriber import ROOT, consume_until
 
 
 class Overlap:
-    """A slow handler that records how many calls ran at the same time."""
+    """A slow handler that records how many calls ran at the same time.
 
-    def __init__(self, pause: float) -> None:
+    With ``together=N``, each call instead waits until N calls run at once
+    (a barrier), so that N are seen together however the machine schedules
+    the threads; :attr:`broken` records each time they were not.
+    """
+
+    def __init__(self, pause: float = 0.0, together: int = 0) -> None:
         self.pause = pause
+        self.barrier = threading.Barrier(together, timeout=20) if together else None
+        self.broken: list[BaseException] = []
         self.lock = threading.Lock()
         self.running = 0
         self.most = 0
@@ -34,6 +41,11 @@ class Overlap:
         with self.lock:
             self.running += 1
             self.most = max(self.most, self.running)
+        if self.barrier is not None:
+            try:
+                self.barrier.wait()
+            except threading.BrokenBarrierError as exc:
+                self.broken.append(exc)
         time.sleep(self.pause)
         with self.lock:
             self.running -= 1
@@ -48,12 +60,13 @@ def test_concurrency_is_validated(names: Names, concurrency: Any) -> None:
 
 def test_up_to_n_events_run_at_once(names: Names) -> None:
     name = names.new("conc")
-    handler = Overlap(0.2)
+    handler = Overlap(together=4)
     subscriber = Subscriber(prefetch_count=1)  # concurrency still gets N in flight
     subscriber.register(handler, name, [f"{name}.k"], concurrency=4)
     for _ in range(12):
         publish_domain_event(f"{name}.k", {})
-    consume_until(subscriber, lambda: len(handler.done) == 12, timeout=30)
+    consume_until(subscriber, lambda: len(handler.done) == 12, timeout=60)
+    assert handler.broken == [], "fewer than four events ran at once"
     assert handler.most == 4
     assert queue_size(name) == 0
 
