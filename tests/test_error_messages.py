@@ -101,7 +101,7 @@ def test_version() -> None:
 def test_connect_timeout_shortens_the_wait_and_names_the_cause() -> None:
     started = time.monotonic()
     status, _, err = run("--url", REFUSED_URL, "--connect-timeout", "1", "publish", "a.b", "{}")
-    assert time.monotonic() - started < 10  # the default is 30 s
+    assert time.monotonic() - started < 20  # the default is 30 s
     assert status == 1
     assert "connection refused" in err
     assert "Traceback" not in err

@@ -226,7 +226,7 @@ def test_timeout_zero_returns_promptly_and_negative_is_refused(names: Names) -> 
     subscriber.register(lambda event: None, name, [f"{name}.#"])
     started = time.monotonic()
     subscriber.start_consuming(timeout=0)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 60  # the upper bound only catches a 0 taken as "forever"
     for bad in (-1, math.nan, "1"):
         with pytest.raises(ValueError, match="timeout"):
             subscriber.start_consuming(timeout=bad)  # type: ignore[arg-type]
