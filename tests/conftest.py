@@ -14,12 +14,13 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
 import pytest
 
-from domain_event_broker import reset_defaults
+from domain_event_broker import close_shared_publishers, reset_defaults
 
 from .helpers import BROKER_URL, rabbitmqctl_command, raw_connection
 
@@ -157,6 +158,38 @@ def _delete_delay_queues() -> Iterator[None]:
             channel.queue_delete(queue)
     finally:
         connection.close()
+
+
+@pytest.fixture
+def own_vhost_url(broker_url: str) -> Iterator[str]:
+    """The test broker's URL with a virtual host of this test's own, made with
+    ``rabbitmqctl`` and deleted afterwards.
+
+    For tests that need the ``domain-events`` exchange to themselves, e.g.
+    that no queue is bound for a key: on a shared broker some queue (an audit
+    firehose) may bind ``#`` to it.
+    """
+    command = rabbitmqctl_command()
+    vhost = f"deb-test-{uuid.uuid4().hex[:10]}"
+    user = urlsplit(broker_url).username or "guest"
+
+    def ctl(*args: str) -> None:
+        subprocess.run([*command, "-q", *args], check=True, capture_output=True, timeout=60)
+
+    try:
+        ctl("add_vhost", vhost)
+    except (OSError, subprocess.SubprocessError) as exc:
+        message = f"rabbitmqctl is needed for a virtual host of the test's own: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        parts = urlsplit(broker_url)
+        yield urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+    finally:
+        close_shared_publishers()  # their connections to it are closed by its deletion
+        ctl("delete_vhost", vhost)
 
 
 @pytest.fixture

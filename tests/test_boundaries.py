@@ -185,15 +185,20 @@ def test_a_deeply_nested_body_is_a_malformed_event_not_a_recursion_error() -> No
 # -- publishing what no queue receives ----------------------------------------------------------
 
 
-def test_require_route_raises_when_no_queue_is_bound(publisher: Publisher) -> None:
+def test_require_route_raises_when_no_queue_is_bound(
+    own_vhost_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A virtual host of its own: on the shared one a queue may bind "#".
+    monkeypatch.setenv("DOMAIN_EVENT_BROKER", own_vhost_url)
     key = f"edges.unbound.{uuid.uuid4().hex}"
     publish_domain_event(key, {})  # the default: confirmed, and discarded by the broker
     with pytest.raises(UnroutableError, match="no queue is bound"):
         publish_domain_event(key, {}, require_route=True)
-    with pytest.raises(UnroutableError):
-        publisher.publish_event(DomainEvent(key, {}), require_route=True)
-    with pytest.raises(UnroutableError):
-        publisher.publish(b"{}", key, require_route=True)
+    with Publisher(own_vhost_url, timeout=10) as publisher:
+        with pytest.raises(UnroutableError):
+            publisher.publish_event(DomainEvent(key, {}), require_route=True)
+        with pytest.raises(UnroutableError):
+            publisher.publish(b"{}", key, require_route=True)
     configure(require_route=True)
     with pytest.raises(UnroutableError):
         publish_domain_event(key, {})

@@ -167,14 +167,19 @@ def test_partial_failure_says_exactly_which_failed(limited: Queue) -> None:
     assert [b["uuid_string"] for b in limited.take()] == [e.uuid_string for e in events[3:6]]
 
 
-def test_unroutable_events_are_named_when_mandatory(queue: Queue) -> None:
+def test_unroutable_events_are_named_when_mandatory(channel: BlockingChannel, names: Names) -> None:
+    # An exchange of its own: on the shared broker a queue may bind "#" to
+    # domain-events, and then no key is unroutable there.
+    exchange = names.new("test-batch-exchange")
+    names.exchanges.append(exchange)
+    queue = declare_queue(channel, names, exchange=exchange)
     nowhere = f"nowhere-{uuid.uuid4().hex}.happened"
     events = [
         DomainEvent(queue.key, {"n": 0}),
         DomainEvent(nowhere, {"n": 1}),
         DomainEvent(queue.key, {"n": 2}),
     ]
-    with Publisher() as publisher:
+    with Publisher(exchange=exchange) as publisher:
         with pytest.raises(BatchPublishError) as info:
             publisher.publish_many(events, require_route=True)
         ((failed, cause),) = info.value.failed
