@@ -106,11 +106,14 @@ def test_the_package_docstring_and_the_api_reference_name_the_same_public_module
     api = Path(__file__).resolve().parent.parent / "docs" / "api.rst"
     intro = api.read_text(encoding="utf-8").split(".. currentmodule::")[0]
     listed = set(re.findall(r"``(?:domain_event_broker)?\.(\w+)``", intro))
-    named = set(re.findall(r"``(\w+)``", (domain_event_broker.__doc__ or "").split("public as well:")[1]))
+    named = set(
+        re.findall(r"``(\w+)``", (domain_event_broker.__doc__ or "").split("public as well:")[1])
+    )
     public = {
         path.stem if path.suffix == ".py" else path.name
         for path in Path(domain_event_broker.__file__).parent.iterdir()
-        if not path.name.startswith("_") and (path.suffix == ".py" or (path / "__init__.py").exists())
+        if not path.name.startswith("_")
+        and (path.suffix == ".py" or (path / "__init__.py").exists())
     } - {"pytest_plugin"}  # loaded by pytest, not imported by users
     assert listed == public
     assert named - {"main", "domain-event-broker"} == public

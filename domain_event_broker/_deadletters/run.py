@@ -65,10 +65,10 @@ silent network).
 
 The run is in three pieces: :class:`Session` (this module) holds what was
 taken and decided and recovers after a lost connection;
-:class:`._rotation_commit.Committer` carries out a batch (probes, copies,
+:class:`.run_commit.Committer` carries out a batch (probes, copies,
 parking, the commit, putting back late returns);
-:class:`._rotation_channel.RunChannel` is the connection and its
-transactional channel. :mod:`._rotation_items` has what they share.
+:class:`.run_channel.RunChannel` is the connection and its
+transactional channel. :mod:`.run_items` has what they share.
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ class Session:
     """One run over a handler's dead-letter queue (see the module docs).
 
     The session holds what the run took and decided, hands it to its
-    :class:`._rotation_commit.Committer`, and recovers when its
-    :class:`._rotation_channel.RunChannel` loses the connection.
+    :class:`.run_commit.Committer`, and recovers when its
+    :class:`.run_channel.RunChannel` loses the connection.
 
     Args:
         name: the handler name.

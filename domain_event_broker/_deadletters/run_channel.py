@@ -5,7 +5,7 @@ transactional channel that consumes the queue.
 the broker sends, publishes and acknowledges in the channel's transaction,
 commits it (collecting the copies the broker returned as unroutable), and
 looks up the queue and the retry exchange on spare channels. It decides
-nothing and does not recover: :class:`._rotation.Session` does both.
+nothing and does not recover: :class:`.run.Session` does both.
 """
 
 from __future__ import annotations

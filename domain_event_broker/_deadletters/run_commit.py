@@ -1,12 +1,12 @@
 """Carrying out a batch of decided dead letters in transactions.
 
 :class:`Committer` turns the actions of a batch into copies and
-acknowledgements on a :class:`._rotation_channel.RunChannel` and commits
+acknowledgements on a :class:`.run_channel.RunChannel` and commits
 them: RETRY probes first (the first copy of each routing key not seen routed
 yet, committed on its own), then everything else with the acknowledgements
 in one transaction; copies that come back unroutable afterwards have their
 dead letters put back. Why it is done this way is told in
-:mod:`._rotation`'s docs. Lost connections are not its business: the
+:mod:`.run`'s docs. Lost connections are not its business: the
 errors go to the caller, which recovers and calls again.
 """
 

@@ -1,8 +1,8 @@
 """What a run over a dead-letter queue works with: the actions, one dead
 letter taken (:class:`Item`), what was carried out (:class:`Counts`).
 
-Shared by the run (:mod:`._rotation`), its channel
-(:mod:`._rotation_channel`) and its commits (:mod:`._rotation_commit`).
+Shared by the run (:mod:`.run`), its channel
+(:mod:`.run_channel`) and its commits (:mod:`.run_commit`).
 """
 
 from __future__ import annotations
