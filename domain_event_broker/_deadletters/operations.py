@@ -38,6 +38,7 @@ from .letters import (
     topic_matches,
 )
 from .run import BATCH_SIZE, PREFETCH, SKIP, Item, Session
+from .run_items import DISCARD, LEAVE, RETRY
 
 __all__ = [
     "BATCH_SIZE",
@@ -67,13 +68,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Callback answer: republish the event to the handler's retry exchange.
-RETRY: Final = "retry"
-#: Callback answer: keep the event in the dead-letter queue.
-LEAVE: Final = "leave"
-#: Callback answer: remove the event for good.
-DISCARD: Final = "discard"
 
 _ACTIONS: Final = frozenset({RETRY, LEAVE, DISCARD})
 
