@@ -16,11 +16,12 @@ import logging
 from collections.abc import Callable
 
 import pika.exceptions
+import pika.spec
 
 from .._telemetry import otel as _instrument
 from ..errors import BrokerError
 from .letters import parked_properties
-from .run_channel import NOT_FOUND, RunChannel
+from .run_channel import RunChannel
 from .run_items import DISCARD, RETRY, Counts, Item, replay_properties
 
 __all__ = ["Committer"]
@@ -70,7 +71,7 @@ class Committer:
         so, remember it: later RETRY copies are unroutable)."""
         missing = (
             isinstance(exc, pika.exceptions.ChannelClosedByBroker)
-            and exc.reply_code == NOT_FOUND
+            and exc.reply_code == pika.spec.NOT_FOUND
             and self.exchange in str(exc.reply_text)
         )
         if missing:

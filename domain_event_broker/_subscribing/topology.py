@@ -36,10 +36,12 @@ import weakref
 from collections.abc import Sequence
 
 import pika.exceptions
+import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
 from .._amqp import config as _config
 from .._amqp import names as _names
+from .._amqp.probes import queue_exists
 from ..errors import ConfigurationError
 from .registration import Registration
 
@@ -207,7 +209,7 @@ def _declare_queue(
         try:
             probe.queue_declare(queue=queue, arguments=arguments, **options)
         except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != 406:
+            if exc.reply_code != pika.spec.PRECONDITION_FAILED:
                 raise
             first_error = first_error or exc
             continue
@@ -256,17 +258,20 @@ def _probe_type(
     Asks whether it is a classic queue first, which the broker confirms
     without closing a channel in the common case. Without ``arguments``
     (a handler's queue on a channel its topology was not declared on),
-    tries each argument set 3.0.2 declares a handler's queue with.
+    tries each argument set 3.0.2 declares a handler's queue with, once it
+    knows that the queue exists (a declaration would create it).
     """
     if arguments is None:
+        if not queue_exists(channel.connection, queue):
+            return "classic"
         for dead_letter in (True, False):
             candidate = {
                 **_names.inbox_arguments(queue, dead_letter, None),
                 "x-queue-type": "classic",
             }
-            if _accepts(channel, queue, candidate, {"durable": True}, passive_first=True):
+            if _accepts(channel, queue, candidate, {"durable": True}):
                 return "classic"
-        return "quorum" if _accepts(channel, queue, None, {}, passive_first=True) else "classic"
+        return "quorum"
     if _accepts(channel, queue, {**arguments, "x-queue-type": "classic"}, options or {}):
         return "classic"
     return "quorum"
@@ -275,20 +280,17 @@ def _probe_type(
 def _accepts(
     channel: BlockingChannel,
     queue: str,
-    arguments: dict[str, object] | None,
+    arguments: dict[str, object],
     options: dict[str, bool],
-    passive_first: bool = False,
 ) -> bool:
-    """Whether the broker accepts declaring the existing ``queue`` so
-    (``arguments`` ``None``: whether it exists)."""
+    """Whether the broker accepts declaring the existing ``queue`` so (on a
+    spare channel: a refusal closes it)."""
     probe = channel.connection.channel()
     try:
-        if passive_first or arguments is None:
-            probe.queue_declare(queue=queue, passive=True)
-        if arguments is not None:
-            probe.queue_declare(queue=queue, arguments=arguments, **options)
+        probe.queue_declare(queue=queue, arguments=arguments, **options)
     except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code in (404, 406):
+        # NOT_FOUND: a durable queue whose node is down.
+        if exc.reply_code in (pika.spec.NOT_FOUND, pika.spec.PRECONDITION_FAILED):
             return False
         raise
     probe.close()
