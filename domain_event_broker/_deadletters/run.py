@@ -80,12 +80,13 @@ from typing import Any, Final
 
 import pika
 import pika.exceptions
+import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
 from .._amqp import names as _names
 from .._amqp.config import BrokerConfig
 from .._amqp.connect import CONNECTION_ERRORS
-from .._amqp.failures import is_auth_error
+from .._amqp.failures import is_auth_error, is_consumer_timeout
 from ..errors import BrokerError
 from .letters import DELIVERY_COUNT
 from .run_channel import RunChannel
@@ -117,9 +118,6 @@ PREFETCH: Final = 2 * BATCH_SIZE
 #: run gives up.
 MAX_RECOVERIES: Final = 5
 
-#: Reply code of a channel closed by the broker's ``consumer_timeout``.
-_PRECONDITION_FAILED: Final = 406
-
 
 def _recoverable(exc: BaseException) -> bool:
     """Whether reconnecting can help: a lost connection or the broker's
@@ -127,9 +125,9 @@ def _recoverable(exc: BaseException) -> bool:
     if is_auth_error(exc):
         return False
     if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
-        return exc.reply_code == _PRECONDITION_FAILED and "timed out" in str(exc.reply_text)
+        return is_consumer_timeout(exc)
     if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
-        return exc.reply_code in (320, 541)  # forced close, internal error
+        return exc.reply_code in (pika.spec.CONNECTION_FORCED, pika.spec.INTERNAL_ERROR)
     return isinstance(
         exc,
         (
