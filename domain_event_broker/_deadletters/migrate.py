@@ -33,6 +33,7 @@ from .._amqp import names as _names
 from .._amqp.connect import CONNECTION_ERRORS, close_quietly, connect
 from .._amqp.failures import translate_pika_error
 from .._amqp.probes import probe_queue, queue_exists
+from .._subscribing import topology as _topology
 from ..errors import ConfigurationError, DomainEventBrokerError
 
 __all__ = ["MigrationError", "migrate_queue_type"]
@@ -138,34 +139,21 @@ class _Migration:
             )
         dlq = _names.dead_letter_queue(name)
         dead_letter = self._exists(dlq) or self._exists(dlq + HOLDING_SUFFIX)
-        ch = self.channel
-        retry = _names.retry_exchange(name)
-        durable_retry = _names.durable_retry_exchange(name)
-        ch.exchange_declare(exchange=self.exchange, exchange_type=self.exchange_type, durable=True)
-        ch.exchange_declare(exchange=retry, exchange_type=self.exchange_type)
-        ch.exchange_declare(exchange=durable_retry, exchange_type="fanout", durable=True)
-        inbox_bindings = [
-            *((self.exchange, key) for key in self.keys),
-            *((retry, key) for key in (*self.keys, "#")),
-            (durable_retry, ""),
-        ]
+        _topology.declare_inbox_exchanges(self.channel, name, self.exchange, self.exchange_type)
         if dead_letter:
-            dlx = _names.dead_letter_exchange(name)
-            durable_dlx = _names.durable_dead_letter_exchange(name)
-            ch.exchange_declare(exchange=dlx, exchange_type=self.exchange_type)
-            ch.exchange_declare(exchange=durable_dlx, exchange_type="fanout", durable=True)
+            _topology.declare_dead_letter_exchanges(self.channel, name, self.exchange_type)
             # The dead letters first: the new handler's queue dead-letters into them.
             self._move_queue(
                 dlq,
                 _names.dead_letter_queue_arguments(self.queue_type),
-                [*((dlx, key) for key in (*self.keys, "#")), (durable_dlx, "")],
-                durable_dlx,
+                _topology.dead_letter_bindings(name, self.keys),
+                _names.durable_dead_letter_exchange(name),
             )
         self._move_queue(
             name,
             _names.inbox_arguments(name, dead_letter, self.queue_type),
-            inbox_bindings,
-            durable_retry,
+            _topology.inbox_bindings(name, self.keys, self.exchange),
+            _names.durable_retry_exchange(name),
         )
         self.report(
             f"done: {name} is a {self.queue_type} queue"
