@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import pika
 import pika.exceptions
@@ -29,13 +29,7 @@ from ..errors import BatchPublishError, BrokerUnavailableError
 from ..events import DomainEvent, check_event, new_event, validate_routing_key
 from .sender import Sender
 
-__all__ = [
-    "Publication",
-    "Publisher",
-    "check_publication",
-    "close_shared_publishers",
-    "publish_domain_event",
-]
+__all__ = ["Publisher", "close_shared_publishers", "publish_domain_event", "publish_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -568,53 +562,24 @@ def publish_domain_event(
        ``require_route``; ``uuid_string``, ``timestamp`` and the data are
        checked before anything is sent.
     """
-    checked = check_publication(
-        routing_key,
-        data,
-        domain_object_id,
-        uuid_string,
-        timestamp,
-        connection_settings,
-        require_route=require_route,
-    )
-    if _captured(checked.event) or checked.config is None:
-        return checked.event
-    return _shared_pool(checked.config).publish(
-        checked.event, checked.body.encode("utf-8"), checked.mandatory
-    )
+    event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
+    config, mandatory = publish_settings(connection_settings, require_route)
+    if _captured(event) or config is None:
+        return event
+    return _shared_pool(config).publish(event, body.encode("utf-8"), mandatory)
 
 
-class Publication(NamedTuple):
-    """An event to publish, checked, with how it is published."""
-
-    event: DomainEvent
-    #: Its JSON body.
-    body: str
-    #: The broker; ``None``: publishing is disabled.
-    config: BrokerConfig | None
-    #: Whether an unroutable event raises (``require_route``).
-    mandatory: bool
-
-
-def check_publication(
-    routing_key: str,
-    data: Any,
-    domain_object_id: str | None = None,
-    uuid_string: str | None = None,
-    timestamp: float | None = None,
-    connection_settings: ConnectionSettings = UNSET,
-    *,
-    require_route: bool | _Unset = UNSET,
-) -> Publication:
-    """Build and check an event from :func:`publish_domain_event`'s arguments,
-    resolving the defaults of the settings as they are now: what
-    :func:`publish_domain_event` does before sending, and what
-    ``publish_on_commit`` does when called, before the commit.
+def publish_settings(
+    connection_settings: ConnectionSettings = UNSET, require_route: bool | _Unset = UNSET
+) -> tuple[BrokerConfig | None, bool]:
+    """The broker (``None``: publishing is disabled) and whether an
+    unroutable event raises, from :func:`publish_domain_event`'s arguments
+    and the defaults as they are now; ``publish_on_commit`` checks its own
+    with it when called.
 
     Raises:
-        ValueError, TypeError, ConfigurationError: as :func:`publish_domain_event`
-            before it sends anything.
+        TypeError: ``require_route`` is not a bool.
+        ConfigurationError: ``connection_settings`` is malformed.
     """
-    event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
     mandatory = _config.default_require_route(require_route)
-    return Publication(event, body, _config.resolve(connection_settings), mandatory)
+    return _config.resolve(connection_settings), mandatory

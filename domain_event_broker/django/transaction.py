@@ -8,8 +8,8 @@ from typing import Any
 from django.db import transaction
 
 from .._amqp.config import UNSET, ConnectionSettings, _Unset
-from .._publishing.publisher import check_publication
-from ..events import DomainEvent
+from .._publishing.publisher import publish_settings
+from ..events import DomainEvent, new_event
 from ..publish import publish_domain_event
 
 __all__ = ["publish_on_commit"]
@@ -77,16 +77,9 @@ def publish_on_commit(  # publish_domain_event's arguments (tests/django/test_si
     """
     # TypeError, ValueError and ConfigurationError now, not after the commit;
     # the snapshot is immune to later changes of ``data`` by the caller.
-    checked = check_publication(
-        routing_key,
-        data,
-        domain_object_id,
-        uuid_string,
-        timestamp,
-        connection_settings,
-        require_route=require_route,
-    )
-    snapshot = DomainEvent.from_json(checked.body)
+    event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
+    publish_settings(connection_settings, require_route)
+    snapshot = DomainEvent.from_json(body)
 
     def publish() -> None:
         try:
@@ -108,4 +101,4 @@ def publish_on_commit(  # publish_domain_event's arguments (tests/django/test_si
             )
 
     transaction.on_commit(publish, using=using)
-    return checked.event
+    return event
