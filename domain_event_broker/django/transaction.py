@@ -72,7 +72,7 @@ def publish_on_commit(  # publish_domain_event's arguments (tests/django/test_si
        Returns the event; validates before the commit; logs instead of
        raising when publishing fails after the commit; ``using`` added.
 
-    .. versionchanged:: 4.2
+    .. versionchanged:: 4.1
        ``require_route``.
     """
     # TypeError, ValueError and ConfigurationError now, not after the commit;
