@@ -3,8 +3,8 @@
 #   make test   - the same plus test dependencies, then the whole suite
 # Developer extras: make lint, make tox, make docs, make bench, make faults, make soak,
 # make unit-offline (the tests that need no broker).
-# RabbitMQ 4 and clusters: make test-rabbitmq4, make cluster-up, make cluster-down
-# (scripts/cluster.sh; RABBITMQ_VERSION=3.10 or 4.0).
+# RabbitMQ 4 and clusters: make test-rabbitmq4 (4.0), make test-rabbitmq43 (4.3),
+# make cluster-up, make cluster-down (scripts/cluster.sh; RABBITMQ_VERSION=3.10, 4.0 or 4.3).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +18,7 @@ COMPAT_WHEEL := $(COMPAT_WHEEL_DIR)/domain_event_broker-$(COMPAT_VERSION)-py3-no
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: demo test unit unit-offline compat lint tox docs bench soak faults broker clean venv
-.PHONY: test-rabbitmq4 cluster-up cluster-down
+.PHONY: test-rabbitmq4 test-rabbitmq43 cluster-up cluster-down
 RABBITMQ_VERSION ?= 3.10
 
 # The metadata and the development tools are all in pyproject.toml (setup.py
@@ -96,21 +96,25 @@ soak: $(VENV)/.dev broker
 	$(VPY) -m pytest -m soak tests/soak $(PYTEST_ARGS)
 
 # Private nodes beside the default one (never touched): a three-node cluster
-# of RabbitMQ $(RABBITMQ_VERSION); 4.0 runs from a cached Debian 13 chroot.
+# of RabbitMQ $(RABBITMQ_VERSION); 4.0 and 4.3 run from cached Debian chroots
+# (trixie's and forky's rabbitmq-server).
 cluster-up:
 	scripts/cluster.sh up $(RABBITMQ_VERSION)
 
 cluster-down:
 	scripts/cluster.sh down $(RABBITMQ_VERSION)
 
-# This repository's suite (cluster tests included) against RabbitMQ 4.0 (3.0.2's
-# own suite talks to localhost:5672 directly, so it runs in `make test` only): one private
-# 4.0 node for the suite and the fault tests, a 4.0 cluster for tests/cluster.
-test-rabbitmq4: $(VENV)/.dev
-	scripts/cluster.sh single-up 4.0
-	status=0; eval "$$(scripts/cluster.sh env 4.0 single)"; \
-		DEB_TEST_CLUSTER_VERSION=4.0 $(MAKE) --no-print-directory unit || status=$$?; \
-		scripts/cluster.sh single-down 4.0; exit $$status
+# This repository's suite (cluster tests included) against another RabbitMQ
+# (3.0.2's own suite talks to localhost:5672 directly, so it runs in `make test`
+# only): one private node of that version for the suite and the fault tests, a
+# cluster of it for tests/cluster. test-rabbitmq4 is 4.0, test-rabbitmq43 is 4.3.
+test-rabbitmq4: TEST_RABBITMQ_VERSION := 4.0
+test-rabbitmq43: TEST_RABBITMQ_VERSION := 4.3
+test-rabbitmq4 test-rabbitmq43: $(VENV)/.dev
+	scripts/cluster.sh single-up $(TEST_RABBITMQ_VERSION)
+	status=0; eval "$$(scripts/cluster.sh env $(TEST_RABBITMQ_VERSION) single)"; \
+		DEB_TEST_CLUSTER_VERSION=$(TEST_RABBITMQ_VERSION) $(MAKE) --no-print-directory unit || status=$$?; \
+		scripts/cluster.sh single-down $(TEST_RABBITMQ_VERSION); exit $$status
 
 clean:
 	rm -rf $(VENV) build .tox .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -70,7 +70,8 @@ CHILD = textwrap.dedent(
                 PeriodicExportingMetricReader(DropMetrics(), export_interval_millis=1000)]))
 
     import pika
-    from domain_event_broker import DomainEvent, Publisher, _instrument
+    from domain_event_broker import DomainEvent, Publisher
+    from domain_event_broker._telemetry import otel as _instrument
 
     url = os.environ.get("DOMAIN_EVENT_BROKER", "amqp://guest:guest@localhost:5672/%2F")
     url = url.split(",")[0]

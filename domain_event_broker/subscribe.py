@@ -1,16 +1,19 @@
 """Receiving domain events: per-handler queues, delayed retries, dead letters.
 
-:class:`Subscriber` is a facade over small parts, each with one job:
+:class:`Subscriber` is a facade over the parts of
+:mod:`domain_event_broker._subscribing`, each with one job:
 
-- :mod:`._registration`: what a handler is registered with, and :class:`Retry`;
-- :mod:`._topology`: declaring a handler's exchanges and queues;
-- :mod:`._dispatch`: the policy for one delivery (ack, retry, dead-letter),
+- ``registration``: what a handler is registered with, and :class:`Retry`;
+- ``topology``: declaring a handler's exchanges and queues;
+- ``dispatch``: the policy for one delivery (ack, retry, dead-letter),
   without I/O;
-- :mod:`._handler_threads`: the supervised threads that run handlers;
-- :mod:`._settle`: carrying out outcomes on the channel;
-- :mod:`._consumer`: the consuming loop with reconnection;
-- :mod:`._link` and :mod:`._signals`: the connection link and graceful stop,
-  shared with the other long-running parts of the library.
+- ``handler_threads``: the supervised threads that run handlers;
+- ``settle``: carrying out outcomes on the channel;
+- ``consume_loop``: the consuming loop with reconnection;
+
+on top of the connection link (:mod:`domain_event_broker._amqp.link`) and
+graceful stop (:mod:`domain_event_broker._core.signals`), shared with the
+other long-running parts of the library.
 
 Threading model: the thread that calls :meth:`Subscriber.start_consuming`
 is the I/O thread; it alone touches the pika connection and channel.

@@ -7,25 +7,33 @@
 #   scripts/cluster.sh single-up VERSION / single-down VERSION   one node
 #   scripts/cluster.sh ctl VERSION NODE ARGS...   rabbitmqctl for one node
 #   scripts/cluster.sh start-node|stop-node|kill-node VERSION NODE
-#   scripts/cluster.sh chroot         build the RabbitMQ 4.0 chroot if missing
+#   scripts/cluster.sh chroot [VERSION]   build a version's chroot if missing (default 4.0)
 #   scripts/cluster.sh env VERSION [single]   shell variables for the tests
 #
-# VERSION is 3.10 (the machine's rabbitmq-server) or 4.0 (Debian 13's
-# rabbitmq-server 4.0.5 in a chroot, built once with debootstrap and cached
-# in $DEB_RABBITMQ4_CHROOT, default /var/cache/domain-event-broker/rabbitmq-4.0).
+# VERSION is one of
+#   3.10  the machine's rabbitmq-server
+#   4.0   Debian 13 (trixie)'s rabbitmq-server 4.0.5, in a chroot cached in
+#         $DEB_RABBITMQ4_CHROOT (default /var/cache/domain-event-broker/rabbitmq-4.0)
+#   4.3   Debian forky's rabbitmq-server 4.3.x, in a chroot cached in
+#         $DEB_RABBITMQ43_CHROOT (default /var/cache/domain-event-broker/rabbitmq-4.3)
+# A chroot is built once with debootstrap (root needed); a debootstrap that has
+# no script for the suite yet (forky) is given its sid script.
 #
 # Nodes, AMQP ports and Erlang distribution ports:
 #   3.10 cluster  deb-c1..3@HOST    5681-5683  25681-25683
 #   3.10 single   deb-restart@HOST  5684       25684
 #   4.0 cluster   deb-r4a..c@HOST   5691-5693  25691-25693
 #   4.0 single    deb-r4@HOST       5690       25690
+#   4.3 cluster   deb-r43a..c@HOST  5701-5703  25701-25703
+#   4.3 single    deb-r43@HOST      5700       25700
 # Data and logs live under $DEB_CLUSTER_BASE (default /tmp/deb-cluster), with
-# their own Erlang cookie; nothing of /etc/rabbitmq is read.
+# their own Erlang cookie; nothing of /etc/rabbitmq is read. Nodes get the
+# broker's defaults (RabbitMQ 4.3's denied deprecated features stay denied).
 set -euo pipefail
 
 HOST="$(hostname -s)"
 BASE="${DEB_CLUSTER_BASE:-/tmp/deb-cluster}"
-CHROOT="${DEB_RABBITMQ4_CHROOT:-/var/cache/domain-event-broker/rabbitmq-4.0}"
+CACHE=/var/cache/domain-event-broker
 MIRROR="${DEB_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 COOKIE="domain-event-broker-test-cookie"
 
@@ -42,61 +50,83 @@ node_spec() {
         4.0:c2) echo "deb-r4b 5692 25692" ;;
         4.0:c3) echo "deb-r4c 5693 25693" ;;
         4.0:single) echo "deb-r4 5690 25690" ;;
-        *) die "unknown node $2 of version $1 (nodes: c1 c2 c3 single; versions: 3.10 4.0)" ;;
+        4.3:c1) echo "deb-r43a 5701 25701" ;;
+        4.3:c2) echo "deb-r43b 5702 25702" ;;
+        4.3:c3) echo "deb-r43c 5703 25703" ;;
+        4.3:single) echo "deb-r43 5700 25700" ;;
+        *) die "unknown node $2 of version $1 (nodes: c1 c2 c3 single; versions: 3.10 4.0 4.3)" ;;
     esac
 }
 
-# Paths of the broker's own scripts (not /usr/sbin's wrappers, which switch
-# to the rabbitmq user and read /etc/rabbitmq).
-root_of() { if [ "$1" = 4.0 ]; then echo "$CHROOT"; else echo ""; fi; }
+# version_spec VERSION -> "debian_suite chroot_dir", or "" for the machine's broker.
+version_spec() {
+    case "$1" in
+        3.10) echo "" ;;
+        4.0) echo "trixie ${DEB_RABBITMQ4_CHROOT:-$CACHE/rabbitmq-4.0}" ;;
+        4.3) echo "forky ${DEB_RABBITMQ43_CHROOT:-$CACHE/rabbitmq-4.3}" ;;
+        *) die "unknown version $1 (versions: 3.10 4.0 4.3)" ;;
+    esac
+}
+
+# The root a version's nodes run in ("" for the machine's own); the broker's
+# own scripts are under it (not /usr/sbin's wrappers, which switch to the
+# rabbitmq user and read /etc/rabbitmq).
+root_of() { local suite root; read -r suite root <<<"$(version_spec "$1")"; echo "$root"; }
 
 ensure_chroot() {
-    [ -x "$CHROOT/usr/lib/rabbitmq/bin/rabbitmq-server" ] && return 0
-    [ "$(id -u)" = 0 ] || die "building $CHROOT needs root (debootstrap, chroot)"
+    local version="$1" suite dir script
+    read -r suite dir <<<"$(version_spec "$version")"
+    [ -n "$dir" ] || return 0
+    [ -x "$dir/usr/lib/rabbitmq/bin/rabbitmq-server" ] && return 0
+    [ "$(id -u)" = 0 ] || die "building $dir needs root (debootstrap, chroot)"
     if ! command -v debootstrap >/dev/null && command -v apt-get >/dev/null; then
         echo "cluster.sh: installing debootstrap with apt-get" >&2
         apt-get install -y -q debootstrap >&2 || { apt-get update -q >&2 && apt-get install -y -q debootstrap >&2; }
     fi
-    command -v debootstrap >/dev/null || die "debootstrap is needed to build $CHROOT (apt-get install debootstrap)"
+    command -v debootstrap >/dev/null || die "debootstrap is needed to build $dir (apt-get install debootstrap)"
     # Nothing under the cache may be a mount point (the host's /dev bound in
     # a chroot) before anything there is deleted.
-    if grep -q " $CHROOT[/. ]" /proc/mounts; then
-        die "$CHROOT is incomplete but something is mounted under it; unmount it first"
+    if grep -q " $dir[/. ]" /proc/mounts; then
+        die "$dir is incomplete but something is mounted under it; unmount it first"
     fi
-    if [ -e "$CHROOT" ]; then   # a half-built chroot, or node folders made before it
-        echo "cluster.sh: removing the incomplete $CHROOT" >&2
-        rm -rf "$CHROOT"
+    if [ -e "$dir" ]; then   # a half-built chroot, or node folders made before it
+        echo "cluster.sh: removing the incomplete $dir" >&2
+        rm -rf "$dir"
     fi
-    echo "cluster.sh: building the RabbitMQ 4.0 chroot in $CHROOT (about a minute)" >&2
-    mkdir -p "$(dirname "$CHROOT")"
-    rm -rf "$CHROOT.tmp"
-    debootstrap --variant=minbase --include=rabbitmq-server trixie "$CHROOT.tmp" "$MIRROR" >"$CHROOT.log" 2>&1 \
-        || die "debootstrap failed, see $CHROOT.log"
-    mv "$CHROOT.tmp" "$CHROOT"
+    echo "cluster.sh: building the RabbitMQ $version chroot (Debian $suite) in $dir (a minute or two)" >&2
+    mkdir -p "$(dirname "$dir")"
+    rm -rf "$dir.tmp"
+    # An older debootstrap has no script for a newer suite; sid's fits them all.
+    script=/usr/share/debootstrap/scripts/sid
+    [ ! -e "/usr/share/debootstrap/scripts/$suite" ] || script=""
+    debootstrap --variant=minbase --include=rabbitmq-server "$suite" "$dir.tmp" "$MIRROR" ${script:+"$script"} \
+        >"$dir.log" 2>&1 || die "debootstrap failed, see $dir.log"
+    mv "$dir.tmp" "$dir"
 }
 
 # Unmount /proc, /dev and /sys from the chroot once none of its nodes runs
 # (so that deleting the cached chroot can never reach the host's /dev).
 release_mounts() {
-    [ "$1" = 4.0 ] || return 0
-    local node name port dist pid fs
+    local version="$1" dir node name port dist pid fs
+    dir="$(root_of "$version")"
+    [ -n "$dir" ] || return 0
     for node in c1 c2 c3 single; do
-        read -r name port dist <<<"$(node_spec 4.0 "$node")"
-        pid="$(cat "$CHROOT$BASE/4.0/$name/pid" 2>/dev/null || true)"
+        read -r name port dist <<<"$(node_spec "$version" "$node")"
+        pid="$(cat "$dir$BASE/$version/$name/pid" 2>/dev/null || true)"
         if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then return 0; fi
     done
     for fs in sys dev proc; do
         for _ in 1 2 3 4 5 6 7 8 9 10; do   # the node's processes may still be exiting
-            mountpoint -q "$CHROOT/$fs" || break
-            umount "$CHROOT/$fs" 2>/dev/null || sleep 0.5
+            mountpoint -q "$dir/$fs" || break
+            umount "$dir/$fs" 2>/dev/null || sleep 0.5
         done
     done
 }
 
 ensure_mounts() {
-    local fs
+    local dir="$1" fs
     for fs in proc dev sys; do
-        mountpoint -q "$CHROOT/$fs" || mount --bind "/$fs" "$CHROOT/$fs"
+        mountpoint -q "$dir/$fs" || mount --bind "/$fs" "$dir/$fs"
     done
 }
 
@@ -107,7 +137,7 @@ run() {
     read -r name port dist <<<"$(node_spec "$version" "$node")"
     root="$(root_of "$version")"
     dir="$BASE/$version/$name"     # as seen from inside the root
-    [ -z "$root" ] || ensure_chroot   # before making the node's folders in it
+    [ -z "$root" ] || ensure_chroot "$version"   # before making the node's folders in it
     mkdir -p "$root$dir/home"
     if [ ! -f "$root$dir/home/.erlang.cookie" ]; then
         printf '%s' "$COOKIE" >"$root$dir/home/.erlang.cookie"
@@ -127,7 +157,7 @@ run() {
         RABBITMQ_CTL_DIST_PORT_MIN="$((dist + 10000))" RABBITMQ_CTL_DIST_PORT_MAX="$((dist + 10009))"
     )
     if [ -n "$root" ]; then
-        ensure_mounts
+        ensure_mounts "$root"
         exec chroot "$root" /usr/bin/env -i "${environment[@]}" "/usr/lib/rabbitmq/bin/$command" "$@"
     fi
     command -v rabbitmq-server >/dev/null || die "rabbitmq-server is not installed"
@@ -196,6 +226,12 @@ urls() {
     echo "$out"
 }
 
+# An unknown version stops the script here (inside "$(...)" die would not).
+case "${1:-}" in
+    up|down|single-up|single-down|start-node|stop-node|kill-node|ctl|urls|env) version_spec "${2:?version}" >/dev/null ;;
+    chroot) version_spec "${2:-4.0}" >/dev/null ;;
+esac
+
 case "${1:-}" in
     up) up "${2:?version}" ;;
     down) down "${2:?version}" ;;
@@ -210,7 +246,7 @@ case "${1:-}" in
     stop-node) stop_node "${2:?version}" "${3:?node}" ;;
     kill-node) kill_node "${2:?version}" "${3:?node}" ;;
     ctl) shift; ctl "${1:?version}" "${2:?node}" "${@:3}" ;;
-    chroot) ensure_chroot ;;
+    chroot) ensure_chroot "${2:-4.0}" ;;
     urls) urls "${2:?version}" ;;
     env)
         if [ "${3:-}" = single ]; then
@@ -221,5 +257,5 @@ case "${1:-}" in
         else
             echo "export DEB_TEST_CLUSTER_VERSION='${2:?version}'"
         fi ;;
-    *) sed -n '2,22p' "$0"; exit 2 ;;
+    *) sed -n '2,/^set /{/^set /!p}' "$0"; exit 2 ;;
 esac

@@ -100,3 +100,20 @@ def test_every_public_name_is_in_the_api_reference() -> None:
         and not re.search(rf"^\.\. auto\w+:: {re.escape(name)}$|^\.\. data:: {name}$", text, re.M)
     ]
     assert missing == [], f"add these to {api.name}"
+
+
+def test_the_package_docstring_and_the_api_reference_name_the_same_public_modules() -> None:
+    api = Path(__file__).resolve().parent.parent / "docs" / "api.rst"
+    intro = api.read_text(encoding="utf-8").split(".. currentmodule::")[0]
+    listed = set(re.findall(r"``(?:domain_event_broker)?\.(\w+)``", intro))
+    named = set(
+        re.findall(r"``(\w+)``", (domain_event_broker.__doc__ or "").split("public as well:")[1])
+    )
+    public = {
+        path.stem if path.suffix == ".py" else path.name
+        for path in Path(domain_event_broker.__file__).parent.iterdir()
+        if not path.name.startswith("_")
+        and (path.suffix == ".py" or (path / "__init__.py").exists())
+    } - {"pytest_plugin"}  # loaded by pytest, not imported by users
+    assert listed == public
+    assert named - {"main", "domain-event-broker"} == public

@@ -27,6 +27,7 @@ from domain_event_broker import (
     replay_all,
 )
 from domain_event_broker._telemetry import otel as instrument
+from domain_event_broker._telemetry import otel_api
 from domain_event_broker.telemetry import (
     EventLogFilter,
     Heartbeat,
@@ -463,6 +464,7 @@ def test_nothing_at_all_without_the_opentelemetry_api(names) -> None:
 API_ONLY = """
 import json
 from domain_event_broker._telemetry import otel as _instrument
+from domain_event_broker._telemetry import otel_api
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 found = {}
@@ -479,7 +481,7 @@ with _instrument.process_span("h", None, "a.b", None) as bare:
     bare.set_outcome("dead_letter", exception_type="x.Y")
 found["scopes"] = [type(untraced).__name__, type(traced).__name__, type(bare).__name__]
 found["counts"] = {
-    name: sum(getattr(_instrument, name).totals().values())
+    name: sum(getattr(otel_api, name).totals().values())
     for name in ("_handled", "_retried", "_dead_lettered", "_in_flight")
 }
 print(json.dumps(found))
@@ -620,8 +622,8 @@ def test_reading_the_context_agrees_with_the_propagator(
     from opentelemetry import baggage, propagate
 
     headers = {**others, "traceparent": traceparent}
-    expected = propagate.extract(headers, getter=instrument._GETTER)
-    got = instrument._read_context(headers)
+    expected = propagate.extract(headers, getter=otel_api._GETTER)
+    got = otel_api._read_context(headers)
     assert trace.get_current_span(got).get_span_context() == (
         trace.get_current_span(expected).get_span_context()
     )
@@ -668,7 +670,7 @@ def test_writing_the_context_agrees_with_the_propagator(
             expected.pop(key, None)
         expected.update(carrier)
         got = dict(before)
-        instrument._write_context(span, got)
+        otel_api._write_context(span, got)
     finally:
         if token is not None:
             context.detach(token)
@@ -677,12 +679,12 @@ def test_writing_the_context_agrees_with_the_propagator(
 
 def test_an_invalid_span_writes_no_context() -> None:
     headers = {"traceparent": "old", "x": 1}
-    instrument._write_context(trace.INVALID_SPAN, headers)
+    otel_api._write_context(trace.INVALID_SPAN, headers)
     assert headers == {"traceparent": "old", "x": 1}
 
 
 def test_counts_from_many_threads_add_up_also_after_they_ended() -> None:
-    tally = instrument._Tally()
+    tally = otel_api._Tally()
     key = (("handler", "tally-test"),)
 
     def count(times: int) -> None:

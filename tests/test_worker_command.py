@@ -26,7 +26,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain_event_broker import publish_domain_event
-from domain_event_broker._worker.runner import check_health
+from domain_event_broker._worker.runner import (
+    MAX_RESTART_BACKOFF,
+    RESTART_BACKOFF,
+    STABLE_AFTER,
+    Supervisor,
+    WorkerOptions,
+    check_health,
+)
 
 from .helpers import BROKER_URL, consumer_count, wait_for
 
@@ -340,3 +347,38 @@ def test_check_health_compares_the_files_age_with_the_limit(
     if abs(age - max_age) > 1:  # the clock moves between utime and the check
         assert healthy == (age <= max_age), text
     assert text.startswith("healthy" if healthy else "unhealthy")
+
+
+class _Exited:
+    """A child process that has exited with ``code``."""
+
+    pid = 0
+    stdin = None
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def poll(self) -> int:
+        return self.code
+
+    def wait(self) -> int:
+        return self.code
+
+
+def test_a_failing_child_is_restarted_after_pauses_doubling_to_the_longest() -> None:
+    supervisor = Supervisor(WorkerOptions(APP, processes=2, max_restarts=9), ["unused"])
+    child = supervisor.children[0]
+
+    def fail(ran_for: float) -> float:
+        child.process = _Exited(1)  # type: ignore[assignment]
+        child.started = time.monotonic() - ran_for
+        supervisor._check(child)
+        assert child.restart_at is not None
+        return round(child.restart_at - time.monotonic())
+
+    pauses = [fail(0) for _ in range(7)]
+    assert pauses == [1, 2, 4, 8, 16, 30, 30]
+    assert (RESTART_BACKOFF, MAX_RESTART_BACKOFF) == (1, 30)
+    # A child that ran STABLE_AFTER before failing starts a new series.
+    assert [fail(STABLE_AFTER), fail(0)] == [1, 2]
+    assert child.failures == 2

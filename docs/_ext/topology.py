@@ -24,6 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from html import escape
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from docutils import nodes
@@ -137,13 +138,19 @@ class _ProbeChannel:
     """A probe channel: its first declaration of a queue is the declaration;
     passive declarations and later probes (asking a queue's type) draw nothing."""
 
+    #: Never closed by the broker: every probe finds what it asks about.
+    is_open = True
+
     def __init__(self, recorder: RecordingChannel) -> None:
         self._recorder = recorder
 
-    def queue_declare(self, queue: str, passive: bool = False, **kwargs: Any) -> None:
+    def queue_declare(self, queue: str, passive: bool = False, **kwargs: Any) -> Any:
+        # What a passive declaration answers (_amqp/probes reads the counts).
+        found = SimpleNamespace(method=SimpleNamespace(message_count=0, consumer_count=0))
         if passive or ("queue", queue) in self._recorder.objects:
-            return
+            return found
         self._recorder.queue_declare(queue, **kwargs)
+        return found
 
     def close(self) -> None:
         pass

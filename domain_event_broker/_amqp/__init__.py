@@ -3,8 +3,8 @@
 Owns broker URLs and configuration (``config``), TLS (``tls``), opening
 connections with backoff (``connect``), the long-lived connection and
 channel of a publisher or consumer (``link``), the names and arguments of a
-handler's exchanges and queues (``names``), "does it exist" probes and reply
-codes (``probes``), pika errors translated into this library's
+handler's exchanges and queues (``names``), "does it exist" probes
+(``probes``; reply codes are ``pika.spec``'s), pika errors translated into this library's
 (``failures``), RabbitMQ's management HTTP API (``management``), and
 ``pika_internals``: the one module of the package that touches pika's
 private names.

@@ -49,20 +49,27 @@ def backoff_delays(initial: float = INITIAL_BACKOFF, maximum: float = MAX_BACKOF
 
 
 class Backoff:
-    """Exponential backoff with equal jitter, capped at ``maximum``.
+    """Exponential backoff, capped at ``maximum``, with equal jitter by default.
 
-    Each pause is drawn uniformly between half and all of the current step;
-    the step doubles after every pause.
+    Each pause is drawn uniformly between half and all of the current step
+    (without ``jitter``: it is the step); the step doubles after every pause,
+    and :meth:`reset` starts again from ``initial``.
     """
 
-    def __init__(self, initial: float, maximum: float) -> None:
+    def __init__(self, initial: float, maximum: float, *, jitter: bool = True) -> None:
+        self._initial = initial
         self._next = initial
         self._maximum = maximum
+        self._jitter = jitter
 
     def next(self) -> float:
-        delay = random.uniform(self._next / 2, self._next)
-        self._next = min(self._next * 2, self._maximum)
-        return delay
+        step = self._next
+        self._next = min(step * 2, self._maximum)
+        return random.uniform(step / 2, step) if self._jitter else step
+
+    def reset(self) -> None:
+        """Start again from the first, shortest pause."""
+        self._next = self._initial
 
 
 def connect(

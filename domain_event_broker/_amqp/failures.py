@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 
 import pika.exceptions
+import pika.spec
 from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
 
 from ..errors import (
@@ -22,7 +23,13 @@ from ..errors import (
     UnroutableError,
 )
 
-__all__ = ["describe_error", "is_auth_error", "root_cause", "translate_pika_error"]
+__all__ = [
+    "describe_error",
+    "is_auth_error",
+    "is_consumer_timeout",
+    "root_cause",
+    "translate_pika_error",
+]
 
 #: pika errors that mean "retrying cannot help".
 _AUTH_ERRORS = (
@@ -37,9 +44,19 @@ def is_auth_error(exc: BaseException) -> bool:
     if isinstance(exc, _AUTH_ERRORS):
         return True
     if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
-        # 403 ACCESS_REFUSED, 530 NOT_ALLOWED (e.g. unknown vhost)
-        return exc.reply_code in (403, 530)
+        # NOT_ALLOWED: e.g. an unknown vhost
+        return exc.reply_code in (pika.spec.ACCESS_REFUSED, pika.spec.NOT_ALLOWED)
     return False
+
+
+def is_consumer_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a channel closed by the broker's ``consumer_timeout``
+    (a delivery held unacknowledged too long)."""
+    return (
+        isinstance(exc, pika.exceptions.ChannelClosedByBroker)
+        and exc.reply_code == pika.spec.PRECONDITION_FAILED
+        and "timed out" in str(exc.reply_text)
+    )
 
 
 def root_cause(exc: BaseException) -> BaseException:

@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -116,6 +114,10 @@ def delays_in_listing(name: str, listing: Iterable[Mapping[str, Any]]) -> list[i
 
 
 def _fetch(endpoint: Endpoint) -> list[Mapping[str, Any]]:
+    # Imported here: urllib.request brings http.client and email, which
+    # nothing else needs (a third of the package's import time).
+    import urllib.request  # noqa: PLC0415
+
     if not endpoint.url.startswith(("http://", "https://")):
         raise ValueError(f"not an http(s) URL: {endpoint.url!r}")
     credentials = base64.b64encode(f"{endpoint.user}:{endpoint.password}".encode()).decode()

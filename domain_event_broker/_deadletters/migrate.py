@@ -26,14 +26,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-import pika
-import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from .._amqp import config as _config
 from .._amqp import names as _names
 from .._amqp.connect import CONNECTION_ERRORS, close_quietly, connect
 from .._amqp.failures import translate_pika_error
+from .._amqp.probes import probe_queue, queue_exists
+from .._subscribing import topology as _topology
 from ..errors import ConfigurationError, DomainEventBrokerError
 
 __all__ = ["MigrationError", "migrate_queue_type"]
@@ -124,58 +124,36 @@ class _Migration:
         self.report = report
         self.moved = 0
 
-    def _exists(self, queue: str) -> tuple[bool, int]:
-        """(exists, consumers) without creating it."""
-        probe = self.channel.connection.channel()
-        try:
-            frame = probe.queue_declare(queue=queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return False, 0
-            raise
-        probe.close()
-        return True, int(frame.method.consumer_count)
+    def _exists(self, queue: str) -> bool:
+        return queue_exists(self.channel.connection, queue)
 
     def run(self) -> int:
         name = self.name
-        exists, consumers = self._exists(name)
-        if not exists and not self._exists(name + HOLDING_SUFFIX)[0]:
+        inbox = probe_queue(self.channel.connection, name)
+        if not inbox.exists and not self._exists(name + HOLDING_SUFFIX):
             raise MigrationError(f"queue {name!r} does not exist: nothing to migrate")
-        if exists and consumers:
+        if inbox.consumers:
             raise MigrationError(
-                f"queue {name!r} has {consumers} consumer(s): stop the handler's workers first "
-                "(publishers may keep publishing)"
+                f"queue {name!r} has {inbox.consumers} consumer(s): stop the handler's workers "
+                "first (publishers may keep publishing)"
             )
         dlq = _names.dead_letter_queue(name)
-        dead_letter = self._exists(dlq)[0] or self._exists(dlq + HOLDING_SUFFIX)[0]
-        ch = self.channel
-        retry = _names.retry_exchange(name)
-        durable_retry = _names.durable_retry_exchange(name)
-        ch.exchange_declare(exchange=self.exchange, exchange_type=self.exchange_type, durable=True)
-        ch.exchange_declare(exchange=retry, exchange_type=self.exchange_type)
-        ch.exchange_declare(exchange=durable_retry, exchange_type="fanout", durable=True)
-        inbox_bindings = [
-            *((self.exchange, key) for key in self.keys),
-            *((retry, key) for key in (*self.keys, "#")),
-            (durable_retry, ""),
-        ]
+        dead_letter = self._exists(dlq) or self._exists(dlq + HOLDING_SUFFIX)
+        _topology.declare_inbox_exchanges(self.channel, name, self.exchange, self.exchange_type)
         if dead_letter:
-            dlx = _names.dead_letter_exchange(name)
-            durable_dlx = _names.durable_dead_letter_exchange(name)
-            ch.exchange_declare(exchange=dlx, exchange_type=self.exchange_type)
-            ch.exchange_declare(exchange=durable_dlx, exchange_type="fanout", durable=True)
+            _topology.declare_dead_letter_exchanges(self.channel, name, self.exchange_type)
             # The dead letters first: the new handler's queue dead-letters into them.
             self._move_queue(
                 dlq,
                 _names.dead_letter_queue_arguments(self.queue_type),
-                [*((dlx, key) for key in (*self.keys, "#")), (durable_dlx, "")],
-                durable_dlx,
+                _topology.dead_letter_bindings(name, self.keys),
+                _names.durable_dead_letter_exchange(name),
             )
         self._move_queue(
             name,
             _names.inbox_arguments(name, dead_letter, self.queue_type),
-            inbox_bindings,
-            durable_retry,
+            _topology.inbox_bindings(name, self.keys, self.exchange),
+            _names.durable_retry_exchange(name),
         )
         self.report(
             f"done: {name} is a {self.queue_type} queue"
@@ -195,12 +173,12 @@ class _Migration:
         of this handler's queues)."""
         ch = self.channel
         holding = queue + HOLDING_SUFFIX
-        holding_exists = self._exists(holding)[0]
+        holding_exists = self._exists(holding)
         ch.queue_declare(queue=holding, durable=True, arguments={"x-queue-type": self.queue_type})
         for exchange, key in bindings:
             ch.queue_bind(queue=holding, exchange=exchange, routing_key=key)
         self.report(f"declared {holding} ({self.queue_type}) and bound it as {queue}")
-        if self._exists(queue)[0]:
+        if self._exists(queue):
             for exchange, key in bindings:
                 ch.queue_unbind(queue=queue, exchange=exchange, routing_key=key)
             # pika binds with the queue's name when given no key: an earlier 4.1 build did.

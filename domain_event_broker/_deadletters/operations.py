@@ -24,6 +24,7 @@ from .._amqp import names as _names
 from .._amqp.config import UNSET, BrokerConfig, ConnectionSettings
 from .._amqp.connect import CONNECTION_ERRORS, close_quietly, connect
 from .._amqp.failures import translate_pika_error
+from .._amqp.probes import exchange_exists, probe_queue
 from ..errors import ConfigurationError, DomainEventBrokerError, PublishError
 from .letters import (
     DeadLetter,
@@ -38,6 +39,7 @@ from .letters import (
     topic_matches,
 )
 from .run import BATCH_SIZE, PREFETCH, SKIP, Item, Session
+from .run_items import DISCARD, LEAVE, RETRY
 
 __all__ = [
     "BATCH_SIZE",
@@ -68,21 +70,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Callback answer: republish the event to the handler's retry exchange.
-RETRY: Final = "retry"
-#: Callback answer: keep the event in the dead-letter queue.
-LEAVE: Final = "leave"
-#: Callback answer: remove the event for good.
-DISCARD: Final = "discard"
-
 _ACTIONS: Final = frozenset({RETRY, LEAVE, DISCARD})
 
 #: The delay of ``Retry()`` without arguments (seconds); :func:`handler_status`
 #: always looks for its delay queue.
 DEFAULT_RETRY_DELAY: Final = 10.0
-
-#: Reply code of a passive declaration of something that does not exist.
-_NOT_FOUND: Final = 404
 
 #: A callback slower than this (seconds), or one that takes ``keepalive``
 #: (it waits for something, e.g. a person), has each answer carried out at
@@ -904,7 +896,7 @@ def handler_status(
     connection = connect(config, f"domain-event-broker status (pid {os.getpid()})")
     try:
         statuses = [_queue_status(connection, queue) for queue in queues]
-        found = {exchange: _exchange_exists(connection, exchange) for exchange in exchanges}
+        found = {exchange: exchange_exists(connection, exchange) for exchange in exchanges}
     except CONNECTION_ERRORS as exc:
         raise translate_pika_error(exc, f"reading the status of {name!r}") from exc
     finally:
@@ -913,28 +905,8 @@ def handler_status(
     return HandlerStatus(statuses[0], statuses[1], delay_statuses, found, listed is not None)
 
 
-def _exchange_exists(connection: pika.BlockingConnection, exchange: str) -> bool:
-    channel = connection.channel()
-    try:
-        channel.exchange_declare(exchange, passive=True)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == _NOT_FOUND:
-            return False
-        raise
-    if channel.is_open:
-        channel.close()
-    return True
-
-
 def _queue_status(connection: pika.BlockingConnection, queue: str) -> QueueStatus:
-    # A failed passive declaration closes the channel: one channel per queue.
-    channel = connection.channel()
-    try:
-        frame = channel.queue_declare(queue, passive=True)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == _NOT_FOUND:
-            return QueueStatus(queue, None, None)
-        raise
-    if channel.is_open:
-        channel.close()
-    return QueueStatus(queue, int(frame.method.message_count), int(frame.method.consumer_count))
+    found = probe_queue(connection, queue)
+    if not found.exists:
+        return QueueStatus(queue, None, None)
+    return QueueStatus(queue, found.messages, found.consumers)

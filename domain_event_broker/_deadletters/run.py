@@ -65,10 +65,10 @@ silent network).
 
 The run is in three pieces: :class:`Session` (this module) holds what was
 taken and decided and recovers after a lost connection;
-:class:`._rotation_commit.Committer` carries out a batch (probes, copies,
+:class:`.run_commit.Committer` carries out a batch (probes, copies,
 parking, the commit, putting back late returns);
-:class:`._rotation_channel.RunChannel` is the connection and its
-transactional channel. :mod:`._rotation_items` has what they share.
+:class:`.run_channel.RunChannel` is the connection and its
+transactional channel. :mod:`.run_items` has what they share.
 """
 
 from __future__ import annotations
@@ -80,12 +80,13 @@ from typing import Any, Final
 
 import pika
 import pika.exceptions
+import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
 from .._amqp import names as _names
 from .._amqp.config import BrokerConfig
 from .._amqp.connect import CONNECTION_ERRORS
-from .._amqp.failures import is_auth_error
+from .._amqp.failures import is_auth_error, is_consumer_timeout
 from ..errors import BrokerError
 from .letters import DELIVERY_COUNT
 from .run_channel import RunChannel
@@ -117,9 +118,6 @@ PREFETCH: Final = 2 * BATCH_SIZE
 #: run gives up.
 MAX_RECOVERIES: Final = 5
 
-#: Reply code of a channel closed by the broker's ``consumer_timeout``.
-_PRECONDITION_FAILED: Final = 406
-
 
 def _recoverable(exc: BaseException) -> bool:
     """Whether reconnecting can help: a lost connection or the broker's
@@ -127,9 +125,9 @@ def _recoverable(exc: BaseException) -> bool:
     if is_auth_error(exc):
         return False
     if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
-        return exc.reply_code == _PRECONDITION_FAILED and "timed out" in str(exc.reply_text)
+        return is_consumer_timeout(exc)
     if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
-        return exc.reply_code in (320, 541)  # forced close, internal error
+        return exc.reply_code in (pika.spec.CONNECTION_FORCED, pika.spec.INTERNAL_ERROR)
     return isinstance(
         exc,
         (
@@ -167,8 +165,8 @@ class Session:
     """One run over a handler's dead-letter queue (see the module docs).
 
     The session holds what the run took and decided, hands it to its
-    :class:`._rotation_commit.Committer`, and recovers when its
-    :class:`._rotation_channel.RunChannel` loses the connection.
+    :class:`.run_commit.Committer`, and recovers when its
+    :class:`.run_channel.RunChannel` loses the connection.
 
     Args:
         name: the handler name.

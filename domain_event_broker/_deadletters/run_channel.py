@@ -5,7 +5,7 @@ transactional channel that consumes the queue.
 the broker sends, publishes and acknowledges in the channel's transaction,
 commits it (collecting the copies the broker returned as unroutable), and
 looks up the queue and the retry exchange on spare channels. It decides
-nothing and does not recover: :class:`._rotation.Session` does both.
+nothing and does not recover: :class:`.run.Session` does both.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from .._amqp.config import BrokerConfig
 from .._amqp.connect import CONNECTION_ERRORS
 from .._amqp.failures import translate_pika_error
 from .._amqp.link import Link
+from .._amqp.probes import probe_exchange, probe_queue
 from ..errors import BrokerError, DeadLetterQueueNotFoundError, DomainEventBrokerError
 from .letters import logical_view
 from .run_items import Item
 
-__all__ = ["NOT_FOUND", "RunChannel"]
+__all__ = ["RunChannel"]
 
 #: Seconds without a delivery after which the queue is checked for being
 #: empty (it is, when it has fewer messages than counted at the start).
@@ -42,9 +43,6 @@ STALL_TIMEOUT: Final = 60.0
 RELEASE_MARGIN: Final = 30.0
 #: Seconds between two looks at whether they were released.
 RELEASE_POLL: Final = 0.2
-
-#: Reply code of a passive declaration of something that does not exist.
-NOT_FOUND: Final = 404
 
 
 class RunChannel:
@@ -147,36 +145,22 @@ class RunChannel:
         """
         assert self._connection is not None
         try:
-            # A failed passive declaration closes its channel: a spare one.
-            channel = self._connection.channel()
-            frame = channel.queue_declare(self.queue, passive=True)
-            channel.close()
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == NOT_FOUND:
-                raise DeadLetterQueueNotFoundError(
-                    f"handler {self.name!r} has no dead-letter queue {self.queue!r} on "
-                    f"{self._config.display} (was it registered with dead_letter=True?)"
-                ) from exc
-            raise self.error(exc, "looking up the queue") from exc
+            found = probe_queue(self._connection, self.queue)
         except CONNECTION_ERRORS as exc:
             raise self.error(exc, "looking up the queue") from exc
-        return int(frame.method.message_count)
+        if not found.exists:
+            raise DeadLetterQueueNotFoundError(
+                f"handler {self.name!r} has no dead-letter queue {self.queue!r} on "
+                f"{self._config.display} (was it registered with dead_letter=True?)"
+            ) from found.not_found
+        return found.messages
 
     def missing_exchange(self, exchange: str) -> BaseException | None:
         """pika's error if ``exchange`` does not exist, else ``None`` (on a
         spare channel: a publish to a missing exchange would close the
         transactional one without saying why)."""
         assert self._connection is not None
-        channel = self._connection.channel()
-        try:
-            channel.exchange_declare(exchange, passive=True)
-            channel.close()
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != NOT_FOUND:
-                raise
-            missing: BaseException = exc
-            return missing
-        return None
+        return probe_exchange(self._connection, exchange).not_found
 
     def wait_for_release(self) -> None:
         """Wait until the broker noticed that the old connection is gone and
@@ -187,9 +171,10 @@ class RunChannel:
         deadline = time.monotonic() + timeout
         assert self._connection is not None
         while True:
-            channel = self._connection.channel()
-            consumers = int(channel.queue_declare(self.queue, passive=True).method.consumer_count)
-            channel.close()
+            found = probe_queue(self._connection, self.queue)
+            if found.not_found is not None:
+                raise found.not_found
+            consumers = found.consumers
             if consumers == 0:
                 return
             if time.monotonic() > deadline:

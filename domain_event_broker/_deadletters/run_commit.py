@@ -1,12 +1,12 @@
 """Carrying out a batch of decided dead letters in transactions.
 
 :class:`Committer` turns the actions of a batch into copies and
-acknowledgements on a :class:`._rotation_channel.RunChannel` and commits
+acknowledgements on a :class:`.run_channel.RunChannel` and commits
 them: RETRY probes first (the first copy of each routing key not seen routed
 yet, committed on its own), then everything else with the acknowledgements
 in one transaction; copies that come back unroutable afterwards have their
 dead letters put back. Why it is done this way is told in
-:mod:`._rotation`'s docs. Lost connections are not its business: the
+:mod:`.run`'s docs. Lost connections are not its business: the
 errors go to the caller, which recovers and calls again.
 """
 
@@ -16,11 +16,12 @@ import logging
 from collections.abc import Callable
 
 import pika.exceptions
+import pika.spec
 
 from .._telemetry import otel as _instrument
 from ..errors import BrokerError
 from .letters import parked_properties
-from .run_channel import NOT_FOUND, RunChannel
+from .run_channel import RunChannel
 from .run_items import DISCARD, RETRY, Counts, Item, replay_properties
 
 __all__ = ["Committer"]
@@ -70,7 +71,7 @@ class Committer:
         so, remember it: later RETRY copies are unroutable)."""
         missing = (
             isinstance(exc, pika.exceptions.ChannelClosedByBroker)
-            and exc.reply_code == NOT_FOUND
+            and exc.reply_code == pika.spec.NOT_FOUND
             and self.exchange in str(exc.reply_text)
         )
         if missing:

@@ -1,8 +1,9 @@
 """What a run over a dead-letter queue works with: the actions, one dead
 letter taken (:class:`Item`), what was carried out (:class:`Counts`).
 
-Shared by the run (:mod:`._rotation`), its channel
-(:mod:`._rotation_channel`) and its commits (:mod:`._rotation_commit`).
+Shared by the run (:mod:`.run`), its channel (:mod:`.run_channel`), its
+commits (:mod:`.run_commit`) and the operations built on it
+(:mod:`.operations`, which re-exports the actions).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ __all__ = [
     "replay_properties",
 ]
 
+#: Callback answer: republish the event to the handler's retry exchange.
 RETRY: Final = "retry"
+#: Callback answer: keep the event in the dead-letter queue.
 LEAVE: Final = "leave"
+#: Callback answer: remove the event for good.
 DISCARD: Final = "discard"
 #: Passed over by a filter: kept in place like LEAVE, counted apart.
 SKIP: Final = "skip"

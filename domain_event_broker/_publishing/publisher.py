@@ -29,7 +29,7 @@ from ..errors import BatchPublishError, BrokerUnavailableError
 from ..events import DomainEvent, check_event, new_event, validate_routing_key
 from .sender import Sender
 
-__all__ = ["Publisher", "close_shared_publishers", "publish_domain_event"]
+__all__ = ["Publisher", "close_shared_publishers", "publish_domain_event", "publish_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -563,8 +563,23 @@ def publish_domain_event(
        checked before anything is sent.
     """
     event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
-    mandatory = _config.default_require_route(require_route)
-    config = _config.resolve(connection_settings)
+    config, mandatory = publish_settings(connection_settings, require_route)
     if _captured(event) or config is None:
         return event
     return _shared_pool(config).publish(event, body.encode("utf-8"), mandatory)
+
+
+def publish_settings(
+    connection_settings: ConnectionSettings = UNSET, require_route: bool | _Unset = UNSET
+) -> tuple[BrokerConfig | None, bool]:
+    """The broker (``None``: publishing is disabled) and whether an
+    unroutable event raises, from :func:`publish_domain_event`'s arguments
+    and the defaults as they are now; ``publish_on_commit`` checks its own
+    with it when called.
+
+    Raises:
+        TypeError: ``require_route`` is not a bool.
+        ConfigurationError: ``connection_settings`` is malformed.
+    """
+    mandatory = _config.default_require_route(require_route)
+    return _config.resolve(connection_settings), mandatory

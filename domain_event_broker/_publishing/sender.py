@@ -17,6 +17,7 @@ from typing import Final, TypeVar
 
 import pika
 import pika.exceptions
+import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
 from .._amqp.config import BrokerConfig
@@ -36,10 +37,10 @@ __all__ = ["Sender"]
 
 log = logging.getLogger("domain_event_broker.publish")
 
-#: Channel errors that retrying will not fix (access refused, precondition
-#: failed): raised at once. 404 NOT_FOUND is not among them: the exchange was
-#: deleted after it was declared, and reconnecting declares it again.
-_FATAL_CHANNEL_CODES: Final = frozenset({403, 406})
+#: Channel errors that retrying will not fix: raised at once. NOT_FOUND is
+#: not among them: the exchange was deleted after it was declared, and
+#: reconnecting declares it again.
+_FATAL_CHANNEL_CODES: Final = frozenset({pika.spec.ACCESS_REFUSED, pika.spec.PRECONDITION_FAILED})
 
 #: What one publish attempt may raise that :meth:`Sender._sort_failure` sorts out.
 _ATTEMPT_ERRORS: Final = (
@@ -278,8 +279,8 @@ class Sender:
         """Declare the exchange durable on each new channel (the link's setup).
 
         Raises:
-            PublishError: the broker refused it (e.g. 406: it exists with
-                another type or durability; 403: access refused).
+            PublishError: the broker refused it (e.g. PRECONDITION_FAILED: it exists
+                with another type or durability; ACCESS_REFUSED).
         """
         try:
             channel.exchange_declare(

@@ -21,7 +21,7 @@ import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
 from .._amqp.connect import CONNECTION_ERRORS
-from .._amqp.failures import translate_pika_error
+from .._amqp.failures import is_consumer_timeout, translate_pika_error
 from .._amqp.link import Link, Recovery
 from .._amqp.pika_internals import deliver_as_read
 from ..errors import (
@@ -459,11 +459,7 @@ def _raise_if_closed(link: Link) -> None:
 
 def _hint(exc: BaseException) -> str:
     """Advice for the one loss whose cause a handler controls."""
-    if (
-        isinstance(exc, pika.exceptions.ChannelClosedByBroker)
-        and exc.reply_code == 406
-        and "timed out" in exc.reply_text
-    ):
+    if is_consumer_timeout(exc):
         return (
             ". A handler ran longer than the broker's consumer_timeout; its event will be "
             "redelivered. Raise consumer_timeout in rabbitmq.conf or make the handler faster"

@@ -1,8 +1,9 @@
 """Declaring a handler's exchanges, queues and bindings on a channel.
 
 Plain functions of a channel and a :class:`Registration`; the names come
-from :mod:`._names`. Used by the Subscriber when registering, after every
-reconnection, and for each retry's delay queue.
+from :mod:`.._amqp.names`. Used by the Subscriber when registering, after
+every reconnection, and for each retry's delay queue; the exchanges and
+bindings also by the queue-type migration (:mod:`.._deadletters.migrate`).
 
 All topology policy lives here: durability, queue types and arguments, and
 how queues of 3.0.2 or of the other type are taken over.
@@ -36,14 +37,25 @@ import weakref
 from collections.abc import Sequence
 
 import pika.exceptions
+import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
 from .._amqp import config as _config
 from .._amqp import names as _names
+from .._amqp.probes import queue_exists
 from ..errors import ConfigurationError
 from .registration import Registration
 
-__all__ = ["dead_letter_route", "declare_delay", "declare_handler", "requested_queue_type"]
+__all__ = [
+    "dead_letter_bindings",
+    "dead_letter_route",
+    "declare_dead_letter_exchanges",
+    "declare_delay",
+    "declare_handler",
+    "declare_inbox_exchanges",
+    "inbox_bindings",
+    "requested_queue_type",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +93,8 @@ def declare_handler(
     name = registration.name
     wanted = requested_queue_type(registration)
     if registration.dead_letter:
-        dlx = _names.dead_letter_exchange(name)
-        durable_dlx = _names.durable_dead_letter_exchange(name)
         dlq = _names.dead_letter_queue(name)
-        channel.exchange_declare(exchange=dlx, exchange_type=exchange_type)  # 3.0.2's
-        channel.exchange_declare(exchange=durable_dlx, exchange_type="fanout", durable=True)
+        declare_dead_letter_exchanges(channel, name, exchange_type)
         _declare_queue(
             channel,
             dlq,
@@ -94,9 +103,8 @@ def declare_handler(
             [(t, _names.dead_letter_queue_arguments(t)) for t in _candidates(wanted)],
             name,
         )
-        for key in (*registration.binding_keys, "#"):
-            channel.queue_bind(exchange=dlx, queue=dlq, routing_key=key)
-        channel.queue_bind(exchange=durable_dlx, queue=dlq, routing_key="")
+        for source, key in dead_letter_bindings(name, registration.binding_keys):
+            channel.queue_bind(exchange=source, queue=dlq, routing_key=key)
     queue_type = _declare_queue(
         channel,
         name,
@@ -114,18 +122,53 @@ def declare_handler(
         registration,
     )
     _queue_types.setdefault(channel, {})[name] = queue_type
+    declare_inbox_exchanges(channel, name, exchange, exchange_type)
+    for source, key in inbox_bindings(name, registration.binding_keys, exchange):
+        channel.queue_bind(exchange=source, queue=name, routing_key=key)
+
+
+def declare_inbox_exchanges(
+    channel: BlockingChannel, name: str, exchange: str, exchange_type: str
+) -> None:
+    """Declare the exchanges handler ``name``'s queue is bound to: the events
+    ``exchange``, 3.0.2's ``name-retry`` and the durable ``name-retry-durable``."""
     channel.exchange_declare(
         exchange=exchange, exchange_type=exchange_type, durable=True, auto_delete=False
     )
+    channel.exchange_declare(exchange=_names.retry_exchange(name), exchange_type=exchange_type)
+    channel.exchange_declare(
+        exchange=_names.durable_retry_exchange(name), exchange_type="fanout", durable=True
+    )
+
+
+def inbox_bindings(name: str, binding_keys: Sequence[str], exchange: str) -> list[tuple[str, str]]:
+    """(exchange, routing key) of each binding of handler ``name``'s queue."""
     retry = _names.retry_exchange(name)
-    durable_retry = _names.durable_retry_exchange(name)
-    channel.exchange_declare(exchange=retry, exchange_type=exchange_type)  # 3.0.2's
-    channel.exchange_declare(exchange=durable_retry, exchange_type="fanout", durable=True)
-    for key in registration.binding_keys:
-        channel.queue_bind(exchange=exchange, queue=name, routing_key=key)
-        channel.queue_bind(exchange=retry, queue=name, routing_key=key)
-    channel.queue_bind(exchange=retry, queue=name, routing_key="#")
-    channel.queue_bind(exchange=durable_retry, queue=name, routing_key="")
+    return [
+        *((exchange, key) for key in binding_keys),
+        *((retry, key) for key in (*binding_keys, "#")),
+        (_names.durable_retry_exchange(name), ""),
+    ]
+
+
+def declare_dead_letter_exchanges(channel: BlockingChannel, name: str, exchange_type: str) -> None:
+    """Declare the exchanges ``name-dl`` is bound to: 3.0.2's ``name-dlx`` and
+    the durable ``name-dlx-durable``."""
+    channel.exchange_declare(
+        exchange=_names.dead_letter_exchange(name), exchange_type=exchange_type
+    )
+    channel.exchange_declare(
+        exchange=_names.durable_dead_letter_exchange(name), exchange_type="fanout", durable=True
+    )
+
+
+def dead_letter_bindings(name: str, binding_keys: Sequence[str]) -> list[tuple[str, str]]:
+    """(exchange, routing key) of each binding of handler ``name``'s ``name-dl``."""
+    dlx = _names.dead_letter_exchange(name)
+    return [
+        *((dlx, key) for key in (*binding_keys, "#")),
+        (_names.durable_dead_letter_exchange(name), ""),
+    ]
 
 
 def declare_delay(
@@ -207,7 +250,7 @@ def _declare_queue(
         try:
             probe.queue_declare(queue=queue, arguments=arguments, **options)
         except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != 406:
+            if exc.reply_code != pika.spec.PRECONDITION_FAILED:
                 raise
             first_error = first_error or exc
             continue
@@ -256,17 +299,20 @@ def _probe_type(
     Asks whether it is a classic queue first, which the broker confirms
     without closing a channel in the common case. Without ``arguments``
     (a handler's queue on a channel its topology was not declared on),
-    tries each argument set 3.0.2 declares a handler's queue with.
+    tries each argument set 3.0.2 declares a handler's queue with, once it
+    knows that the queue exists (a declaration would create it).
     """
     if arguments is None:
+        if not queue_exists(channel.connection, queue):
+            return "classic"
         for dead_letter in (True, False):
             candidate = {
                 **_names.inbox_arguments(queue, dead_letter, None),
                 "x-queue-type": "classic",
             }
-            if _accepts(channel, queue, candidate, {"durable": True}, passive_first=True):
+            if _accepts(channel, queue, candidate, {"durable": True}):
                 return "classic"
-        return "quorum" if _accepts(channel, queue, None, {}, passive_first=True) else "classic"
+        return "quorum"
     if _accepts(channel, queue, {**arguments, "x-queue-type": "classic"}, options or {}):
         return "classic"
     return "quorum"
@@ -275,20 +321,17 @@ def _probe_type(
 def _accepts(
     channel: BlockingChannel,
     queue: str,
-    arguments: dict[str, object] | None,
+    arguments: dict[str, object],
     options: dict[str, bool],
-    passive_first: bool = False,
 ) -> bool:
-    """Whether the broker accepts declaring the existing ``queue`` so
-    (``arguments`` ``None``: whether it exists)."""
+    """Whether the broker accepts declaring the existing ``queue`` so (on a
+    spare channel: a refusal closes it)."""
     probe = channel.connection.channel()
     try:
-        if passive_first or arguments is None:
-            probe.queue_declare(queue=queue, passive=True)
-        if arguments is not None:
-            probe.queue_declare(queue=queue, arguments=arguments, **options)
+        probe.queue_declare(queue=queue, arguments=arguments, **options)
     except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code in (404, 406):
+        # NOT_FOUND: a durable queue whose node is down.
+        if exc.reply_code in (pika.spec.NOT_FOUND, pika.spec.PRECONDITION_FAILED):
             return False
         raise
     probe.close()

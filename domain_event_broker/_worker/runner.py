@@ -55,6 +55,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
+from .._amqp.connect import Backoff
 from .._core.signals import STOP_SIGNALS  # passed on to the children
 from .._subscribing.subscriber import Subscriber
 from .._telemetry.heartbeat import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_STALL_AFTER, Heartbeat
@@ -335,6 +336,10 @@ class _Child:
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     failures: int = 0
+    #: The pause before each restart of a series of failures.
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(RESTART_BACKOFF, MAX_RESTART_BACKOFF, jitter=False)
+    )
     restart_at: float | None = None
     done: bool = False
     returncode: int | None = None
@@ -432,7 +437,10 @@ class Supervisor:
                 log.error("Worker %d (pid %d) exited with %d", child.index, process.pid, code)
             child.done = True
             return
-        child.failures = 1 if now - child.started >= STABLE_AFTER else child.failures + 1
+        if now - child.started >= STABLE_AFTER:  # a new series
+            child.failures = 0
+            child.backoff.reset()
+        child.failures += 1
         if child.failures > self.options.max_restarts:
             log.error(
                 "Worker %d failed %d times in a row (last exit status %d); giving up",
@@ -444,7 +452,7 @@ class Supervisor:
             self._failed = True
             self._on_signal(signal.SIGTERM, None)
             return
-        delay = min(MAX_RESTART_BACKOFF, RESTART_BACKOFF * 2 ** (child.failures - 1))
+        delay = child.backoff.next()
         log.warning(
             "Worker %d (pid %d) exited with %d; restarting in %.0fs",
             child.index,

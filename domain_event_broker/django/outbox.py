@@ -32,7 +32,7 @@ __all__ = ["failed_events", "prune_sent_events", "publish_via_outbox", "retry_fa
 PRUNE_CHUNK_SIZE: Final = 900  # below SQLite's old limit of 999 query parameters
 
 
-def publish_via_outbox(  # publish_domain_event's positional signature
+def publish_via_outbox(  # publish_domain_event's event arguments (tests/django/test_signatures.py)
     routing_key: str,
     data: Any,
     domain_object_id: str | None = None,

@@ -7,8 +7,8 @@ from typing import Any
 
 from django.db import transaction
 
-from .._amqp import config as _config
-from .._amqp.config import UNSET, ConnectionSettings
+from .._amqp.config import UNSET, ConnectionSettings, _Unset
+from .._publishing.publisher import publish_settings
 from ..events import DomainEvent, new_event
 from ..publish import publish_domain_event
 
@@ -17,7 +17,7 @@ __all__ = ["publish_on_commit"]
 log = logging.getLogger(__name__)
 
 
-def publish_on_commit(  # publish_domain_event's positional signature
+def publish_on_commit(  # publish_domain_event's arguments (tests/django/test_signatures.py)
     routing_key: str,
     data: Any,
     domain_object_id: str | None = None,
@@ -25,6 +25,7 @@ def publish_on_commit(  # publish_domain_event's positional signature
     timestamp: float | None = None,
     connection_settings: ConnectionSettings = UNSET,
     *,
+    require_route: bool | _Unset = UNSET,
     using: str | None = None,
 ) -> DomainEvent:
     """Publish a domain event after the outermost transaction commits.
@@ -35,7 +36,8 @@ def publish_on_commit(  # publish_domain_event's positional signature
     transaction or the savepoint around this call rolls back, and at once when
     no transaction is open.
 
-    A failure to publish after the commit is logged at ERROR level (logger
+    A failure to publish after the commit (an unroutable event with
+    ``require_route`` among them) is logged at ERROR level (logger
     ``domain_event_broker.django.transaction``, with the routing key and
     uuid) and not raised: the transaction has committed and the request
     should not fail because of the broker. The event is then lost; use
@@ -50,6 +52,10 @@ def publish_on_commit(  # publish_domain_event's positional signature
         timestamp: Unix seconds (UTC); now when left out.
         connection_settings: an AMQP URL or list of URLs; ``None`` sends
             nothing; left out: the configured default.
+        require_route: as :func:`~domain_event_broker.publish_domain_event`:
+            the event is unroutable when no queue is bound for
+            ``routing_key``, and then logged as a failure; default ``False``,
+            see :func:`~domain_event_broker.configure`.
         using: the database alias whose transaction to wait for (default:
             ``"default"``).
 
@@ -58,18 +64,22 @@ def publish_on_commit(  # publish_domain_event's positional signature
 
     Raises:
         ValueError: the routing key is empty, not a str, or too long.
-        TypeError: ``data`` is not JSON-serializable.
+        TypeError: ``data`` is not JSON-serializable, or ``require_route``
+            not a bool.
         ConfigurationError: ``connection_settings`` is malformed.
 
     .. versionchanged:: 4.0
        Returns the event; validates before the commit; logs instead of
        raising when publishing fails after the commit; ``using`` added.
+
+    .. versionchanged:: 4.1
+       ``require_route``.
     """
-    # TypeError now, not after the commit; the snapshot is immune to later
-    # changes of ``data`` by the caller.
+    # TypeError, ValueError and ConfigurationError now, not after the commit;
+    # the snapshot is immune to later changes of ``data`` by the caller.
     event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
+    publish_settings(connection_settings, require_route)
     snapshot = DomainEvent.from_json(body)
-    _config.resolve(connection_settings)  # ConfigurationError now, not after commit
 
     def publish() -> None:
         try:
@@ -80,6 +90,7 @@ def publish_on_commit(  # publish_domain_event's positional signature
                 uuid_string=snapshot.uuid_string,
                 timestamp=snapshot.timestamp,
                 connection_settings=connection_settings,
+                require_route=require_route,
             )
         except Exception:  # the commit is done: never fail the request
             log.error(

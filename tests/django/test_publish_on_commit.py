@@ -8,7 +8,7 @@ import uuid
 import pytest
 from django.db import transaction
 
-from domain_event_broker import ConfigurationError, DomainEvent, configure
+from domain_event_broker import ConfigurationError, DomainEvent, UnroutableError, configure
 from domain_event_broker.django import publish_on_commit
 
 from ..helpers import wait_for
@@ -118,3 +118,47 @@ def test_disabled_broker_sends_nothing(db_alias: str, event_queue: EventQueue) -
         marker = publish_on_commit(event_queue.key("marker"), {}, using=db_alias)
     bodies = wait_for(event_queue.take, message="the marker event")
     assert [b["uuid_string"] for b in bodies] == [marker.uuid_string]
+
+
+# -- require_route, as publish_domain_event's ------------------------------------------
+
+
+def _after_commit_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "domain_event_broker.django.transaction"]
+
+
+def test_require_route_logs_an_unroutable_event_after_the_commit(
+    db_alias: str, event_queue: EventQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="domain_event_broker.django")
+    unbound = f"djangounbound{uuid.uuid4().hex}.created"
+    with transaction.atomic(using=db_alias):
+        publish_on_commit(unbound, {}, using=db_alias)  # the default: not required
+        lost = publish_on_commit(unbound, {}, require_route=True, using=db_alias)
+        routed = publish_on_commit(event_queue.key(), {}, require_route=True, using=db_alias)
+    (record,) = _after_commit_errors(caplog)
+    assert lost.uuid_string in record.getMessage()
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], UnroutableError)
+    (body,) = event_queue.take_until(1)
+    assert body["uuid_string"] == routed.uuid_string
+
+
+def test_require_route_follows_the_configured_default(
+    db_alias: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="domain_event_broker.django")
+    unbound = f"djangounbound{uuid.uuid4().hex}.created"
+    configure(require_route=True)
+    with transaction.atomic(using=db_alias):
+        publish_on_commit(unbound, {}, require_route=False, using=db_alias)  # the argument wins
+        lost = publish_on_commit(unbound, {}, using=db_alias)
+    (record,) = _after_commit_errors(caplog)
+    assert lost.uuid_string in record.getMessage()
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], UnroutableError)
+
+
+def test_require_route_must_be_a_bool_when_called(db_alias: str) -> None:
+    with transaction.atomic(using=db_alias), pytest.raises(TypeError, match="require_route"):
+        publish_on_commit("test.bad", {}, require_route="yes", using=db_alias)  # type: ignore[arg-type]
