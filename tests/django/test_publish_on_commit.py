@@ -128,13 +128,15 @@ def _after_commit_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRe
 
 
 def test_require_route_logs_an_unroutable_event_after_the_commit(
-    db_alias: str, event_queue: EventQueue, caplog: pytest.LogCaptureFixture
+    db_alias: str, event_queue: EventQueue, own_vhost_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="domain_event_broker.django")
+    # Unroutable in a virtual host of its own: on the shared one a queue may bind "#".
     unbound = f"djangounbound{uuid.uuid4().hex}.created"
+    nowhere = {"connection_settings": own_vhost_url, "using": db_alias}
     with transaction.atomic(using=db_alias):
-        publish_on_commit(unbound, {}, using=db_alias)  # the default: not required
-        lost = publish_on_commit(unbound, {}, require_route=True, using=db_alias)
+        publish_on_commit(unbound, {}, **nowhere)  # the default: not required
+        lost = publish_on_commit(unbound, {}, require_route=True, **nowhere)
         routed = publish_on_commit(event_queue.key(), {}, require_route=True, using=db_alias)
     (record,) = _after_commit_errors(caplog)
     assert lost.uuid_string in record.getMessage()
@@ -145,14 +147,15 @@ def test_require_route_logs_an_unroutable_event_after_the_commit(
 
 
 def test_require_route_follows_the_configured_default(
-    db_alias: str, caplog: pytest.LogCaptureFixture
+    db_alias: str, own_vhost_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="domain_event_broker.django")
     unbound = f"djangounbound{uuid.uuid4().hex}.created"
+    nowhere = {"connection_settings": own_vhost_url, "using": db_alias}
     configure(require_route=True)
     with transaction.atomic(using=db_alias):
-        publish_on_commit(unbound, {}, require_route=False, using=db_alias)  # the argument wins
-        lost = publish_on_commit(unbound, {}, using=db_alias)
+        publish_on_commit(unbound, {}, require_route=False, **nowhere)  # the argument wins
+        lost = publish_on_commit(unbound, {}, **nowhere)
     (record,) = _after_commit_errors(caplog)
     assert lost.uuid_string in record.getMessage()
     assert record.exc_info is not None
