@@ -9,6 +9,8 @@
 #   scripts/cluster.sh start-node|stop-node|kill-node VERSION NODE
 #   scripts/cluster.sh chroot [VERSION]   build a version's chroot if missing (default 4.0)
 #   scripts/cluster.sh env VERSION [single]   shell variables for the tests
+#   scripts/cluster.sh nodes VERSION   one line per node: KEY NAME AMQP_PORT DIST_PORT
+#   scripts/cluster.sh root VERSION   the version's chroot ("" for the machine's broker)
 #
 # VERSION is one of
 #   3.10  the machine's rabbitmq-server
@@ -228,7 +230,7 @@ urls() {
 
 # An unknown version stops the script here (inside "$(...)" die would not).
 case "${1:-}" in
-    up|down|single-up|single-down|start-node|stop-node|kill-node|ctl|urls|env) version_spec "${2:?version}" >/dev/null ;;
+    up|down|single-up|single-down|start-node|stop-node|kill-node|ctl|urls|env|nodes|root) version_spec "${2:?version}" >/dev/null ;;
     chroot) version_spec "${2:-4.0}" >/dev/null ;;
 esac
 
@@ -248,6 +250,9 @@ case "${1:-}" in
     ctl) shift; ctl "${1:?version}" "${2:?node}" "${@:3}" ;;
     chroot) ensure_chroot "${2:-4.0}" ;;
     urls) urls "${2:?version}" ;;
+    nodes)   # the one table of names and ports (tests/cluster/conftest.py reads it)
+        for node in c1 c2 c3 single; do echo "$node $(node_spec "${2:?version}" "$node")"; done ;;
+    root) root_of "${2:?version}" ;;
     env)
         if [ "${3:-}" = single ]; then
             read -r name port dist <<<"$(node_spec "${2:?version}" single)"

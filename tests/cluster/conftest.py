@@ -3,8 +3,10 @@
 These tests restart, stop and kill -9 nodes, so they never use the shared
 default broker: they start their own nodes beside it and stop them
 afterwards. ``DEB_TEST_CLUSTER_VERSION`` picks the RabbitMQ version: ``3.10``
-(the machine's ``rabbitmq-server``, the default) or ``4.0`` (Debian 13's, in
-a chroot that ``scripts/cluster.sh`` builds once with debootstrap).
+(the machine's ``rabbitmq-server``, the default), ``4.0`` or ``4.3`` (Debian's,
+in a chroot that ``scripts/cluster.sh`` builds once with debootstrap). The
+nodes' names and ports come from ``scripts/cluster.sh nodes VERSION``, the one
+table of them.
 
 Locally they skip, with the reason, only when the broker's software is
 missing; in CI (``CI`` set) they fail instead.
@@ -12,6 +14,7 @@ missing; in CI (``CI`` set) they fail instead.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -29,15 +32,39 @@ from domain_event_broker import DomainEvent, Subscriber
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "cluster.sh"
 VERSION = os.environ.get("DEB_TEST_CLUSTER_VERSION", "3.10")
-CHROOT = os.environ.get("DEB_RABBITMQ4_CHROOT", "/var/cache/domain-event-broker/rabbitmq-4.0")
-PORTS = {
-    "3.10": {"c1": 5681, "c2": 5682, "c3": 5683, "single": 5684},
-    "4.0": {"c1": 5691, "c2": 5692, "c3": 5693, "single": 5690},
-}
-NODE_NAMES = {
-    "3.10": {"c1": "deb-c1", "c2": "deb-c2", "c3": "deb-c3", "single": "deb-restart"},
-    "4.0": {"c1": "deb-r4a", "c2": "deb-r4b", "c3": "deb-r4c", "single": "deb-r4"},
-}
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One private node as ``scripts/cluster.sh nodes`` lists it."""
+
+    name: str
+    port: int
+
+
+@functools.cache
+def _layout(version: str) -> tuple[dict[str, NodeSpec], str] | str:
+    """``version``'s nodes by key (``c1``..``c3``, ``single``) and its chroot
+    (``""`` for the machine's broker), from ``scripts/cluster.sh``; or why not."""
+    answers = []
+    for command in ("nodes", "root"):
+        result = subprocess.run(
+            [str(SCRIPT), command, version], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            return f"DEB_TEST_CLUSTER_VERSION={version!r}: {result.stderr.strip()}"
+        answers.append(result.stdout)
+    nodes = {}
+    for line in answers[0].splitlines():
+        key, name, port, _dist = line.split()
+        nodes[key] = NodeSpec(name, int(port))
+    return nodes, answers[1].strip()
+
+
+def _nodes(version: str) -> dict[str, NodeSpec]:
+    layout = _layout(version)
+    assert not isinstance(layout, str), layout
+    return layout[0]
 
 
 #: One line per cluster scenario, printed at the end of the run.
@@ -54,14 +81,18 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 def _missing_software() -> str | None:
     """Why this machine cannot run the nodes, or None."""
-    if VERSION not in PORTS:
-        return f"DEB_TEST_CLUSTER_VERSION must be 3.10 or 4.0, not {VERSION!r}"
-    if VERSION == "3.10" and shutil.which("rabbitmq-server") is None:
-        return "rabbitmq-server is not installed (the cluster tests start their own nodes)"
-    chroot_ready = Path(CHROOT, "usr/lib/rabbitmq/bin/rabbitmq-server").exists()
+    layout = _layout(VERSION)
+    if isinstance(layout, str):
+        return layout  # an unknown version
+    _, chroot = layout
+    if not chroot:
+        if shutil.which("rabbitmq-server") is None:
+            return "rabbitmq-server is not installed (the cluster tests start their own nodes)"
+        return None
+    chroot_ready = Path(chroot, "usr/lib/rabbitmq/bin/rabbitmq-server").exists()
     can_build = shutil.which("debootstrap") is not None and os.geteuid() == 0
-    if VERSION == "4.0" and not chroot_ready and not can_build:
-        return f"no RabbitMQ 4.0 chroot in {CHROOT}; building one needs root and debootstrap"
+    if not chroot_ready and not can_build:
+        return f"no RabbitMQ {VERSION} chroot in {chroot}; building one needs root and debootstrap"
     return None
 
 
@@ -93,11 +124,11 @@ class Node:
 
     @property
     def port(self) -> int:
-        return PORTS[self.version][self.key]
+        return _nodes(self.version)[self.key].port
 
     @property
     def name(self) -> str:
-        return f"{NODE_NAMES[self.version][self.key]}@{os.uname().nodename.split('.')[0]}"
+        return f"{_nodes(self.version)[self.key].name}@{os.uname().nodename.split('.')[0]}"
 
     @property
     def url(self) -> str:
