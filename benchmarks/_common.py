@@ -43,7 +43,8 @@ def bound_queue(durable: bool = True) -> Iterator[BenchQueue]:
     """A queue bound to ``domain-events`` with a unique routing key; deleted after.
 
     Durable by default, as a subscriber's queues are: the broker writes
-    persistent events to disk before confirming them.
+    persistent events to disk before confirming them. A non-durable one is
+    exclusive (RabbitMQ 4.3 refuses transient non-exclusive queues).
 
     Yields:
         The queue.
@@ -52,7 +53,7 @@ def bound_queue(durable: bool = True) -> Iterator[BenchQueue]:
     connection, channel = raw_channel(confirm=False)
     channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
     queue = f"bench-{key}"
-    channel.queue_declare(queue, durable=durable, auto_delete=not durable)
+    channel.queue_declare(queue, durable=durable, exclusive=not durable, auto_delete=not durable)
     channel.queue_bind(queue, EXCHANGE, routing_key=key)
     try:
         yield BenchQueue(channel, queue, key)

@@ -207,7 +207,7 @@ def test_require_route_raises_when_no_queue_is_bound(
 
 def test_require_route_passes_when_a_queue_is_bound(channel: BlockingChannel, names: Names) -> None:
     queue = names.new("edges-route")
-    channel.queue_declare(queue, durable=False)
+    channel.queue_declare(queue, durable=True)
     channel.queue_bind(queue, "domain-events", routing_key=queue)
     publish_domain_event(queue, {"n": 1}, require_route=True)
     assert channel.queue_declare(queue, passive=True).method.message_count == 1

@@ -37,7 +37,7 @@ def test_a_queue_that_exists_with_its_counts(
 ) -> None:
     queue = names.new("test-probes")
     channel = connection.channel()
-    channel.queue_declare(queue)
+    channel.queue_declare(queue, durable=True)
     channel.basic_publish("", queue, b"one")
     channel.basic_publish("", queue, b"two")
     channel.basic_consume(queue, lambda *args: None)
@@ -79,7 +79,7 @@ def test_an_exchange_that_exists(connection: pika.BlockingConnection, names: Nam
 
 def test_every_spare_channel_is_closed(connection: pika.BlockingConnection, names: Names) -> None:
     queue = names.new("test-probes")
-    connection.channel().queue_declare(queue)
+    connection.channel().queue_declare(queue, durable=True)
     for _ in range(3 * CHANNEL_MAX):
         assert queue_exists(connection, queue)
         assert exchange_exists(connection, "amq.topic")

@@ -100,7 +100,7 @@ class Inbox:
 def make_inbox(channel: BlockingChannel, names: Names, exchange: str = EXCHANGE) -> Inbox:
     queue = names.new("test-publish")
     channel.exchange_declare(exchange, exchange_type="topic", durable=True)
-    channel.queue_declare(queue, durable=False)
+    channel.queue_declare(queue, durable=True)
     channel.queue_bind(queue, exchange, routing_key=f"{queue}.#")
     return Inbox(channel, queue, exchange)
 
@@ -601,7 +601,7 @@ def test_routing_key_of_exactly_255_bytes_is_accepted(
     queue = names.new("test-publish")
     key = (queue + ".") + "k" * (255 - len(queue) - 1)
     assert len(key.encode("utf-8")) == 255
-    channel.queue_declare(queue, durable=False)
+    channel.queue_declare(queue, durable=True)
     channel.queue_bind(queue, EXCHANGE, routing_key=key)
     event = publish_domain_event(key, {})
     inbox = Inbox(channel, queue)
@@ -979,7 +979,7 @@ def test_connection_and_channel_connect_lazily(connects: list[str], broker_url: 
 
 def test_302_cleanup_pattern_channel_queue_delete(channel: BlockingChannel, names: Names) -> None:
     queue = names.new("test-publish")
-    channel.queue_declare(queue)
+    channel.queue_declare(queue, durable=True)
     with Publisher() as publisher:
         assert publisher.channel is not None
         publisher.channel.queue_delete(queue)

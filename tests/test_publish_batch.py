@@ -70,7 +70,7 @@ def declare_queue(
 ) -> Queue:
     name = names.new("test-batch")
     channel.exchange_declare(exchange, exchange_type="topic", durable=True)
-    channel.queue_declare(name, arguments=arguments)
+    channel.queue_declare(name, durable=True, arguments=arguments)
     channel.queue_bind(name, exchange, routing_key=f"{name}.#")
     return Queue(channel, name)
 

@@ -68,7 +68,7 @@ def bound_queue(name: str, key: str, exchange: str = "domain-events") -> None:
     try:
         channel = connection.channel()
         channel.exchange_declare(exchange, exchange_type="topic", durable=True)
-        channel.queue_declare(name)
+        channel.queue_declare(name, durable=True)
         channel.queue_bind(name, exchange, routing_key=key)
     finally:
         connection.close()

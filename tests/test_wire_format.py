@@ -237,7 +237,7 @@ def queue(broker_url: str) -> Iterator[str]:
     connection = raw_connection()
     channel = connection.channel()
     channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
-    channel.queue_declare(name, durable=False)
+    channel.queue_declare(name, durable=True)
     channel.queue_bind(name, EXCHANGE, routing_key=f"{name}.#")
     connection.close()
     yield name

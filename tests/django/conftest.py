@@ -112,7 +112,7 @@ def event_queue(broker_url: str) -> Iterator[EventQueue]:
     try:
         channel = connection.channel()
         channel.exchange_declare("domain-events", exchange_type="topic", durable=True)
-        channel.queue_declare(queue.name)
+        channel.queue_declare(queue.name, durable=True)
         channel.queue_bind(queue.name, "domain-events", routing_key=f"{queue.prefix}.#")
     finally:
         connection.close()
@@ -135,6 +135,7 @@ def limited_queue(broker_url: str) -> Iterator[LimitedQueue]:
         channel.exchange_declare("domain-events", exchange_type="topic", durable=True)
         channel.queue_declare(
             queue.name,
+            durable=True,
             arguments={"x-max-length": queue.max_length, "x-overflow": "reject-publish"},
         )
         channel.queue_bind(queue.name, "domain-events", routing_key=f"{queue.prefix}.#")
