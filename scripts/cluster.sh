@@ -30,7 +30,8 @@
 #   4.3 single    deb-r43@HOST      5700       25700
 # Data and logs live under $DEB_CLUSTER_BASE (default /tmp/deb-cluster), with
 # their own Erlang cookie; nothing of /etc/rabbitmq is read. Nodes get the
-# broker's defaults (RabbitMQ 4.3's denied deprecated features stay denied).
+# broker's defaults, except that 4.3's nodes deny transient non-exclusive
+# queues as upstream 4.3 does (Debian's build permits them; see node_config).
 set -euo pipefail
 
 HOST="$(hostname -s)"
@@ -132,6 +133,18 @@ ensure_mounts() {
     done
 }
 
+# node_config VERSION PORT: a node's rabbitmq.conf. RabbitMQ 4.3 denies
+# transient non-exclusive queues by default (4.3.0's release notes), but
+# Debian's build still permits them: deny them here as upstream does (and
+# global QoS, which 4.3 already denies), so that the suite meets 4.3's defaults.
+node_config() {
+    printf 'listeners.tcp.default = 127.0.0.1:%s\nloopback_users = none\n' "$2"
+    if [ "$1" = 4.3 ]; then
+        printf 'deprecated_features.permit.transient_nonexcl_queues = false\n'
+        printf 'deprecated_features.permit.global_qos = false\n'
+    fi
+}
+
 # run VERSION NODE COMMAND ARGS...: a broker script with the node's environment.
 run() {
     local version="$1" node="$2" command="$3"; shift 3
@@ -145,7 +158,7 @@ run() {
         printf '%s' "$COOKIE" >"$root$dir/home/.erlang.cookie"
         chmod 400 "$root$dir/home/.erlang.cookie"
     fi
-    [ -f "$root$dir/rabbitmq.conf" ] || printf 'listeners.tcp.default = 127.0.0.1:%s\nloopback_users = none\n' "$port" >"$root$dir/rabbitmq.conf"
+    [ -f "$root$dir/rabbitmq.conf" ] || node_config "$version" "$port" >"$root$dir/rabbitmq.conf"
     [ -f "$root$dir/enabled_plugins" ] || echo '[].' >"$root$dir/enabled_plugins"
     : >"$root$dir/rabbitmq-env.conf"
     local -a environment=(
