@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from domain_event_broker import ConfigurationError, Publisher, Retry, Subscriber, configure
 from domain_event_broker._amqp import config as _config
 from domain_event_broker._amqp import names as _names
+from domain_event_broker._amqp.failures import denied_feature, translate_pika_error
 from domain_event_broker._subscribing import topology as _topology
 from domain_event_broker._subscribing.registration import Registration
 
@@ -180,3 +181,60 @@ def test_quorum_delivery_limit_dead_letters_with_a_reason(names: Names, broker_u
     deaths = properties.headers["x-death"]
     assert deaths[0]["reason"] == "delivery_limit"
     assert deaths[0]["routing-keys"] == ["limit.x"]
+
+
+# -- deprecated features the broker denies ----------------------------------------------
+
+#: What RabbitMQ 4.3 says when it denies transient non-exclusive queues.
+_DENIED_TEXT = (
+    "INTERNAL_ERROR - Feature `transient_nonexcl_queues` is deprecated.\n"
+    "Its use is not permitted per the configuration (overriding the default, which is "
+    'permitted):\n    "deprecated_features.permit.transient_nonexcl_queues = false"'
+)
+
+
+def test_a_denied_deprecated_feature_is_a_configuration_error() -> None:
+    denied = pika.exceptions.ConnectionClosedByBroker(541, _DENIED_TEXT)
+    assert denied_feature(denied) == "transient_nonexcl_queues"
+    error = translate_pika_error(denied, "declaring")
+    assert isinstance(error, ConfigurationError)
+    assert "transient_nonexcl_queues" in str(error)
+    # Other 541s and other closes are not.
+    assert denied_feature(pika.exceptions.ConnectionClosedByBroker(541, "INTERNAL_ERROR")) is None
+    assert denied_feature(pika.exceptions.ConnectionClosedByBroker(320, _DENIED_TEXT)) is None
+    assert denied_feature(pika.exceptions.ChannelClosedByBroker(541, _DENIED_TEXT)) is None
+
+
+def _broker_permits_transient_queues(name: str) -> bool:
+    connection = raw_connection()
+    try:
+        channel = connection.channel()
+        channel.queue_declare(name, durable=False)
+        channel.queue_delete(name)
+        return True
+    except pika.exceptions.ConnectionClosedByBroker as exc:
+        if denied_feature(exc) != "transient_nonexcl_queues":
+            raise
+        return False
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def test_non_durable_queue_refused_by_the_broker(names: Names) -> None:
+    """RabbitMQ 4.3 denies transient non-exclusive queues by default: register()
+    says so and how to fix it, rather than report an outage."""
+    name = names.new("transient")
+    if _broker_permits_transient_queues(name):
+        pytest.skip("this broker permits transient non-exclusive queues (before 4.3)")
+    with Subscriber() as subscriber:
+        with pytest.raises(ConfigurationError, match="durable=True") as caught:
+            subscriber.register(_noop, name, ["transient.x"], durable=False)
+        assert "exclusive=True" in str(caught.value)
+        assert isinstance(caught.value.__cause__, pika.exceptions.ConnectionClosedByBroker)
+        # The subscriber goes on: the same handler, durable or exclusive, is declared.
+        subscriber.register(_noop, name, ["transient.x"], durable=False, exclusive=True)
+    assert queue_size(name) is None  # exclusive: gone with its connection
+    with Subscriber() as subscriber:
+        subscriber.register(_noop, name, ["transient.x"])
+        assert queue_size(name) == 0

@@ -8,6 +8,7 @@ words for log lines.
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pika.exceptions
@@ -17,6 +18,7 @@ from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
 from ..errors import (
     AuthenticationError,
     BrokerUnavailableError,
+    ConfigurationError,
     DomainEventBrokerError,
     PublishError,
     PublishTimeoutError,
@@ -24,6 +26,7 @@ from ..errors import (
 )
 
 __all__ = [
+    "denied_feature",
     "describe_error",
     "is_auth_error",
     "is_consumer_timeout",
@@ -47,6 +50,27 @@ def is_auth_error(exc: BaseException) -> bool:
         # NOT_ALLOWED: e.g. an unknown vhost
         return exc.reply_code in (pika.spec.ACCESS_REFUSED, pika.spec.NOT_ALLOWED)
     return False
+
+
+#: How RabbitMQ names a deprecated feature it refuses to use ("Feature
+#: `transient_nonexcl_queues` is deprecated. Its use is not permitted ...").
+_DENIED_FEATURE = re.compile(r"Feature `([^`]+)` is deprecated")
+
+
+def denied_feature(exc: BaseException) -> str | None:
+    """The deprecated feature the broker refused, if ``exc`` is that refusal.
+
+    RabbitMQ (3.13 and later) closes the *connection* with ``541
+    INTERNAL_ERROR`` when a client uses a deprecated feature it denies, e.g.
+    a transient non-exclusive queue, denied by default from 4.3 on. Retrying
+    cannot help: the client has to stop using it.
+    """
+    if not isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
+        return None
+    if exc.reply_code != pika.spec.INTERNAL_ERROR:
+        return None
+    match = _DENIED_FEATURE.search(str(exc.reply_text))
+    return match.group(1) if match else None
 
 
 def is_consumer_timeout(exc: BaseException) -> bool:
@@ -129,7 +153,7 @@ def _inner(exc: BaseException) -> list[BaseException]:
     return [arg for arg in getattr(exc, "args", ()) if isinstance(arg, BaseException)]
 
 
-def translate_pika_error(exc: BaseException, context: str) -> DomainEventBrokerError:
+def translate_pika_error(exc: BaseException, context: str) -> DomainEventBrokerError:  # noqa: PLR0911  # one return per cause
     """Map a pika exception to this library's hierarchy.
 
     Args:
@@ -149,6 +173,12 @@ def translate_pika_error(exc: BaseException, context: str) -> DomainEventBrokerE
         return UnroutableError(
             f"{context}: no queue is bound for this routing key, so the broker returned "
             f"the message (is the subscriber's handler registered?)"
+        )
+    feature = denied_feature(exc)
+    if feature is not None:
+        return ConfigurationError(
+            f"{context}: the broker refuses the deprecated feature {feature!r} "
+            f"(see RabbitMQ's deprecated features; the broker's configuration decides)"
         )
     if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):
         return PublishTimeoutError(

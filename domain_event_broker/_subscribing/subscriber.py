@@ -194,7 +194,9 @@ class Subscriber:
             binding_keys: routing keys to receive, wildcards allowed
                 (``user.*``, ``#``).
             dead_letter: keep failed events in ``name-dl`` for replay.
-            durable: whether the queue survives a broker restart.
+            durable: whether the queue survives a broker restart. RabbitMQ
+                4.3 and later refuse ``durable=False`` by default unless
+                ``exclusive`` is true too (:class:`ConfigurationError`).
             exclusive: whether the queue is private to this connection.
             auto_delete: whether the queue is deleted with its last consumer.
             max_retries: how many :class:`Retry` requests are honoured before
@@ -215,8 +217,9 @@ class Subscriber:
             ValueError: empty ``name``, no binding keys, negative
                 ``max_retries``, ``concurrency`` below 1, or a name already
                 registered.
-            ConfigurationError: the queue exists with other arguments, or
-                ``name`` is reserved by RabbitMQ (``amq.`` prefix).
+            ConfigurationError: the queue exists with other arguments,
+                ``name`` is reserved by RabbitMQ (``amq.`` prefix), or the
+                broker refuses a non-durable queue that is not exclusive.
             BrokerError: the broker could not be reached.
         """
         registration = build_registration(

@@ -42,6 +42,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from .._amqp import config as _config
 from .._amqp import names as _names
+from .._amqp.failures import denied_feature
 from .._amqp.probes import queue_exists
 from ..errors import ConfigurationError
 from .registration import Registration
@@ -254,6 +255,16 @@ def _declare_queue(
                 raise
             first_error = first_error or exc
             continue
+        except pika.exceptions.ConnectionClosedByBroker as exc:
+            if denied_feature(exc) == "transient_nonexcl_queues":
+                raise ConfigurationError(
+                    f"the broker refuses the queue {queue!r}: it does not permit "
+                    f"non-durable queues that are not exclusive (durable=False, "
+                    f"exclusive=False), as RabbitMQ 4.3 and later do by default (deprecated "
+                    f"feature transient_nonexcl_queues). Register it with durable=True, or "
+                    f"with exclusive=True for a queue private to this worker's connection"
+                ) from exc
+            raise
         else:
             probe.close()
         actual = queue_type or _probe_type(channel, queue, arguments, options)
