@@ -75,7 +75,16 @@ def denied_feature(exc: BaseException) -> str | None:
 
 def is_consumer_timeout(exc: BaseException) -> bool:
     """Whether ``exc`` is a channel closed by the broker's ``consumer_timeout``
-    (a delivery held unacknowledged too long)."""
+    (a delivery held unacknowledged too long).
+
+    RabbitMQ before 4.3 closes the channel so (``406 PRECONDITION_FAILED``,
+    "delivery acknowledgement on channel N timed out"), whatever the queue
+    type; 4.3 too, for a client that takes no consumer cancel notifications
+    (pika takes them) or with ``consumer_timeout_response = close_channel``
+    (4.3.7). Otherwise, from 4.3 on, a quorum queue *cancels the consumer*
+    instead (``basic.cancel``, see the consuming loop and the dead-letter
+    runs) and a classic queue has no consumer timeout at all.
+    """
     return (
         isinstance(exc, pika.exceptions.ChannelClosedByBroker)
         and exc.reply_code == pika.spec.PRECONDITION_FAILED

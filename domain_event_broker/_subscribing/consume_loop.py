@@ -24,6 +24,7 @@ from .._amqp.connect import CONNECTION_ERRORS
 from .._amqp.failures import is_consumer_timeout, translate_pika_error
 from .._amqp.link import Link, Recovery
 from .._amqp.pika_internals import deliver_as_read
+from .._amqp.probes import queue_exists
 from ..errors import (
     AuthenticationError,
     BrokerUnavailableError,
@@ -222,8 +223,9 @@ class ConsumeLoop:
         if self._link.is_open and self._consuming_generation == self._link.generation:
             if self._cancelled:
                 self._resume_cancelled()
-            self._take_pending()
-            return
+            if self.consuming:  # else it dropped the connection: consume on a new one
+                self._take_pending()
+                return
         if not self._link.is_open:
             self._on_connection_lost()
         channel = self._link.channel()
@@ -353,17 +355,51 @@ class ConsumeLoop:
         self._cancelled.append(method_frame.method.consumer_tag)
 
     def _resume_cancelled(self) -> None:
+        """Consume again from the queues whose consumer the broker cancelled.
+
+        A deleted queue is declared and consumed again on this channel. A
+        queue that still exists had its consumer cancelled for another
+        reason: on RabbitMQ 4.3 and later a quorum queue does so when a
+        delivery stayed unacknowledged past the broker's ``consumer_timeout``
+        (it puts the delivery back and ignores the late acknowledgement;
+        earlier versions close the channel instead, see :func:`_hint`), and a
+        cluster may do so when a queue's node goes. Then the connection is
+        dropped and consuming starts on a new one: a consumer cancelled for
+        a timeout lingers on its channel (RabbitMQ 4.3.6 wakes it up again
+        when the late acknowledgement comes, and sends it deliveries pika
+        no longer expects), and whatever the old channel held is redelivered,
+        as after a channel the broker closed.
+        """
         channel = self._link.channel()
+        connection = self._link.connection
+        assert connection is not None
+        reopen = False
         while self._cancelled:
             registration = self._consumer_tags.pop(self._cancelled.pop(), None)
             if registration is None:
                 continue  # not one of ours (any more)
+            if queue_exists(connection, registration.name):
+                log.warning(
+                    "The broker cancelled the consumer of handler %s although its queue "
+                    "still exists: on RabbitMQ 4.3 and later a quorum queue does so when "
+                    "an event stayed unacknowledged longer than the broker's "
+                    "consumer_timeout (the handler ran too long; the event is delivered "
+                    "again; raise consumer_timeout or make the handler faster), or the "
+                    "queue moved in a cluster. Consuming again on a new connection "
+                    "(events in flight are redelivered)",
+                    registration.name,
+                )
+                reopen = True
+                continue
             log.warning(
-                "The broker cancelled the consumer of %s (queue deleted?); declaring it again",
+                "The broker cancelled the consumer of handler %s: its queue was deleted; "
+                "declaring it again",
                 registration.name,
             )
             self._declare(channel, registration)
             self._consume(channel, registration)
+        if reopen:
+            self._on_connection_lost()
 
     def _on_connection_lost(self) -> None:
         """Forget the channel; outcomes for its tags are dropped as stale."""

@@ -51,6 +51,20 @@ class RabbitControl:
     def eval(self, expression: str) -> str:
         return self.ctl("eval", expression)
 
+    def version(self) -> tuple[int, ...]:
+        """The node's RabbitMQ version, e.g. ``(4, 3, 6)``."""
+        text = self.eval("rabbit:base_product_version().").strip().strip('"')
+        return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+    def queue_messages(self, queue: str) -> int | None:
+        """Messages in ``queue``, ready and unacknowledged; None if it does not exist."""
+        listing = self.ctl("list_queues", "-p", self.vhost, "name", "messages")
+        for line in listing.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == queue:
+                return int(parts[1])
+        return None
+
     # -- faults -------------------------------------------------------------------
 
     def close_all_connections(self) -> None:

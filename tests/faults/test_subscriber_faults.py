@@ -34,13 +34,17 @@ def _records(caplog: pytest.LogCaptureFixture, level: int, logger: str) -> list[
 
 
 def _consuming(
-    names: Any, run_subscriber: Any, url: str | list[str] = BROKER_URL, handler: Any = None
+    names: Any,
+    run_subscriber: Any,
+    url: str | list[str] = BROKER_URL,
+    handler: Any = None,
+    queue_type: str | None = None,
 ) -> tuple[Any, Recorder, str, str]:
     name = names.new("faults")
     routing_key = unique()
     recorder = handler or Recorder()
     subscriber = Subscriber(url, timeout=10)
-    subscriber.register(recorder, name, [routing_key])
+    subscriber.register(recorder, name, [routing_key], queue_type=queue_type)
     runner = run_subscriber(subscriber)
     return runner, recorder, name, routing_key
 
@@ -240,35 +244,75 @@ def test_queue_deleted_under_running_subscriber(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 def test_handler_past_consumer_timeout(
-    rabbitmq: RabbitControl, names: Any, run_subscriber: Any, caplog: pytest.LogCaptureFixture
+    rabbitmq: RabbitControl,
+    names: Any,
+    run_subscriber: Any,
+    caplog: pytest.LogCaptureFixture,
+    queue_type: str,
 ) -> None:
-    """The broker closes the channel (406); the worker survives, the event comes again."""
+    """A handler overruns the broker's consumer_timeout; the worker survives.
+
+    Before RabbitMQ 4.3 the channel enforces it for every queue type: the
+    broker closes the channel (406), the subscriber reopens it and the event
+    comes again. From 4.3 on the queue enforces it: a quorum queue cancels the
+    consumer (basic.cancel), puts the event back and ignores the late
+    acknowledgement; the subscriber says so and consumes again, and the event
+    comes again. A classic queue has no consumer timeout from 4.3 on: the
+    event is handled once and acknowledged.
+    """
     caplog.set_level(logging.INFO)
     # Read by each new channel: a 2 s consumer timeout, checked twice a second.
     rabbitmq.set_env(consumer_timeout=2000, channel_tick_interval=500)
+    by_queue = rabbitmq.version() >= (4, 3)
+    no_timeout = by_queue and queue_type == "classic"
     seen: list[DomainEvent] = []
 
     def handler(event: DomainEvent) -> None:
         seen.append(event)
-        if len(seen) == 1:  # overrun the consumer timeout
-            wait_for(
-                lambda: _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER),
-                timeout=30,
-                message="the broker to close the channel",
-            )
+        if len(seen) > 1:
+            return
+        if no_timeout:
+            time.sleep(5)  # well past the timeout, which nothing enforces
+            return
+        wait_for(  # overrun the consumer timeout
+            lambda: _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER),
+            timeout=30,
+            message="the broker to close the channel or cancel the consumer",
+        )
 
-    runner, _, name, routing_key = _consuming(names, run_subscriber, handler=handler)
+    runner, _, name, routing_key = _consuming(
+        names, run_subscriber, handler=handler, queue_type=queue_type
+    )
     event = _publish(routing_key, 1)
-    wait_for(lambda: len(seen) == 2, timeout=40, message="the redelivery")
-    assert [e.uuid_string for e in seen] == [event.uuid_string] * 2
-    assert [e.redelivered for e in seen] == [False, True]
+    if no_timeout:
+        wait_for(lambda: seen, message="the event")
+        time.sleep(6)
+        assert [e.uuid_string for e in seen] == [event.uuid_string]
+        assert [e.redelivered for e in seen] == [False]
+    else:
+        wait_for(lambda: len(seen) == 2, timeout=40, message="the redelivery")
+        assert [e.uuid_string for e in seen] == [event.uuid_string] * 2
+        assert [e.redelivered for e in seen] == [False, True]
+    handled = len(seen)
     later = _publish(routing_key, 2)
-    wait_for(lambda: len(seen) == 3, message="the next event")
-    assert seen[2].uuid_string == later.uuid_string
-    wait_for(lambda: queue_size(name) == 0)
+    wait_for(lambda: len(seen) == handled + 1, message="the next event")
+    assert seen[-1].uuid_string == later.uuid_string
+    # Acknowledged: nothing ready and nothing unacknowledged.
+    wait_for(lambda: rabbitmq.queue_messages(name) == 0, message="the queue to be empty")
     runner.assert_running()
-    _one_loss_one_recovery(caplog, "consumer_timeout")
+    if no_timeout:
+        assert _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER) == []
+    elif by_queue:
+        warnings = _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER)
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        message = warnings[0].getMessage()
+        assert f"cancelled the consumer of handler {name}" in message
+        assert "consumer_timeout" in message
+        assert warnings[0].exc_info is None
+    else:
+        _one_loss_one_recovery(caplog, "consumer_timeout")
     runner.stop()
 
 
