@@ -40,10 +40,15 @@ __all__ = [
 ORIGINAL_ROUTING_KEY: Final = _headers.ORIGINAL_ROUTING_KEY
 #: Header a quorum queue adds on redelivery: the broker's, not the event's.
 DELIVERY_COUNT: Final = "x-delivery-count"
+#: The same from RabbitMQ 4.3 on, counting every return to the queue
+#: (``basic.nack`` and consumer timeouts included).
+ACQUIRED_COUNT: Final = "x-acquired-count"
+#: Headers a quorum queue adds on redelivery.
+REDELIVERY_HEADERS: Final = frozenset({DELIVERY_COUNT, ACQUIRED_COUNT})
 
-#: Headers this library adds to a dead letter while it manages it; they are
-#: hidden from callbacks, filters, exports and replayed copies.
-_INTERNAL_HEADERS: Final = frozenset({ORIGINAL_ROUTING_KEY, DELIVERY_COUNT})
+#: Headers this library or the broker adds to a dead letter while it is
+#: managed; they are hidden from callbacks, filters, exports and replayed copies.
+_INTERNAL_HEADERS: Final = frozenset({ORIGINAL_ROUTING_KEY, *REDELIVERY_HEADERS})
 
 
 # -- one dead letter ------------------------------------------------------------

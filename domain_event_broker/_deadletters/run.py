@@ -32,7 +32,10 @@ events dead-lettered during the run land behind the copies made so far and
 are not visited, because the run stops after the count it read at the start.
 
 **Lost connections.** When the connection (or the channel, e.g. after the
-broker's ``consumer_timeout``) is lost, the run reconnects and reconciles:
+broker's ``consumer_timeout``) is lost, or the broker cancels the run's
+consumer (a quorum queue's ``consumer_timeout`` from RabbitMQ 4.3 on, which
+puts the dead letters back and ignores their acknowledgements: the run never
+commits after such a cancel), the run reconnects and reconciles:
 RabbitMQ returns the batch's dead letters to the head of the queue unless
 their transaction was committed. If the first message at the head is the
 batch's first dead letter (same body, routing key and properties, marked
@@ -88,8 +91,8 @@ from .._amqp.config import BrokerConfig
 from .._amqp.connect import CONNECTION_ERRORS
 from .._amqp.failures import is_auth_error, is_consumer_timeout
 from ..errors import BrokerError
-from .letters import DELIVERY_COUNT
-from .run_channel import RunChannel
+from .letters import REDELIVERY_HEADERS
+from .run_channel import CANCELLED_WHY, RunChannel
 from .run_commit import Committer
 from .run_items import DISCARD, LEAVE, RETRY, SKIP, Counts, Item, replay_properties
 
@@ -121,9 +124,12 @@ MAX_RECOVERIES: Final = 5
 
 def _recoverable(exc: BaseException) -> bool:
     """Whether reconnecting can help: a lost connection or the broker's
-    consumer timeout, not a refusal or a missing queue."""
+    consumer timeout (a closed channel before RabbitMQ 4.3, a cancelled
+    consumer from 4.3 on), not a refusal or a missing queue."""
     if is_auth_error(exc):
         return False
+    if isinstance(exc, pika.exceptions.ConsumerCancelled):
+        return True
     if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
         return is_consumer_timeout(exc)
     if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
@@ -156,8 +162,9 @@ def _comparable(properties: pika.BasicProperties | None) -> dict[str, Any]:
         return {}
     values = dict(vars(properties))
     headers = values.get("headers")
-    if headers and DELIVERY_COUNT in headers:
-        values["headers"] = {k: v for k, v in headers.items() if k != DELIVERY_COUNT}
+    if headers and REDELIVERY_HEADERS.intersection(headers):
+        kept = {k: v for k, v in headers.items() if k not in REDELIVERY_HEADERS}
+        values["headers"] = kept or None  # as the first delivery had none
     return values
 
 
@@ -365,10 +372,21 @@ class Session:
                 raise self._wire.error(exc, "replaying") from exc
             self._recoveries += 1
             if self._recoveries > MAX_RECOVERIES:
+                why = ""
+                if isinstance(exc, pika.exceptions.ConsumerCancelled):
+                    why = f" (the broker cancelled the consumer each time: {CANCELLED_WHY})"
                 raise self._wire.error(
-                    exc, f"giving up after {MAX_RECOVERIES} reconnections"
+                    exc, f"giving up after {MAX_RECOVERIES} reconnections{why}"
                 ) from exc
-            log.warning("Lost the connection to %s (%r); reconnecting", self.queue, exc)
+            if isinstance(exc, pika.exceptions.ConsumerCancelled):
+                log.warning(
+                    "The broker cancelled this run's consumer of %s although the queue "
+                    "exists (%s); reconnecting to take the dead letters this run held again",
+                    self.queue,
+                    CANCELLED_WHY,
+                )
+            else:
+                log.warning("Lost the connection to %s (%r); reconnecting", self.queue, exc)
         self._wire.close()
         self._wire.open()
         # Also when nothing is held: what the broker sent ahead must be back

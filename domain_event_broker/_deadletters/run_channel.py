@@ -16,6 +16,7 @@ from typing import Final
 
 import pika
 import pika.exceptions
+import pika.frame
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
@@ -29,7 +30,14 @@ from ..errors import BrokerError, DeadLetterQueueNotFoundError, DomainEventBroke
 from .letters import logical_view
 from .run_items import Item
 
-__all__ = ["RunChannel"]
+__all__ = ["CANCELLED_WHY", "RunChannel"]
+
+#: Why the broker likely cancelled a run's consumer while its queue exists.
+CANCELLED_WHY: Final = (
+    "on RabbitMQ 4.3 and later a quorum queue does so when dead letters stay "
+    "unacknowledged longer than the broker's consumer_timeout, e.g. while a replay "
+    "callback or a person decides; or the queue moved in a cluster"
+)
 
 #: Seconds without a delivery after which the queue is checked for being
 #: empty (it is, when it has fewer messages than counted at the start).
@@ -75,6 +83,9 @@ class RunChannel:
         self._deliveries: deque[tuple[pika.spec.Basic.Deliver, pika.BasicProperties, bytes]]
         self._deliveries = deque()
         self._consumer_tag: str | None = None
+        #: Whether the broker cancelled the consumer (a quorum queue's
+        #: consumer timeout from RabbitMQ 4.3 on; see :meth:`_raise_if_cancelled`).
+        self._cancelled = False
         #: (exchange, routing key) of the copies returned during a commit.
         self._returned: list[tuple[str, str]] = []
 
@@ -102,6 +113,7 @@ class RunChannel:
         # Deliveries of the old channel are back in the queue.
         self._deliveries.clear()
         self._consumer_tag = None
+        self._cancelled = False
 
     def close(self) -> None:
         """Close the connection; uncommitted work is undone by the broker."""
@@ -113,6 +125,7 @@ class RunChannel:
         channel.tx_select()
         channel.basic_qos(prefetch_count=self._prefetch)
         channel.add_on_return_callback(self._on_returned)
+        channel.add_on_cancel_callback(self._on_cancelled)
 
     def error(self, exc: BaseException, doing: str) -> DomainEventBrokerError:
         """pika's ``exc``, met while ``doing`` something, as this library's error."""
@@ -129,6 +142,7 @@ class RunChannel:
         self._connection.process_data_events(0)
         if self._channel.is_closed:
             raise pika.exceptions.ChannelClosed(0, "closed while waiting")
+        self._raise_if_cancelled()
 
     def closing_reason(self) -> BaseException | None:
         """Why pika closed the channel, if it did and said so."""
@@ -194,17 +208,21 @@ class RunChannel:
         Raises:
             BrokerError: nothing came for :data:`STALL_TIMEOUT` seconds
                 although the queue has ready messages.
+            pika.exceptions.ConsumerCancelled: the broker cancelled the
+                consumer, and the queue exists.
             Any of pika's connection errors: the connection was lost.
         """
         assert self._channel is not None and self._connection is not None
         if self._consumer_tag is None:
             # Started only now, after the count at the start was read.
             self._consumer_tag = self._channel.basic_consume(self.queue, self._on_delivery)
+        self._raise_if_cancelled()  # what it sent ahead is back in the queue
         idle = 0.0
         while not self._deliveries:
             self._connection.process_data_events(time_limit=IDLE_WAIT)
             if self._deliveries:
                 break
+            self._raise_if_cancelled()
             idle += IDLE_WAIT
             ready = self.count()
             if ready == 0 and idle >= 2 * IDLE_WAIT:
@@ -223,7 +241,8 @@ class RunChannel:
         if self._consumer_tag is None:
             return
         assert self._channel is not None
-        self._channel.basic_cancel(self._consumer_tag)
+        if not self._cancelled:  # else the broker did
+            self._channel.basic_cancel(self._consumer_tag)
         self._consumer_tag = None
 
     def return_unacknowledged(self) -> int:
@@ -231,6 +250,7 @@ class RunChannel:
         place, and count the queue (on the same channel, so after the
         requeue)."""
         assert self._channel is not None
+        self._raise_if_cancelled()
         self.stop_consuming()
         # Delivery tag 0 with multiple: every unacknowledged message.
         self._channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
@@ -274,14 +294,45 @@ class RunChannel:
         Returns:
             (exchange, routing key) of every copy the broker returned as
             unroutable.
+
+        Raises:
+            pika.exceptions.ConsumerCancelled: the broker cancelled the
+                consumer before the commit (nothing committed).
         """
         assert self._channel is not None and self._connection is not None
         self._returned = []
+        # A quorum queue that timed the consumer out (RabbitMQ 4.3) put the
+        # dead letters it held back and ignores their acknowledgements: a
+        # commit now would publish the copies and leave the dead letters in
+        # place. Read what the broker sent meanwhile, and do not commit then.
+        self._connection.process_data_events(0)
+        self._raise_if_cancelled()
         self._channel.tx_commit()
         # Dispatch the basic.return frames that came before commit-ok.
         self._connection.process_data_events(0)
         returned, self._returned = self._returned, []
         return returned
+
+    def _on_cancelled(self, method_frame: pika.frame.Method) -> None:
+        if method_frame.method.consumer_tag == self._consumer_tag:
+            self._cancelled = True
+
+    def _raise_if_cancelled(self) -> None:
+        """Raise if the broker cancelled the consumer while the queue exists.
+
+        A deleted queue raises its own error (the look-up finds it missing).
+        Otherwise the run recovers on a new connection: RabbitMQ 4.3.6 keeps
+        a timed-out consumer on its channel, and the dead letters it held are
+        only certainly back in the queue once that channel is gone.
+        """
+        if not self._cancelled:
+            return
+        assert self._connection is not None
+        if not probe_queue(self._connection, self.queue).exists:
+            self.count()  # raises DeadLetterQueueNotFoundError
+        raise pika.exceptions.ConsumerCancelled(
+            f"the broker cancelled the consumer of {self.queue!r}"
+        )
 
     def _on_returned(
         self,
