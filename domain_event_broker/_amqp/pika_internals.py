@@ -84,9 +84,10 @@ class Check:
 
     ``kind`` is one of:
 
-    * ``"signature"``: ``target`` is a function whose parameters must read
-      ``shape`` (names, ``*`` for variadic, ``=`` for a default; annotations
-      and default values ignored): it is replaced or called privately;
+    * ``"signature"``: ``target`` is a function, defined by that class itself,
+      whose parameters must read ``shape`` (names, ``*`` for variadic, ``=``
+      for a default; annotations and default values ignored): it is replaced
+      or called privately;
     * ``"attribute"``: ``target`` must exist (a class constant, a class);
     * ``"int"``: ``target`` must be an ``int`` (a state constant compared
       with in a loop: missing, the loop would spin or never run);
@@ -128,7 +129,7 @@ CHECKS: Final[tuple[Check, ...]] = (
     Check("stored", f"{_IO}._AsyncPlaintextTransport", "_sock", "lean_io"),
     Check("stored", f"{_IO}._AsyncPlaintextTransport", "_tx_buffered_byte_count", "lean_io"),
     # lean_io: reading
-    Check("signature", f"{_IO}._AsyncPlaintextTransport._consume", "self", "lean_io"),
+    Check("signature", f"{_IO}._AsyncTransportBase._consume", "self", "lean_io"),
     Check("int", f"{_IO}._AsyncPlaintextTransport._MAX_RECV_BYTES", "", "lean_io"),
     Check("int", f"{_IO}._AsyncPlaintextTransport._MAX_CONSUME_BYTES", "", "lean_io"),
     Check("attribute", f"{_IO}._AsyncPlaintextTransport.RxEndOfFile", "", "lean_io"),
@@ -247,6 +248,12 @@ def _fails(check: Check) -> bool:
     if found is _MISSING:
         return True
     if check.kind == "signature":
+        # Defined by that class itself: not an abstract stub of a base left
+        # behind when pika moves the implementation.
+        owner_path, name = check.target.rsplit(".", 1)
+        owner = _resolve(owner_path)
+        if isinstance(owner, type) and name not in vars(owner):
+            return True
         return _shape(found) != check.shape
     if check.kind == "int":
         return type(found) is not int

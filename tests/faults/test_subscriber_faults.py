@@ -18,6 +18,7 @@ from domain_event_broker import (
     Publisher,
     Subscriber,
 )
+from domain_event_broker._amqp import pika_internals
 from domain_event_broker.subscribe import DEFAULT_PREFETCH_COUNT
 
 from ..helpers import BROKER_URL, queue_size, raw_connection, wait_for
@@ -268,7 +269,8 @@ def test_handler_past_consumer_timeout(
     assert seen[2].uuid_string == later.uuid_string
     wait_for(lambda: queue_size(name) == 0)
     runner.assert_running()
-    _one_loss_one_recovery(caplog, "consumer_timeout")
+    # Without pika's fast paths the reason (and the hint) is pika's secret.
+    _one_loss_one_recovery(caplog, "consumer_timeout" if pika_internals.FAST_PATHS_ACTIVE else "")
     runner.stop()
 
 
