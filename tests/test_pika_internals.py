@@ -263,15 +263,26 @@ def test_publish(paths: str, channel: BlockingChannel, queue: str) -> None:
     assert [b["uuid_string"] for b in bodies] == [e.uuid_string for e in events]
 
 
-def test_publish_many(paths: str, channel: BlockingChannel, queue: str, names: Names) -> None:
+def test_publish_many(paths: str, channel: BlockingChannel, names: Names) -> None:
+    # An exchange of its own: on the shared broker a queue may bind "#" to
+    # domain-events, and then no key is unroutable there.
+    exchange = names.new("test-door-exchange")
+    names.exchanges.append(exchange)
+    channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+    queue, full = names.new("test-door"), names.new("test-door-full")
+    channel.queue_declare(queue)
+    channel.queue_bind(queue, exchange, routing_key=f"{queue}.#")
+    # At most 2 messages: the broker refuses (nacks) more.
+    channel.queue_declare(full, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
+    channel.queue_bind(full, exchange, routing_key=f"{full}.#")
+
     events = [DomainEvent(f"{queue}.happened", {"n": n}) for n in range(1200)]
-    with Publisher(BROKER_URL) as publisher:
+    with Publisher(BROKER_URL, exchange=exchange) as publisher:
         assert publisher.publish_many(events) == events
         batch = publisher._sender._batch  # type: ignore[union-attr]
         assert batch is not None
         assert (batch._pipeline is not None) is (paths == "fast")
 
-        # Unroutable, named as such.
         nowhere = DomainEvent(f"nowhere-{names.new()}.happened", {})
         with pytest.raises(BatchPublishError) as info:
             publisher.publish_many([events[0], nowhere], require_route=True)
@@ -279,10 +290,6 @@ def test_publish_many(paths: str, channel: BlockingChannel, queue: str, names: N
         assert failed is nowhere
         assert isinstance(cause, UnroutableError)
 
-        # Refused (nacked) by a full queue, named as such.
-        full = names.new("test-door-full")
-        channel.queue_declare(full, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
-        channel.queue_bind(full, EXCHANGE, routing_key=f"{full}.#")
         some = [DomainEvent(f"{full}.happened", {"n": n}) for n in range(4)]
         with pytest.raises(BatchPublishError) as info:
             publisher.publish_many(some)
@@ -397,7 +404,7 @@ def test_a_channel_the_broker_closed(paths: str, names: Names) -> None:
         link.drop()
 
 
-def test_dropping_a_connection_that_does_not_answer(paths: str) -> None:
+def test_dropping_a_connection_that_does_not_answer(paths: str, broker_url: str) -> None:
     link = Link(_config.resolve(BROKER_URL), "test-door")  # type: ignore[arg-type]
     link.channel()
     connection = link.connection
@@ -414,7 +421,7 @@ def test_dropping_a_connection_that_does_not_answer(paths: str) -> None:
             connection.close()
 
 
-def test_connection_info_over_plain_amqp(paths: str) -> None:
+def test_connection_info_over_plain_amqp(paths: str, broker_url: str) -> None:
     info = connection_info(_config.resolve(BROKER_URL))  # type: ignore[arg-type]
     assert info.tls is None
     assert info.describe().endswith("plain AMQP (no TLS)")
