@@ -3,6 +3,7 @@
 #   make test   - the same plus test dependencies, then the whole suite
 # Developer extras: make lint, make tox, make docs, make bench, make faults, make soak,
 # make unit-offline (the tests that need no broker).
+# pika variants: make unit-pika-paths (fast paths off), make unit-pika13 (pika 1.3.0).
 # RabbitMQ 4 and clusters: make test-rabbitmq4 (4.0), make test-rabbitmq43 (4.3),
 # make cluster-up, make cluster-down (scripts/cluster.sh; RABBITMQ_VERSION=3.10, 4.0 or 4.3).
 
@@ -18,7 +19,7 @@ COMPAT_WHEEL := $(COMPAT_WHEEL_DIR)/domain_event_broker-$(COMPAT_VERSION)-py3-no
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: demo test unit unit-offline compat lint tox docs bench soak faults broker clean venv
-.PHONY: test-rabbitmq4 test-rabbitmq43 cluster-up cluster-down
+.PHONY: test-rabbitmq4 test-rabbitmq43 cluster-up cluster-down unit-pika-paths unit-pika13
 RABBITMQ_VERSION ?= 3.10
 
 # The metadata and the development tools are all in pyproject.toml (setup.py
@@ -53,6 +54,21 @@ unit: $(VENV)/.dev broker
 # no broker is started or needed, and they take well under a minute.
 unit-offline: $(VENV)/.dev
 	$(VPY) -m pytest -m "not broker" $(PYTEST_ARGS)
+
+# The whole suite on pika's own code paths: every fast path of
+# domain_event_broker/_amqp/pika_internals.py off (the tests of how a fast
+# path works skip themselves).
+unit-pika-paths: $(VENV)/.dev broker
+	DOMAIN_EVENT_BROKER_PIKA_FAST_PATHS=0 $(VPY) -m pytest $(PYTEST_ARGS)
+
+# The whole suite on pika 1.3.0, the oldest pika supported, in a virtualenv
+# of its own (the dev install first, then pika pinned back).
+PIKA13_VENV ?= .venv-pika13
+unit-pika13: broker
+	$(MAKE) --no-print-directory VENV=$(PIKA13_VENV) venv
+	$(PIKA13_VENV)/bin/python -m pip install -q pika==1.3.0
+	$(PIKA13_VENV)/bin/python -c 'import pika, sys; sys.exit(pika.__version__ != "1.3.0")'
+	$(MAKE) --no-print-directory VENV=$(PIKA13_VENV) unit
 
 # 3.0.2's own test suite, downloaded at test time and run unmodified against
 # this library (except the tests that patch 3.0.2's private modules).
@@ -117,4 +133,4 @@ test-rabbitmq4 test-rabbitmq43: $(VENV)/.dev
 		scripts/cluster.sh single-down $(TEST_RABBITMQ_VERSION); exit $$status
 
 clean:
-	rm -rf $(VENV) build .tox .mypy_cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(PIKA13_VENV) build .tox .mypy_cache .pytest_cache .ruff_cache *.egg-info

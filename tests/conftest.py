@@ -21,6 +21,7 @@ import pika.exceptions
 import pytest
 
 from domain_event_broker import close_shared_publishers, reset_defaults
+from domain_event_broker._amqp import pika_internals
 
 from .helpers import BROKER_URL, rabbitmqctl_command, raw_connection
 
@@ -49,10 +50,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     A test that reaches the broker without one of those fixtures must ask for
     ``broker_url`` (it then also skips, or fails in CI, when none answers).
+
+    Tests marked ``fast_paths`` (how one of pika_internals' fast paths works)
+    skip when the fast paths are off (``make unit-pika-paths``, or a pika
+    they do not fit).
     """
+    skip_fast = pytest.mark.skip(
+        reason=f"pika's fast paths are off: {pika_internals.FAST_PATHS_REASON}"
+    )
     for item in items:
         if needs_broker(item):
             item.add_marker(pytest.mark.broker)
+        if not pika_internals.FAST_PATHS_ACTIVE and "fast_paths" in item.keywords:
+            item.add_marker(skip_fast)
 
 
 def _broker_answers() -> bool:

@@ -38,6 +38,7 @@ def fill(key: str, count: int) -> None:
         publisher.publish_many([DomainEvent(key, {"n": n}) for n in range(count)])
 
 
+@pytest.mark.fast_paths
 def test_deliveries_reach_the_consumer_as_read(names: Names, monkeypatch: Any) -> None:
     """No delivery goes through pika's queue of events to dispatch (once
     consuming: the read that brings the broker's consume-ok still does)."""

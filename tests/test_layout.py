@@ -10,6 +10,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
+import pika
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "domain_event_broker"
@@ -141,3 +142,99 @@ def test_each_subpackage_says_what_it_owns_and_may_import(package: str) -> None:
     assert doc is not None
     assert "Owns" in doc
     assert "May import" in doc
+
+
+# -- pika's private names: one module only --------------------------------------------
+
+#: The one module that may touch pika's private names.
+PIKA_DOOR = PACKAGE / "_amqp" / "pika_internals.py"
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and name.strip("_") != "" and not name.endswith("__")
+
+
+def private_names_defined(files: list[Path], *, own: bool) -> set[str]:
+    """The private names ``files`` define: functions, classes, module and
+    class variables, and attributes assigned on ``self`` or ``cls`` (with
+    ``own=False``, on anything: pika's own modules set each other's)."""
+    names: set[str] = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.alias) and node.asname:
+                names.add(node.asname)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                on_self = isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"}
+                if on_self or not own:
+                    names.add(node.attr)
+    return {name for name in names if _is_private(name)}
+
+
+def pikas_private_names() -> set[str]:
+    """Every private name pika defines, less those this package defines itself
+    (outside the door: its own ``_channel`` is no use of pika's)."""
+    pika_files = sorted(Path(pika.__file__).parent.rglob("*.py"))
+    ours = [path for path in modules().values() if path != PIKA_DOOR]
+    return private_names_defined(pika_files, own=False) - private_names_defined(ours, own=True)
+
+
+def private_uses(path: Path, pikas: set[str], where: str = "") -> Iterator[str]:
+    """Where ``path`` touches one of ``pikas``: an attribute, a name, an
+    import from pika, or a name given to ``getattr`` and its kin."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        found = None
+        if isinstance(node, ast.Attribute) and node.attr in pikas:
+            found = f".{node.attr}"
+        elif isinstance(node, ast.Name) and node.id in pikas:
+            found = node.id
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pika":
+            private = [alias.name for alias in node.names if _is_private(alias.name)]
+            found = ", ".join(private) or None
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in {"getattr", "hasattr", "setattr", "delattr"}
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value in pikas
+        ):
+            found = f"{node.func.id}(..., {node.args[1].value!r})"
+        if found is not None:
+            yield f"{where or module_name(path)}:{getattr(node, 'lineno', '?')}: {found}"
+
+
+def test_only_pika_internals_touches_pikas_private_names() -> None:
+    pikas = pikas_private_names()
+    assert {"_impl", "_flush_output", "_closing_reason", "_terminate_stream"} <= pikas
+    uses = [
+        use for path in modules().values() if path != PIKA_DOOR for use in private_uses(path, pikas)
+    ]
+    assert uses == [], "pika's private names outside _amqp/pika_internals.py"
+
+
+def test_the_private_names_check_finds_a_use(tmp_path: Path) -> None:
+    pikas = pikas_private_names()
+    source = tmp_path / "sneaky.py"
+    source.write_text(
+        "from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport\n"
+        "def f(connection, channel):\n"
+        "    connection._impl.params\n"
+        "    channel._flush_output()\n"
+        "    return getattr(channel, '_closing_reason', None)\n",
+        encoding="utf-8",
+    )
+    found = [use.split(": ", 1)[1] for use in private_uses(source, pikas, "sneaky")]
+    assert sorted(found) == sorted(
+        [
+            "_AsyncPlaintextTransport",
+            "._impl",
+            "._flush_output",
+            "getattr(..., '_closing_reason')",
+        ]
+    )

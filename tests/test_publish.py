@@ -261,6 +261,7 @@ def count_writer_turns(connection: pika.BlockingConnection) -> list[int]:
     return turns
 
 
+@pytest.mark.fast_paths
 @pytest.mark.parametrize("size", [10, 300_000])  # 300 kB: three body frames at 128 KiB
 def test_each_message_reaches_the_socket_in_one_send_at_once(inbox: Inbox, size: int) -> None:
     publisher = Publisher(BROKER_URL)
@@ -285,6 +286,7 @@ def test_each_message_reaches_the_socket_in_one_send_at_once(inbox: Inbox, size:
     assert all(len(body["data"]["pad"]) == size for body in bodies)
 
 
+@pytest.mark.fast_paths
 def test_confirms_are_read_without_a_read_that_would_block(inbox: Inbox) -> None:
     publisher = Publisher(BROKER_URL)
     connection = publisher.connection
@@ -302,6 +304,7 @@ def test_confirms_are_read_without_a_read_that_would_block(inbox: Inbox) -> None
     assert len(inbox.wait(20)) == 20
 
 
+@pytest.mark.fast_paths
 def test_what_the_socket_does_not_take_at_once_follows_in_order(inbox: Inbox) -> None:
     big = 12 * 1024 * 1024  # past the kernel's largest send buffer here (4 MiB)
     publisher = Publisher(BROKER_URL)

@@ -251,6 +251,9 @@ def test_reconnects_after_its_connection_was_cut(
     assert len(queue.take_until(20)) == 20
 
 
+# On pika's own paths a batch waits for each confirm inside pika, which the
+# heartbeat bounds, not the deadline (tests/test_pika_internals.py).
+@pytest.mark.fast_paths
 def test_no_confirm_in_time_fails_every_unconfirmed_event(queue: Queue, proxy: TcpProxy) -> None:
     with Publisher(proxy.url(BROKER_URL), timeout=1) as publisher:
         publisher.publish_many(events_for(queue.key, 1))

@@ -1,4 +1,4 @@
-"""The socket I/O every connection uses (``_pika_io.lean_io``).
+"""The socket I/O every connection uses (``pika_internals.lean_io``).
 
 Writing: a message's frames are joined and handed to the socket as it is
 published when nothing is queued before it; what the socket does not take
@@ -27,6 +27,8 @@ from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 from domain_event_broker._amqp.pika_internals import lean_io
 
 from .helpers import count_socket_io
+
+pytestmark = pytest.mark.fast_paths
 
 
 class Loop:

@@ -20,7 +20,7 @@ from ..errors import AuthenticationError, BrokerUnavailableError, TLSError
 from . import tls as _tls
 from .config import BrokerConfig
 from .failures import describe_error, is_auth_error
-from .pika_internals import lean_io
+from .pika_internals import lean_io, ssl_socket
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,16 @@ def connect(
             round (not retried).
         BrokerUnavailableError: no node answered in time; chains pika's error.
     """
+    return _connect(config, connection_name, timeout, should_stop)[0]
+
+
+def _connect(
+    config: BrokerConfig,
+    connection_name: str,
+    timeout: float | None,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[pika.BlockingConnection, pika.ConnectionParameters]:
+    """:func:`connect`, and the parameters of the node that answered."""
     started = time.monotonic()
     deadline = started + (config.timeout if timeout is None else timeout)
     backoff = backoff_delays()
@@ -116,7 +126,7 @@ def connect(
             params = config.parameters(connection_name, share)[index]
             attempts += 1
             try:
-                return lean_io(pika.BlockingConnection(params))
+                return lean_io(pika.BlockingConnection(params)), params
             except CONNECTION_ERRORS as exc:
                 if is_auth_error(exc) or _auth_in_chain(exc):
                     raise AuthenticationError(
@@ -188,9 +198,13 @@ def connection_info(config: BrokerConfig) -> _tls.ConnectionInfo:
     Raises:
         AuthenticationError, TLSError, BrokerUnavailableError: as :func:`connect`.
     """
-    connection = connect(config, f"domain-event-broker status (pid {os.getpid()})")
+    name = f"domain-event-broker status (pid {os.getpid()})"
+    connection, params = _connect(config, name, None, None)
     try:
-        params = connection._impl.params
-        return _tls.ConnectionInfo(params.host, params.port, _tls.session_info(connection))
+        session = None
+        if params.ssl_options is not None:
+            sock = ssl_socket(connection)
+            session = _tls.UNKNOWN_SESSION if sock is None else _tls.session_info(sock)
+        return _tls.ConnectionInfo(params.host, params.port, session)
     finally:
         close_quietly(connection)

@@ -29,6 +29,7 @@ from .connect import (
     connect,
 )
 from .failures import translate_pika_error
+from .pika_internals import abort_connection, closing_reason
 
 __all__ = ["Link", "Recovery"]
 
@@ -133,9 +134,9 @@ class Link:
         return channel
 
     def closing_reason(self) -> BaseException | None:
-        """Why pika closed the channel, if it did and said so."""
-        reason = getattr(self._channel, "_closing_reason", None)  # set by pika when closed
-        return reason if isinstance(reason, BaseException) else None
+        """Why pika closed the channel, if it did and said so (``None`` also
+        when pika's fast paths are off: see :func:`.pika_internals.closing_reason`)."""
+        return closing_reason(self._channel)
 
     def drop(self) -> None:
         """Close the connection, if any, ignoring errors (it may be dead)."""
@@ -151,10 +152,12 @@ class Link:
         if connection is None or not connection.is_open:
             return
         try:
-            # pika has no public "abort": end the TCP stream under the
-            # connection, then let the I/O loop notice (it raises the loss).
-            connection._impl._terminate_stream(pika.exceptions.StreamLostError(reason))
-            connection.process_data_events(0)
+            if abort_connection(connection, reason):
+                connection.process_data_events(0)  # the I/O loop notices the loss
+            else:
+                # Without pika's fast paths there is no abort: the connection
+                # is forgotten, and its socket closed when it is collected.
+                log.debug("Forgot a connection that did not answer (%s)", reason)
         except Exception:  # the loss just caused, or anything from a dead connection
             log.debug("Dropped a connection that did not answer", exc_info=True)
 

@@ -1,27 +1,314 @@
-"""Where pika 1.x's own I/O is replaced, for speed: the one module that
-touches pika's private names on the hot path.
+"""The one door to pika's internals: the only module of the package that
+touches pika's private names (anything of pika's that starts with ``_``).
 
-Each replacement checks for the names it uses and leaves pika as it is
-when they are missing (another pika), and keeps the bytes on the wire the
-same. ``tests/test_socket_io.py`` and ``tests/test_consume_path.py`` run
-pika's own classes, so a pika release that changes them fails there.
+Everything else reaches them through the functions here, whose names say
+what they do, not how pika does it:
+
+* :func:`lean_io`: fewer system calls per message (written and read);
+* :func:`deliver_as_read`: a consumer called as each delivery is read;
+* :func:`pipeline`: publishes on a confirm channel that do not wait for
+  their confirm (batches);
+* :func:`closing_reason`: why pika closed a channel;
+* :func:`abort_connection`: drop a connection without the closing handshake;
+* :func:`ssl_socket`: the TLS socket under a connection.
+
+Each has a *fast path*, which uses pika's private names, and a fallback
+that uses pika's public API only, or does without (each function says
+what is lost). The fast paths are on when, at import:
+
+* the environment variable ``DOMAIN_EVENT_BROKER_PIKA_FAST_PATHS`` is not
+  ``0`` (see docs/configuration.rst), and
+* :func:`mismatches` finds every name they use and every call shape they
+  rely on (:data:`CHECKS`) in the installed pika.
+
+Otherwise one WARNING names the pika version and what is missing, and
+every function takes its fallback: pika's own code paths throughout, never
+a half-patched connection. :data:`FAST_PATHS_ACTIVE` says which, and
+:data:`FAST_PATHS_REASON` why not.
+
+``tests/test_pika_internals.py`` runs the package's paths with the fast
+paths off; ``tests/test_socket_io.py`` and ``tests/test_consume_path.py``
+drive pika's own classes through the fast paths.
 """
 
 from __future__ import annotations
 
+import dis
 import functools
+import importlib
+import inspect
 import logging
-from collections.abc import Sequence
+import os
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import pika
+import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils import io_services_utils
 
-__all__ = ["deliver_as_read", "lean_io"]
+__all__ = [
+    "CHECKS",
+    "ENVIRONMENT_VARIABLE",
+    "FAST_PATHS_ACTIVE",
+    "FAST_PATHS_REASON",
+    "Pipeline",
+    "abort_connection",
+    "closing_reason",
+    "decide_fast_paths",
+    "deliver_as_read",
+    "lean_io",
+    "mismatches",
+    "pipeline",
+    "ssl_socket",
+]
 
 log = logging.getLogger(__name__)
+
+#: ``0`` (or ``false``, ``no``, ``off``) turns every fast path off; read at import.
+ENVIRONMENT_VARIABLE: Final = "DOMAIN_EVENT_BROKER_PIKA_FAST_PATHS"
+
+# -- what the fast paths rely on -------------------------------------------------------
+
+_BLOCKING: Final = "pika.adapters.blocking_connection"
+_IO: Final = "pika.adapters.utils.io_services_utils"
+_BASE: Final = "pika.adapters.base_connection"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One thing of pika's that a fast path relies on.
+
+    ``kind`` is one of:
+
+    * ``"signature"``: ``target`` is a function, defined by that class itself,
+      whose parameters must read ``shape`` (names, ``*`` for variadic, ``=``
+      for a default; annotations and default values ignored): it is replaced
+      or called privately;
+    * ``"attribute"``: ``target`` must exist (a class constant, a class);
+    * ``"int"``: ``target`` must be an ``int`` (a state constant compared
+      with in a loop: missing, the loop would spin or never run);
+    * ``"stored"``: the ``__init__`` of class ``target`` (or of a base) must
+      assign ``self.<shape>`` (an instance attribute read later).
+    """
+
+    kind: str
+    target: str
+    shape: str = ""
+    #: which fast path needs it
+    used_by: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "signature":
+            return f"{self.target}({self.shape})"
+        if self.kind == "stored":
+            return f"{self.target}.{self.shape} (set in __init__)"
+        return self.target
+
+
+#: Everything the fast paths use of pika's, checked at import by :func:`mismatches`.
+CHECKS: Final[tuple[Check, ...]] = (
+    # lean_io: writing
+    Check("stored", f"{_BLOCKING}.BlockingConnection", "_impl", "lean_io"),
+    Check(
+        "signature",
+        "pika.connection.Connection._output_marshaled_frames",
+        "self, marshaled_frames",
+        "lean_io",
+    ),
+    Check("signature", f"{_BASE}.BaseConnection._adapter_emit_data", "self, data", "lean_io"),
+    Check("stored", "pika.connection.Connection", "bytes_sent", "lean_io"),
+    Check("stored", "pika.connection.Connection", "frames_sent", "lean_io"),
+    Check("stored", f"{_BASE}.BaseConnection", "_transport", "lean_io"),
+    Check("attribute", f"{_IO}._AsyncPlaintextTransport", "", "lean_io"),
+    Check("int", f"{_IO}._AsyncPlaintextTransport._STATE_ACTIVE", "", "lean_io"),
+    Check("stored", f"{_IO}._AsyncPlaintextTransport", "_state", "lean_io"),
+    Check("stored", f"{_IO}._AsyncPlaintextTransport", "_sock", "lean_io"),
+    Check("stored", f"{_IO}._AsyncPlaintextTransport", "_tx_buffered_byte_count", "lean_io"),
+    # lean_io: reading
+    Check("signature", f"{_IO}._AsyncTransportBase._consume", "self", "lean_io"),
+    Check("int", f"{_IO}._AsyncPlaintextTransport._MAX_RECV_BYTES", "", "lean_io"),
+    Check("int", f"{_IO}._AsyncPlaintextTransport._MAX_CONSUME_BYTES", "", "lean_io"),
+    Check("attribute", f"{_IO}._AsyncPlaintextTransport.RxEndOfFile", "", "lean_io"),
+    Check("stored", f"{_IO}._AsyncPlaintextTransport", "_protocol", "lean_io"),
+    Check("stored", f"{_BASE}._StreamingProtocolShim", "data_received", "lean_io"),
+    Check("signature", f"{_BASE}.BaseConnection._proto_data_received", "self, data", "lean_io"),
+    # deliver_as_read
+    Check("stored", f"{_BLOCKING}.BlockingChannel", "_impl", "deliver_as_read"),
+    Check("stored", f"{_BLOCKING}.BlockingChannel", "_consumer_infos", "deliver_as_read"),
+    Check("stored", f"{_BLOCKING}._ConsumerInfo", "on_message_callback", "deliver_as_read"),
+    Check("stored", "pika.channel.Channel", "_consumers", "deliver_as_read"),
+    Check(
+        "signature",
+        "pika.channel.Channel._on_deliver",
+        "self, method_frame, header_frame, body",
+        "deliver_as_read",
+    ),
+    Check(
+        "signature",
+        f"{_BLOCKING}.BlockingConnection._request_channel_dispatch",
+        "self, channel_number",
+        "deliver_as_read",
+    ),
+    # pipeline
+    Check(
+        "signature",
+        "pika.channel.Channel.basic_publish",
+        "self, exchange, routing_key, body, properties=, mandatory=",
+        "pipeline",
+    ),
+    Check(
+        "signature",
+        "pika.channel.Channel.confirm_delivery",
+        "self, ack_nack_callback, callback=",
+        "pipeline",
+    ),
+    Check("signature", "pika.channel.Channel.add_on_return_callback", "self, callback", "pipeline"),
+    Check("signature", f"{_BLOCKING}.BlockingChannel._flush_output", "self, *waiters", "pipeline"),
+    # closing_reason
+    Check("stored", f"{_BLOCKING}.BlockingChannel", "_closing_reason", "closing_reason"),
+    # abort_connection
+    Check(
+        "signature",
+        "pika.connection.Connection._terminate_stream",
+        "self, error",
+        "abort_connection",
+    ),
+    # ssl_socket: the transport's socket (_sock above), for TLS
+    Check("attribute", f"{_IO}._AsyncSSLTransport", "", "ssl_socket"),
+    Check("stored", f"{_IO}._AsyncSSLTransport", "_sock", "ssl_socket"),
+)
+
+_MISSING: Final = object()
+
+
+def _resolve(dotted: str) -> Any:
+    """The object at ``dotted`` (a module, then attributes), or :data:`_MISSING`."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for name in parts[split:]:
+            found = getattr(found, name, _MISSING)
+            if found is _MISSING:
+                return _MISSING
+        return found
+    return _MISSING
+
+
+def _shape(function: Any) -> str | None:
+    """``function``'s parameters as :class:`Check` writes them, or ``None``."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    shown = []
+    for parameter in signature.parameters.values():
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            shown.append(f"*{parameter.name}")
+        elif parameter.kind is parameter.VAR_KEYWORD:
+            shown.append(f"**{parameter.name}")
+        else:
+            default = "" if parameter.default is parameter.empty else "="
+            shown.append(f"{parameter.name}{default}")
+    return ", ".join(shown)
+
+
+def _stored_in_init(cls: type, name: str) -> bool:
+    """Whether ``__init__`` of ``cls`` or of a base, or a method of the class
+    that ``__init__`` calls (e.g. pika's ``_init_connection_state``), assigns
+    an attribute ``name``."""
+    seen: set[Any] = set()
+    todo = [getattr(klass.__dict__.get("__init__"), "__code__", None) for klass in cls.__mro__]
+    depth = {id(code): 0 for code in todo}
+    while todo:
+        code = todo.pop()
+        if code is None or code in seen:
+            continue
+        seen.add(code)
+        for instruction in dis.get_instructions(code):
+            if instruction.opname == "STORE_ATTR" and instruction.argval == name:
+                return True
+        if depth.get(id(code), 0) < 2:
+            for called in code.co_names:
+                method = getattr(getattr(cls, called, None), "__code__", None)
+                if method is not None and method not in seen:
+                    depth[id(method)] = depth.get(id(code), 0) + 1
+                    todo.append(method)
+    return False
+
+
+def _fails(check: Check) -> bool:
+    found = _resolve(check.target)
+    if found is _MISSING:
+        return True
+    if check.kind == "signature":
+        # Defined by that class itself: not an abstract stub of a base left
+        # behind when pika moves the implementation.
+        owner_path, name = check.target.rsplit(".", 1)
+        owner = _resolve(owner_path)
+        if isinstance(owner, type) and name not in vars(owner):
+            return True
+        return _shape(found) != check.shape
+    if check.kind == "int":
+        return type(found) is not int
+    if check.kind == "stored":
+        return not isinstance(found, type) or not _stored_in_init(found, check.shape)
+    return False
+
+
+def mismatches() -> list[str]:
+    """What of :data:`CHECKS` the installed pika lacks (empty: all there)."""
+    return [check.describe() for check in CHECKS if _fails(check)]
+
+
+def _turned_off() -> bool:
+    value = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower()
+    return value in {"0", "false", "no", "off"}
+
+
+#: Whether the fast paths are in use (decided at import by :func:`decide_fast_paths`).
+FAST_PATHS_ACTIVE: bool = False
+#: Why they are not ("" when they are).
+FAST_PATHS_REASON: str = ""
+
+
+def decide_fast_paths() -> bool:
+    """Check the installed pika and the environment; set :data:`FAST_PATHS_ACTIVE`.
+
+    Run at import. On a pika that lacks something the fast paths rely on,
+    logs one WARNING naming pika's version and what is missing.
+
+    Returns:
+        Whether the fast paths are on.
+    """
+    global FAST_PATHS_ACTIVE, FAST_PATHS_REASON  # the module's one switch
+    version = getattr(pika, "__version__", "?")
+    if _turned_off():
+        reason = f"turned off by {ENVIRONMENT_VARIABLE}=0"
+        log.debug("pika %s: fast paths %s; using pika's own code paths", version, reason)
+    else:
+        missing = mismatches()
+        reason = ""
+        if missing:
+            reason = f"pika {version} lacks {', '.join(missing)}"
+            log.warning(
+                "pika %s differs from what domain_event_broker's fast paths rely on "
+                "(missing or changed: %s); using pika's own code paths (slower, same "
+                "results)",
+                version,
+                ", ".join(missing),
+            )
+    FAST_PATHS_ACTIVE, FAST_PATHS_REASON = not reason, reason
+    return FAST_PATHS_ACTIVE
+
+
+# -- writing and reading ---------------------------------------------------------------
 
 
 def lean_io(connection: pika.BlockingConnection) -> pika.BlockingConnection:
@@ -36,11 +323,11 @@ def lean_io(connection: pika.BlockingConnection) -> pika.BlockingConnection:
       and a Python exception per wakeup.
 
     The bytes on the wire are the same. ``_output_marshaled_frames`` is where
-    pika 1.x emits a message's frames; on another pika, nothing changes.
+    pika 1.x emits a message's frames. Fallback: the connection as pika made it.
     """
+    if not FAST_PATHS_ACTIVE:
+        return connection
     impl = connection._impl
-    if not hasattr(impl, "_output_marshaled_frames") or not hasattr(impl, "_adapter_emit_data"):
-        return connection  # pragma: no cover - another pika than 1.x
 
     def output_marshaled_frames(marshaled_frames: Sequence[bytes]) -> None:
         data = marshaled_frames[0] if len(marshaled_frames) == 1 else b"".join(marshaled_frames)
@@ -51,13 +338,14 @@ def lean_io(connection: pika.BlockingConnection) -> pika.BlockingConnection:
             impl._adapter_emit_data(rest)  # queued: sent when the socket can take it
 
     impl._output_marshaled_frames = output_marshaled_frames
-    transport = getattr(impl, "_transport", None)
+    transport = impl._transport
     if _is_plain(transport):
-        transport._consume = functools.partial(_read_until_empty, transport)  # type: ignore[union-attr]
+        transport._consume = functools.partial(_read_until_empty, transport)
     return connection
 
 
-#: pika's transport for plain TCP, and its state while the connection is up.
+#: pika's transport for plain TCP, and its state while the connection is up
+#: (both checked by :func:`mismatches`; unused when the fast paths are off).
 _PLAIN_TRANSPORT: Final = getattr(io_services_utils, "_AsyncPlaintextTransport", None)
 _ACTIVE: Final = getattr(_PLAIN_TRANSPORT, "_STATE_ACTIVE", None)
 
@@ -115,7 +403,10 @@ def _read_until_empty(transport: Any) -> None:
             return
 
 
-def deliver_as_read(channel: BlockingChannel, consumer_tag: str) -> None:
+# -- consuming ---------------------------------------------------------------------------
+
+
+def deliver_as_read(channel: BlockingChannel, consumer_tag: str) -> bool:
     """Have pika call the consumer ``consumer_tag`` of ``channel`` as each
     delivery is read, rather than queue it for a later dispatch.
 
@@ -132,21 +423,20 @@ def deliver_as_read(channel: BlockingChannel, consumer_tag: str) -> None:
     left undispatched for ``basic_cancel()`` to reject: each one has reached
     the consumer already.
 
-    On a pika without the names used, or for an unknown consumer, the
-    consumer is left as pika made it.
+    Fallback (and for a consumer pika does not know): the consumer is left as
+    pika made it, called from ``process_data_events()`` after the read.
+
+    Returns:
+        Whether deliveries now reach the consumer as read.
     """
-    impl_consumers = getattr(getattr(channel, "_impl", None), "_consumers", None)
-    infos = getattr(channel, "_consumer_infos", None)
-    request_dispatch = getattr(channel.connection, "_request_channel_dispatch", None)
-    info = infos.get(consumer_tag) if isinstance(infos, dict) else None
-    callback = getattr(info, "on_message_callback", None)
-    if (
-        not isinstance(impl_consumers, dict)
-        or consumer_tag not in impl_consumers
-        or callback is None
-        or request_dispatch is None
-    ):
-        return  # pragma: no cover - another pika than 1.x
+    if not FAST_PATHS_ACTIVE:
+        return False
+    impl_consumers = channel._impl._consumers
+    info = channel._consumer_infos.get(consumer_tag)
+    if consumer_tag not in impl_consumers or info is None or info.on_message_callback is None:
+        return False
+    callback = info.on_message_callback
+    request_dispatch = channel.connection._request_channel_dispatch
     wake_number = -channel.channel_number  # negative: "return", nothing to dispatch
 
     def deliver(
@@ -159,3 +449,129 @@ def deliver_as_read(channel: BlockingChannel, consumer_tag: str) -> None:
         request_dispatch(wake_number)
 
     impl_consumers[consumer_tag] = deliver
+    return True
+
+
+# -- publishing batches ------------------------------------------------------------------
+
+
+class Pipeline:
+    """A confirm-mode channel whose publishes do not wait for their confirm.
+
+    Made by :func:`pipeline`; confirms and returns reach the callbacks given
+    there, while :meth:`run_until` runs pika's I/O.
+    """
+
+    __slots__ = ("_channel", "send_without_waiting")
+
+    def __init__(self, channel: BlockingChannel) -> None:
+        self._channel = channel
+        #: ``send_without_waiting(exchange, routing_key, body, properties,
+        #: mandatory)``: publish into the client's buffer; the confirm comes
+        #: later. (pika's own method, whose parameters the check at import
+        #: saw: no call in between, it runs once per event of a batch.)
+        self.send_without_waiting: Callable[[str, str, bytes, pika.BasicProperties, bool], None] = (
+            channel._impl.basic_publish
+        )
+
+    def run_until(self, done: Callable[[], bool] | None = None) -> None:
+        """Send what is buffered and process I/O (confirms come in) until
+        ``done()`` is true, or just until the buffer is sent (``None``).
+
+        Raises:
+            pika's errors: the channel or connection was closed meanwhile.
+        """
+        if done is None:
+            self._channel._flush_output()
+        else:
+            self._channel._flush_output(done)
+
+
+def pipeline(
+    channel: BlockingChannel,
+    on_confirm: Callable[[int, bool, bool], None],
+    on_return: Callable[[pika.BasicProperties], None],
+) -> Pipeline | None:
+    """Put ``channel`` in confirm mode with publishes that do not wait.
+
+    pika's blocking channel waits for each confirm inside ``basic_publish``;
+    here confirms reach ``on_confirm(delivery_tag, multiple, refused)`` (a
+    nack is refused) and messages the broker returned reach
+    ``on_return(properties)`` (before their confirm), from pika's I/O loop.
+
+    Fallback: ``None``, the channel untouched; the caller puts it in confirm
+    mode itself (``channel.confirm_delivery()``) and publishes one message
+    at a time, each waiting for its confirm.
+
+    Raises:
+        pika's errors: the channel could not be put in confirm mode.
+    """
+    if not FAST_PATHS_ACTIVE:
+        return None
+    impl = channel._impl
+    selected: list[bool] = []
+
+    def confirmed(frame: Any) -> None:
+        method = frame.method
+        on_confirm(method.delivery_tag, method.multiple, isinstance(method, pika.spec.Basic.Nack))
+
+    def returned(_channel: object, _method: object, properties: Any, _body: bytes) -> None:
+        on_return(properties)
+
+    impl.add_on_return_callback(returned)
+    impl.confirm_delivery(
+        ack_nack_callback=confirmed, callback=lambda _frame: selected.append(True)
+    )
+    channel._flush_output(lambda: bool(selected))
+    return Pipeline(channel)
+
+
+# -- the state of channels and connections -------------------------------------------
+
+
+def closing_reason(channel: BlockingChannel | None) -> BaseException | None:
+    """Why pika closed ``channel``, if it did and said so (e.g. the broker's
+    ``ChannelClosedByBroker`` with its reply code).
+
+    pika keeps the reason privately and raises it only from a call that was
+    running when the channel closed. Fallback: ``None`` (the caller knows
+    the channel is closed, not why).
+    """
+    if not FAST_PATHS_ACTIVE or channel is None:
+        return None
+    reason = channel._closing_reason
+    return reason if isinstance(reason, BaseException) else None
+
+
+def abort_connection(connection: pika.BlockingConnection, reason: str) -> bool:
+    """End the TCP stream under ``connection`` without the closing handshake
+    (which would wait for an answer that may never come), and let pika's
+    I/O loop notice (it raises the loss).
+
+    pika has no public "abort". Fallback: nothing is done; the caller
+    forgets the connection and pika closes its socket when the connection
+    is garbage-collected.
+
+    Returns:
+        Whether the stream was ended.
+    """
+    if not FAST_PATHS_ACTIVE:
+        return False
+    connection._impl._terminate_stream(pika.exceptions.StreamLostError(reason))
+    return True
+
+
+def ssl_socket(connection: pika.BlockingConnection) -> ssl.SSLSocket | ssl.SSLObject | None:
+    """The TLS socket of an open connection; ``None`` when it is plain TCP.
+
+    Fallback: ``None`` also for a TLS connection (pika does not show its
+    socket); the caller knows from the parameters whether TLS is on.
+    """
+    if not FAST_PATHS_ACTIVE:
+        return None
+    transport = getattr(connection._impl, "_transport", None)  # None once closed
+    sock = getattr(transport, "_sock", None)
+    return sock if isinstance(sock, (ssl.SSLSocket, ssl.SSLObject)) else None
+
+
+decide_fast_paths()

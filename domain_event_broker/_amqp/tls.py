@@ -444,12 +444,13 @@ class SessionInfo:
         }
 
 
-def session_info(connection: Any) -> SessionInfo | None:
-    """The TLS details of an open pika ``BlockingConnection``; ``None`` when plain."""
-    transport = getattr(getattr(connection, "_impl", None), "_transport", None)
-    sock = getattr(transport, "_sock", None)
-    if not isinstance(sock, (ssl.SSLSocket, ssl.SSLObject)):
-        return None
+#: A TLS session whose details pika did not show (its fast paths are off).
+UNKNOWN_SESSION: Final = SessionInfo("TLS", "(session details unavailable)", None, None)
+
+
+def session_info(sock: ssl.SSLSocket | ssl.SSLObject) -> SessionInfo:
+    """The TLS details of a connection's socket (see
+    :func:`.pika_internals.ssl_socket`)."""
     cipher = sock.cipher()
     der = sock.getpeercert(binary_form=True)
     return SessionInfo(

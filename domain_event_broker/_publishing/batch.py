@@ -1,10 +1,15 @@
 """A batch channel: many events sent back to back, their confirms taken as they come.
 
 pika's blocking channel waits for each confirm inside ``basic_publish``.
-:class:`BatchChannel` publishes on the underlying (asynchronous) channel
+:class:`BatchChannel` publishes through a :class:`~.._amqp.pika_internals.Pipeline`
 instead and tracks the broker's acks, nacks and returns itself, so that a
 batch waits for the broker once. Used by :meth:`Publisher.publish_many
 <domain_event_broker.Publisher.publish_many>` and the outbox relay.
+
+Without pika's fast paths (no pipeline), it publishes one event at a time
+on pika's blocking channel, each waiting for its confirm: the same results,
+slower; the deadline is then checked between events, and the wait for one
+confirm is bounded by the heartbeat, as for a single publish.
 """
 
 from __future__ import annotations
@@ -12,13 +17,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Final
 
 import pika
 import pika.exceptions
-import pika.frame
-import pika.spec
 
+from .._amqp.pika_internals import Pipeline, pipeline
 from ..errors import DomainEventBrokerError, PublishError, UnroutableError
 from ..events import DomainEvent
 
@@ -43,6 +47,20 @@ def _nothing() -> None:
     """A timer callback that only wakes pika's I/O loop up."""
 
 
+def _refused(event: DomainEvent) -> PublishError:
+    return PublishError(
+        f"publishing {event.routing_key!r} (uuid {event.uuid_string}): "
+        f"the broker refused (nacked) the message"
+    )
+
+
+def _unroutable(event: DomainEvent) -> UnroutableError:
+    return UnroutableError(
+        f"publishing {event.routing_key!r} (uuid {event.uuid_string}): "
+        f"the message could not be routed (no queue is bound)"
+    )
+
+
 class _Confirms:
     """Confirms of one batch channel, whose delivery tags count from 1.
 
@@ -50,7 +68,6 @@ class _Confirms:
     """
 
     def __init__(self) -> None:
-        self.selected = False
         self._next_tag = 1
         #: delivery tag -> index in the current batch, of unconfirmed events
         self._waiting: dict[int, int] = {}
@@ -75,25 +92,13 @@ class _Confirms:
         self._order.append(self._next_tag)
         self._next_tag += 1
 
-    def on_select_ok(self, frame: pika.frame.Method[Any]) -> None:
-        self.selected = True
-
-    def on_return(
-        self,
-        channel: object,
-        method: pika.spec.Basic.Return,
-        properties: pika.BasicProperties,
-        body: bytes,
-    ) -> None:
+    def on_return(self, properties: pika.BasicProperties) -> None:
         # The broker sends basic.return before the message's basic.ack.
         if properties.message_id is not None:
             self._returned.add(properties.message_id)
 
-    def on_confirm(self, frame: pika.frame.Method[Any]) -> None:
-        method = frame.method
-        refused = isinstance(method, pika.spec.Basic.Nack)
-        tag: int = method.delivery_tag
-        if method.multiple:
+    def on_confirm(self, tag: int, multiple: bool, refused: bool) -> None:
+        if multiple:
             while self._order and self._order[0] <= tag:
                 self._settle(self._order.popleft(), refused)
         else:
@@ -107,16 +112,10 @@ class _Confirms:
             return
         event = self._batch[index]
         if refused:
-            self._results[index] = PublishError(
-                f"publishing {event.routing_key!r} (uuid {event.uuid_string}): "
-                f"the broker refused (nacked) the message"
-            )
+            self._results[index] = _refused(event)
         elif event.uuid_string in self._returned:
             self._returned.discard(event.uuid_string)
-            self._results[index] = UnroutableError(
-                f"publishing {event.routing_key!r} (uuid {event.uuid_string}): "
-                f"the message could not be routed (no queue is bound)"
-            )
+            self._results[index] = _unroutable(event)
         else:
             self._results[index] = None
 
@@ -135,12 +134,11 @@ class BatchChannel:
         self.generation = generation
         self._channel = connection.channel()
         self._confirms = _Confirms()
-        impl = self._channel._impl
-        impl.add_on_return_callback(self._confirms.on_return)
-        impl.confirm_delivery(
-            ack_nack_callback=self._confirms.on_confirm, callback=self._confirms.on_select_ok
+        self._pipeline = pipeline(
+            self._channel, self._confirms.on_confirm, self._confirms.on_return
         )
-        self._channel._flush_output(lambda: self._confirms.selected)
+        if self._pipeline is None:  # pika's own paths: one confirm at a time
+            self._channel.confirm_delivery()
 
     def usable(self, generation: int) -> bool:
         """Whether it is open, on the connection of ``generation``."""
@@ -166,27 +164,57 @@ class BatchChannel:
             NoConfirmInTime: ``deadline`` passed first.
             CONNECTION_ERRORS: the connection or channel was lost.
         """
-        channel, confirms = self._channel, self._confirms
+        line = self._pipeline
+        if line is None:
+            self._send_one_by_one(
+                exchange, todo, batch, bodies, properties, results, deadline, mandatory
+            )
+            return
+        confirms = self._confirms
         confirms.start(batch, results)
-        # The underlying pika.channel.Channel does not wait for the confirm.
-        impl = channel._impl
+        send = line.send_without_waiting
         low_water = MAX_IN_FLIGHT // 2
         for count, index in enumerate(todo, 1):
             if confirms.in_flight >= MAX_IN_FLIGHT:
-                self._wait(lambda: confirms.in_flight <= low_water, deadline)
+                self._wait(line, lambda: confirms.in_flight <= low_water, deadline)
             elif count % SEND_EVERY == 0:
-                channel._flush_output()  # send what is buffered; take confirms in
-            impl.basic_publish(
-                exchange=exchange,
-                routing_key=batch[index].routing_key,
-                body=bodies[index],
-                properties=properties[index],
-                mandatory=mandatory,
-            )
+                line.run_until()  # send what is buffered; take confirms in
+            send(exchange, batch[index].routing_key, bodies[index], properties[index], mandatory)
             confirms.sent(index)
-        self._wait(lambda: confirms.in_flight == 0, deadline)
+        self._wait(line, lambda: confirms.in_flight == 0, deadline)
 
-    def _wait(self, done: Callable[[], bool], deadline: float) -> None:
+    def _send_one_by_one(
+        self,
+        exchange: str,
+        todo: Sequence[int],
+        batch: Sequence[DomainEvent],
+        bodies: Sequence[bytes],
+        properties: Sequence[pika.BasicProperties],
+        results: Results,
+        deadline: float,
+        mandatory: bool,
+    ) -> None:
+        """:meth:`send` on pika's own paths: each event waits for its confirm."""
+        for index in todo:
+            if time.monotonic() >= deadline:
+                raise NoConfirmInTime
+            event = batch[index]
+            try:
+                self._channel.basic_publish(
+                    exchange=exchange,
+                    routing_key=event.routing_key,
+                    body=bodies[index],
+                    properties=properties[index],
+                    mandatory=mandatory,
+                )
+            except pika.exceptions.UnroutableError:
+                results[index] = _unroutable(event)
+            except pika.exceptions.NackError:
+                results[index] = _refused(event)
+            else:
+                results[index] = None
+
+    def _wait(self, line: Pipeline, done: Callable[[], bool], deadline: float) -> None:
         """Process I/O until ``done()``, at most until ``deadline``."""
         if done():
             return
@@ -196,7 +224,7 @@ class BatchChannel:
             raise NoConfirmInTime
         timer = connection.call_later(time_left, _nothing)  # wakes the I/O loop up
         try:
-            self._channel._flush_output(lambda: done() or time.monotonic() >= deadline)
+            line.run_until(lambda: done() or time.monotonic() >= deadline)
         finally:
             if connection.is_open:
                 connection.remove_timeout(timer)

@@ -120,6 +120,8 @@ def test_lost_connection_mid_run_loses_nothing_and_keeps_the_order(
     assert first_occurrences(uuids) == [e.uuid_string for e in events]
 
 
+# The deadline is the fast paths' (see tests/test_publish_batch.py).
+@pytest.mark.fast_paths
 def test_rows_stay_pending_until_the_broker_confirmed_them(
     db_alias: str, event_queue: EventQueue, proxy: TcpProxy
 ) -> None:

@@ -101,6 +101,11 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            # A network forwards each segment as it comes: no Nagle delay
+            # here, or pika's three writes per message would wait ~40 ms for
+            # the broker's delayed ACK at every message.
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             pair = _Pair(client, upstream)
             with self._lock:
                 self._pairs.append(pair)

@@ -34,6 +34,10 @@ from domain_event_broker import (
     publish_domain_event,
     replay_all,
 )
+from domain_event_broker._amqp import config as _config
+from domain_event_broker._amqp import pika_internals
+from domain_event_broker._amqp import tls as _tls
+from domain_event_broker._amqp.connect import connection_info
 
 from ..helpers import wait_for
 from .certs import CLIENT_CN, KEY_PASSPHRASE, Certificates
@@ -377,6 +381,32 @@ def test_status_says_when_the_connection_is_plain(tls: TLS, tls_names: TLSNames)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOMAIN_EVENT_BROKER")}
     status = _cli("--url", tls.plain_url, "status", name, env=env)
     assert f"localhost:{AMQP_PORT} plain AMQP (no TLS)" in status.stdout, status.stderr
+
+
+@pytest.mark.parametrize("fast_paths", [True, False])
+def test_connection_info_with_and_without_pikas_fast_paths(
+    tls: TLS, fast_paths: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the fast paths pika does not show its TLS socket: the status
+    says TLS, but not which version, cipher or expiry."""
+    if fast_paths and not pika_internals.FAST_PATHS_ACTIVE:
+        pytest.skip(f"pika's fast paths are off: {pika_internals.FAST_PATHS_REASON}")
+    monkeypatch.setattr(pika_internals, "FAST_PATHS_ACTIVE", fast_paths)
+    info = connection_info(_config.resolve(tls.url))  # type: ignore[arg-type]
+    assert (info.host, info.port) == ("localhost", TLS_PORT)
+    if fast_paths:
+        assert info.tls is not None
+        assert info.tls.version.startswith("TLSv1.")
+        assert info.tls.not_after is not None
+    else:
+        assert info.tls is _tls.UNKNOWN_SESSION
+        assert info.describe() == (
+            f"localhost:{TLS_PORT} TLS (session details unavailable), "
+            f"server certificate expiry unknown"
+        )
+        assert info.as_dict()["tls"] is True
+    plain = connection_info(_config.resolve(tls.plain_url))  # type: ignore[arg-type]
+    assert plain.describe() == f"localhost:{AMQP_PORT} plain AMQP (no TLS)"
 
 
 def test_configuration_errors_come_before_connecting(tls: TLS) -> None:
