@@ -9,11 +9,13 @@ optional Django app). Modules and packages whose names start with an
 underscore are implementation details.
 """
 
+import importlib as _importlib
 import logging as _logging
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 from ._amqp.config import UNSET, ConnectionSettings, configure, reset_defaults
 from ._core.version import __version__
-from ._deadletters.migrate import MigrationError, migrate_queue_type
 from .errors import (
     AuthenticationError,
     BatchPublishError,
@@ -31,10 +33,41 @@ from .errors import (
 )
 from .events import DomainEvent
 from .publish import Publisher, close_shared_publishers, publish_domain_event
-from .replay import DISCARD, LEAVE, RETRY, replay_all, replay_event, retry_event
 from .subscribe import Handler, Retry, Subscriber
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+#: The dead-letter tools, imported on first use (workers and publishers do
+#: not need them): each name and the public module that holds it.
+_ON_FIRST_USE = {
+    "DISCARD": "replay",
+    "LEAVE": "replay",
+    "RETRY": "replay",
+    "replay_all": "replay",
+    "replay_event": "replay",
+    "retry_event": "replay",
+    "MigrationError": "_deadletters.migrate",
+    "migrate_queue_type": "_deadletters.migrate",
+}
+
+if _TYPE_CHECKING:
+    from ._deadletters.migrate import MigrationError, migrate_queue_type
+    from .replay import DISCARD, LEAVE, RETRY, replay_all, replay_event, retry_event
+
+
+def __getattr__(name: str) -> _Any:
+    """The names of :data:`_ON_FIRST_USE`, imported when first asked for."""
+    module = _ON_FIRST_USE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_ON_FIRST_USE))
+
 
 __all__ = [
     "DISCARD",

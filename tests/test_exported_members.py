@@ -32,8 +32,8 @@ def public_members(module: types.ModuleType) -> list[str]:
     """Non-underscore names bound in ``module``, submodules left out."""
     return [
         name
-        for name, value in vars(module).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        for name in dir(module)  # names imported on first use included
+        if not name.startswith("_") and not isinstance(getattr(module, name), types.ModuleType)
     ]
 
 

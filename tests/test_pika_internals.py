@@ -40,8 +40,8 @@ from domain_event_broker import (
 )
 from domain_event_broker._amqp import config as _config
 from domain_event_broker._amqp import pika_internals
-from domain_event_broker._amqp.connect import connection_info
 from domain_event_broker._amqp.link import Link
+from domain_event_broker._amqp.session import connection_info
 from domain_event_broker._subscribing import consume_loop
 
 from .conftest import Names

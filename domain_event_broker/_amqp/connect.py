@@ -6,7 +6,6 @@ This is the one place where pika's connection errors are translated.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from ..errors import AuthenticationError, BrokerUnavailableError, TLSError
 from . import tls as _tls
 from .config import BrokerConfig
 from .failures import describe_error, is_auth_error
-from .pika_internals import lean_io, ssl_socket
+from .pika_internals import lean_io
 
 log = logging.getLogger(__name__)
 
@@ -190,21 +189,3 @@ def close_quietly(connection: pika.BlockingConnection | None) -> None:
             connection.close()
     except Exception:  # closing a broken connection may raise anything
         log.debug("Ignoring an error while closing a connection", exc_info=True)
-
-
-def connection_info(config: BrokerConfig) -> _tls.ConnectionInfo:
-    """Connect once and tell which node answered, over TLS or not (for ``status``).
-
-    Raises:
-        AuthenticationError, TLSError, BrokerUnavailableError: as :func:`connect`.
-    """
-    name = f"domain-event-broker status (pid {os.getpid()})"
-    connection, params = _connect(config, name, None, None)
-    try:
-        session = None
-        if params.ssl_options is not None:
-            sock = ssl_socket(connection)
-            session = _tls.UNKNOWN_SESSION if sock is None else _tls.session_info(sock)
-        return _tls.ConnectionInfo(params.host, params.port, session)
-    finally:
-        close_quietly(connection)

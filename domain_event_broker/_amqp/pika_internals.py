@@ -41,8 +41,7 @@ import logging
 import os
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import pika
 import pika.exceptions
@@ -78,8 +77,7 @@ _IO: Final = "pika.adapters.utils.io_services_utils"
 _BASE: Final = "pika.adapters.base_connection"
 
 
-@dataclass(frozen=True)
-class Check:
+class Check(NamedTuple):
     """One thing of pika's that a fast path relies on.
 
     ``kind`` is one of:
@@ -231,9 +229,12 @@ def _stored_in_init(cls: type, name: str) -> bool:
         if code is None or code in seen:
             continue
         seen.add(code)
-        for instruction in dis.get_instructions(code):
-            if instruction.opname == "STORE_ATTR" and instruction.argval == name:
-                return True
+        # Only code that names the attribute can assign it: disassemble that alone.
+        if name in code.co_names and any(
+            instruction.opname == "STORE_ATTR" and instruction.argval == name
+            for instruction in dis.get_instructions(code)
+        ):
+            return True
         if depth.get(id(code), 0) < 2:
             for called in code.co_names:
                 method = getattr(getattr(cls, called, None), "__code__", None)

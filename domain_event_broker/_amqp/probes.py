@@ -9,7 +9,7 @@ throughout the package; none is defined here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import pika
 import pika.exceptions
@@ -18,8 +18,7 @@ import pika.spec
 __all__ = ["Probe", "exchange_exists", "probe_exchange", "probe_queue", "queue_exists"]
 
 
-@dataclass(frozen=True)
-class Probe:
+class Probe(NamedTuple):
     """What a passive declaration found.
 
     Attributes:

@@ -12,9 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, TextIO
 
 from .._amqp import config as _config
-from .._amqp import tls as _tls
 from .._amqp.config import UNSET, ConnectionSettings
-from .._amqp.connect import connection_info
+from .._amqp.session import ConnectionInfo, connection_info
 from .._core.version import __version__
 from .._deadletters import operations as replay
 from .._publishing.publisher import Publisher
@@ -437,7 +436,7 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _connection_info(settings: ConnectionSettings) -> _tls.ConnectionInfo:
+def _connection_info(settings: ConnectionSettings) -> ConnectionInfo:
     config = _config.resolve(settings)
     assert config is not None  # handler_status() refused None already
     return connection_info(config)

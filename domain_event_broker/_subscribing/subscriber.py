@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
@@ -26,8 +26,10 @@ from .._amqp.link import Link
 from .._core.signals import graceful_stop
 from ..errors import ConfigurationError
 from . import topology as _topology
-from .consume_loop import ConsumeLoop
 from .registration import Handler, Registration, build_registration
+
+if TYPE_CHECKING:
+    from .consume_loop import ConsumeLoop
 
 __all__ = ["DEFAULT_PREFETCH_COUNT", "Subscriber"]
 
@@ -335,6 +337,11 @@ class Subscriber:
             assert link is not None
             if self._declared_generation != link.generation:
                 self._declared.clear()
+            # The consuming machinery (handler threads, dispatch, settling)
+            # is loaded by the first start_consuming(), not by importing the
+            # package: a process that only publishes never needs it.
+            from .consume_loop import ConsumeLoop  # noqa: PLC0415
+
             loop = ConsumeLoop(
                 link,
                 self._registrations,

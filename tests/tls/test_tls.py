@@ -36,8 +36,8 @@ from domain_event_broker import (
 )
 from domain_event_broker._amqp import config as _config
 from domain_event_broker._amqp import pika_internals
-from domain_event_broker._amqp import tls as _tls
-from domain_event_broker._amqp.connect import connection_info
+from domain_event_broker._amqp import session as _session
+from domain_event_broker._amqp.session import connection_info
 
 from ..helpers import wait_for
 from .certs import CLIENT_CN, KEY_PASSPHRASE, Certificates
@@ -399,7 +399,7 @@ def test_connection_info_with_and_without_pikas_fast_paths(
         assert info.tls.version.startswith("TLSv1.")
         assert info.tls.not_after is not None
     else:
-        assert info.tls is _tls.UNKNOWN_SESSION
+        assert info.tls is _session.UNKNOWN_SESSION
         assert info.describe() == (
             f"localhost:{TLS_PORT} TLS (session details unavailable), "
             f"server certificate expiry unknown"

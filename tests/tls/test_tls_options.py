@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from domain_event_broker import ConfigurationError, Publisher, configure
 from domain_event_broker._amqp import config as _config
+from domain_event_broker._amqp import session as _session
 from domain_event_broker._amqp import tls as _tls
 from domain_event_broker._amqp.config import redact, resolve
 
@@ -276,27 +277,34 @@ def _certificate(not_after: datetime.datetime) -> bytes:
 )
 def test_certificate_expiry_read_from_der(not_after: datetime.datetime) -> None:
     # UTCTime before 2050, GeneralizedTime from 2050 on.
-    assert _tls.certificate_not_after(_certificate(not_after)) == not_after.replace(microsecond=0)
+    assert _session.certificate_not_after(_certificate(not_after)) == not_after.replace(
+        microsecond=0
+    )
 
 
 @given(st.binary(max_size=300))
 def test_certificate_expiry_of_garbage_is_unknown(data: bytes) -> None:
-    result = _tls.certificate_not_after(data)
+    result = _session.certificate_not_after(data)
     assert result is None or result.tzinfo is datetime.timezone.utc
 
 
 def test_connection_info_line() -> None:
     now = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
-    session = _tls.SessionInfo(
+    session = _session.SessionInfo(
         "TLSv1.3", "TLS_AES_256_GCM_SHA384", 256, now + datetime.timedelta(days=30)
     )
-    info = _tls.ConnectionInfo("rabbit", 5671, session)
+    info = _session.ConnectionInfo("rabbit", 5671, session)
     assert info.describe(now) == (
         "rabbit:5671 TLSv1.3 TLS_AES_256_GCM_SHA384, "
         "server certificate expires 2026-01-31 00:00 UTC (in 30 days)"
     )
-    expired = _tls.ConnectionInfo("rabbit", 5671, _tls.SessionInfo("TLSv1.2", "C", 128, now))
+    expired = _session.ConnectionInfo(
+        "rabbit", 5671, _session.SessionInfo("TLSv1.2", "C", 128, now)
+    )
     assert "server certificate EXPIRED 2026-01-01 00:00 UTC (5 hours ago)" in expired.describe(
         now + datetime.timedelta(hours=5)
     )
-    assert _tls.ConnectionInfo("rabbit", 5672, None).describe() == "rabbit:5672 plain AMQP (no TLS)"
+    assert (
+        _session.ConnectionInfo("rabbit", 5672, None).describe()
+        == "rabbit:5672 plain AMQP (no TLS)"
+    )
