@@ -231,7 +231,7 @@ def queue(channel: BlockingChannel, names: Names) -> str:
     """A queue bound to the events exchange with ``<name>.#``; its name."""
     name = names.new("test-door")
     channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
-    channel.queue_declare(name)
+    channel.queue_declare(name, durable=True)  # RabbitMQ 4.3 refuses transient ones
     channel.queue_bind(name, EXCHANGE, routing_key=f"{name}.#")
     return name
 
@@ -270,10 +270,12 @@ def test_publish_many(paths: str, channel: BlockingChannel, names: Names) -> Non
     names.exchanges.append(exchange)
     channel.exchange_declare(exchange, exchange_type="topic", durable=True)
     queue, full = names.new("test-door"), names.new("test-door-full")
-    channel.queue_declare(queue)
+    channel.queue_declare(queue, durable=True)  # RabbitMQ 4.3 refuses transient ones
     channel.queue_bind(queue, exchange, routing_key=f"{queue}.#")
     # At most 2 messages: the broker refuses (nacks) more.
-    channel.queue_declare(full, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
+    channel.queue_declare(
+        full, durable=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"}
+    )
     channel.queue_bind(full, exchange, routing_key=f"{full}.#")
 
     events = [DomainEvent(f"{queue}.happened", {"n": n}) for n in range(1200)]
