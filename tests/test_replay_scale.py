@@ -261,10 +261,10 @@ def test_a_connection_lost_around_a_commit_does_each_event_once(
     calls: list[bool] = []
 
     def commit_then_lose(channel: RunChannel) -> list[tuple[str, str]]:
-        # The second commit of the run (the first batch's, after its probe)
-        # ... and the fourth: the second batch.
+        # The third batch's commit (probes are committed on a channel of
+        # their own, not by RunChannel.commit).
         calls.append(True)
-        if len(calls) == 4:
+        if len(calls) == 3:
             if committed:
                 real_commit(channel)  # the broker commits; its answer is "lost"
             proxy.cut()

@@ -21,7 +21,11 @@ a committed transaction as a whole, so a lost connection cannot separate a
 copy from its acknowledgement). The first event of each routing key is a
 probe: its copy is committed first, with ``mandatory`` set, and its dead
 letter acknowledged only once the copy was routed; an unroutable copy leaves
-its dead letter in place (moved to the tail, counted as unroutable).
+its dead letter in place (moved to the tail, counted as unroutable). Probes
+are committed on a transactional channel of their own, which holds no dead
+letter, so that the broker's consumer timeout (which closes the consuming
+channel before RabbitMQ 4.3) cannot close it while a probe's commit waits
+for the handler's queue, leaving the copy's fate unknown.
 
 Dead letters are consumed with a prefetch of two batches (:data:`PREFETCH`):
 the broker sends the next batch while this one is decided, and at most that

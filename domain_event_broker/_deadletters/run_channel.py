@@ -3,8 +3,9 @@ transactional channel that consumes the queue.
 
 :class:`RunChannel` opens and closes that connection, takes the dead letters
 the broker sends, publishes and acknowledges in the channel's transaction,
-commits it (collecting the copies the broker returned as unroutable), and
-looks up the queue and the retry exchange on spare channels. It decides
+commits it (collecting the copies the broker returned as unroutable),
+commits probe copies on a transactional channel of their own, and looks up
+the queue and the retry exchange on spare channels. It decides
 nothing and does not recover: :class:`.run.Session` does both.
 """
 
@@ -88,6 +89,8 @@ class RunChannel:
         self._cancelled = False
         #: (exchange, routing key) of the copies returned during a commit.
         self._returned: list[tuple[str, str]] = []
+        #: The probes' channel (see :meth:`publish_probe`), opened on first use.
+        self._probe_channel: BlockingChannel | None = None
 
     @property
     def _connection(self) -> pika.BlockingConnection | None:
@@ -109,6 +112,7 @@ class RunChannel:
             DomainEventBrokerError: connecting or opening the channel failed.
         """
         self._link.drop()
+        self._probe_channel = None
         self._channel = self._link.channel()
         # Deliveries of the old channel are back in the queue.
         self._deliveries.clear()
@@ -119,6 +123,7 @@ class RunChannel:
         """Close the connection; uncommitted work is undone by the broker."""
         self._link.drop()
         self._channel = None
+        self._probe_channel = None
 
     def _set_up(self, channel: BlockingChannel) -> None:
         """Each new channel: transactional, prefetch bounded, returns noted."""
@@ -308,6 +313,48 @@ class RunChannel:
         self._connection.process_data_events(0)
         self._raise_if_cancelled()
         self._channel.tx_commit()
+        # Dispatch the basic.return frames that came before commit-ok.
+        self._connection.process_data_events(0)
+        returned, self._returned = self._returned, []
+        return returned
+
+    def publish_probe(
+        self, exchange: str, routing_key: str, body: bytes, properties: pika.BasicProperties
+    ) -> None:
+        """Publish a probe copy (mandatory) in the probes' transaction.
+
+        Probes go on a transactional channel of their own, which holds no
+        dead letter: the broker's consumer timeout (which closes the
+        consuming channel before RabbitMQ 4.3) cannot close it while the
+        probe's commit is under way, after the copy was routed and before
+        ``tx.commit-ok``, which would leave the copy's fate unknown and have
+        it published again after the recovery.
+        """
+        channel = self._probe_channel
+        if channel is None or not channel.is_open:
+            assert self._connection is not None
+            channel = self._connection.channel()
+            channel.tx_select()
+            channel.add_on_return_callback(self._on_returned)
+            self._probe_channel = channel
+        channel.basic_publish(
+            exchange=exchange,
+            routing_key=routing_key,
+            body=body,
+            properties=properties,
+            mandatory=True,
+        )
+
+    def commit_probes(self) -> list[tuple[str, str]]:
+        """Commit the probes' transaction (see :meth:`publish_probe`).
+
+        Returns:
+            (exchange, routing key) of every copy the broker returned as
+            unroutable.
+        """
+        assert self._probe_channel is not None and self._connection is not None
+        self._returned = []
+        self._probe_channel.tx_commit()
         # Dispatch the basic.return frames that came before commit-ok.
         self._connection.process_data_events(0)
         returned, self._returned = self._returned, []

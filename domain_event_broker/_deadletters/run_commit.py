@@ -95,9 +95,9 @@ class Committer:
         ]
         if probes:
             for item in probes:
-                self._publish_copy(item)
+                self._publish_copy(item, probe=True)
             returned = {
-                key for exchange, key in self._channel.commit() if exchange == self.exchange
+                key for exchange, key in self._channel.commit_probes() if exchange == self.exchange
             }
             for item in probes:
                 if item.routing_key in returned:
@@ -139,12 +139,13 @@ class Committer:
             self.exchange_missing = missing
         self._exchange_checked = True
 
-    def _publish_copy(self, item: Item) -> None:
+    def _publish_copy(self, item: Item, *, probe: bool = False) -> None:
         copy = replay_properties(item.logical)
         headers = dict(copy.headers or {})
+        publish = self._channel.publish_probe if probe else self._channel.publish
         with _instrument.replay_span(copy.message_id, self.exchange, item.routing_key, headers):
             copy.headers = headers or None  # with the replay span's trace context
-            self._channel.publish(self.exchange, item.routing_key, item.body, copy)
+            publish(self.exchange, item.routing_key, item.body, copy)
 
     def _park(self, item: Item) -> None:
         self._channel.publish(
