@@ -11,6 +11,7 @@ underscore are implementation details.
 
 import importlib as _importlib
 import logging as _logging
+import os as _os
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
@@ -63,6 +64,22 @@ def __getattr__(name: str) -> _Any:
     value = getattr(_importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
+
+
+def _finish_imports_on_first_use() -> None:
+    """Before a fork: finish every import this package defers to first use.
+
+    A child forked while another thread is inside such an import would
+    inherit that module's import lock held, and hang for good on its own
+    first use. Waiting for the import here, in the parent, closes that.
+    """
+    for module in sorted(set(_ON_FIRST_USE.values())):
+        _importlib.import_module(f"{__name__}.{module}")
+    _importlib.import_module(f"{__name__}._subscribing.consume_loop")
+    _importlib.import_module(f"{__name__}._telemetry.otel").load()
+
+
+_os.register_at_fork(before=_finish_imports_on_first_use)
 
 
 def __dir__() -> list[str]:

@@ -90,7 +90,7 @@ _HOOKS: Final = (
 )
 
 
-def _load() -> None:
+def load() -> None:
     """Bind the hooks of this module to OpenTelemetry's or to the no-ops."""
     implementation: Any
     try:
@@ -149,7 +149,7 @@ class _Noops:
 
 def publish_span(event: Any, exchange: str, headers: MutableMapping[str, Any]) -> Scope:
     """A span around publishing ``event`` (see the module docstring)."""
-    _load()
+    load()
     return publish_span(event, exchange, headers)
 
 
@@ -157,7 +157,7 @@ def replay_span(
     message_id: str | None, exchange: str, routing_key: str, headers: MutableMapping[str, Any]
 ) -> Scope:
     """A span around republishing a dead letter (see the module docstring)."""
-    _load()
+    load()
     return replay_span(message_id, exchange, routing_key, headers)
 
 
@@ -170,23 +170,23 @@ def process_span(
     message_id: str | None = None,
 ) -> ProcessHook:
     """A span around handling one delivery (see the module docstring)."""
-    _load()
+    load()
     return process_span(handler, event, routing_key, headers, message_id=message_id)
 
 
 def record_reconnect(component: str) -> None:
     """Count a reopened connection (see the module docstring)."""
-    _load()
+    load()
     record_reconnect(component)
 
 
 def trace_headers() -> dict[str, str]:
     """The current trace context as AMQP headers (see the module docstring)."""
-    _load()
+    load()
     return trace_headers()
 
 
 def use_trace_headers(headers: Mapping[str, Any] | None) -> Scope:
     """Make the trace context in ``headers`` current (see the module docstring)."""
-    _load()
+    load()
     return use_trace_headers(headers)
