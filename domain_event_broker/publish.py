@@ -10,6 +10,7 @@ confirms once, on a second channel of the publisher's connection.
 
 from __future__ import annotations
 
+from ._core.exports import claim
 from ._publishing.publisher import (
     Publisher,
     close_shared_publishers,
@@ -22,9 +23,4 @@ __all__ = [
     "publish_domain_event",
 ]
 
-# Classes and functions defined in the private package carry this module's
-# name, their documented home (reprs, pickles, the API docs).
-for _name in __all__:
-    _value = globals()[_name]
-    if getattr(_value, "__module__", "").startswith("domain_event_broker._"):
-        _value.__module__ = __name__
+claim(__name__, globals(), __all__)

@@ -46,6 +46,7 @@ something slow, such as a person's answer.
 
 from __future__ import annotations
 
+from ._core.exports import claim
 from ._deadletters.operations import (
     BATCH_SIZE,
     DISCARD,
@@ -102,9 +103,4 @@ __all__ = [
     "topic_matches",
 ]
 
-# Classes and functions defined in the private package carry this module's
-# name, their documented home (reprs, pickles, the API docs).
-for _name in __all__:
-    _value = globals()[_name]
-    if getattr(_value, "__module__", "").startswith("domain_event_broker._"):
-        _value.__module__ = __name__
+claim(__name__, globals(), __all__)

@@ -25,6 +25,7 @@ original delivery is acknowledged.
 
 from __future__ import annotations
 
+from ._core.exports import claim
 from ._subscribing.registration import Handler, Retry
 from ._subscribing.subscriber import DEFAULT_PREFETCH_COUNT, Subscriber
 
@@ -35,9 +36,4 @@ __all__ = [
     "Subscriber",
 ]
 
-# Classes and functions defined in the private package carry this module's
-# name, their documented home (reprs, pickles, the API docs).
-for _name in __all__:
-    _value = globals()[_name]
-    if getattr(_value, "__module__", "").startswith("domain_event_broker._"):
-        _value.__module__ = __name__
+claim(__name__, globals(), __all__)
