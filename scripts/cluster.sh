@@ -4,11 +4,12 @@
 #
 #   scripts/cluster.sh up   VERSION   three clustered nodes
 #   scripts/cluster.sh down VERSION   stop them and delete their data
-#   scripts/cluster.sh single-up VERSION / single-down VERSION   one node
+#   scripts/cluster.sh single-up VERSION [NODE] / single-down VERSION [NODE]
+#                      one node: "single", or pPORT for a private node on PORT
 #   scripts/cluster.sh ctl VERSION NODE ARGS...   rabbitmqctl for one node
 #   scripts/cluster.sh start-node|stop-node|kill-node VERSION NODE
 #   scripts/cluster.sh chroot [VERSION]   build a version's chroot if missing (default 4.0)
-#   scripts/cluster.sh env VERSION [single]   shell variables for the tests
+#   scripts/cluster.sh env VERSION [single|pPORT]   shell variables for the tests
 #   scripts/cluster.sh nodes VERSION   one line per node: KEY NAME AMQP_PORT DIST_PORT
 #   scripts/cluster.sh root VERSION   the version's chroot ("" for the machine's broker)
 #
@@ -57,6 +58,9 @@ node_spec() {
         4.3:c2) echo "deb-r43b 5702 25702" ;;
         4.3:c3) echo "deb-r43c 5703 25703" ;;
         4.3:single) echo "deb-r43 5700 25700" ;;
+        # pPORT: a private node on any free port, for one experiment
+        # (e.g. "single-up 4.0 p5810"); its distribution port is PORT + 20000.
+        *:p[0-9][0-9][0-9][0-9]) echo "deb-${2} ${2#p} $((${2#p} + 20000))" ;;
         *) die "unknown node $2 of version $1 (nodes: c1 c2 c3 single; versions: 3.10 4.0 4.3)" ;;
     esac
 }
@@ -110,12 +114,11 @@ ensure_chroot() {
 # Unmount /proc, /dev and /sys from the chroot once none of its nodes runs
 # (so that deleting the cached chroot can never reach the host's /dev).
 release_mounts() {
-    local version="$1" dir node name port dist pid fs
+    local version="$1" dir pidfile pid fs
     dir="$(root_of "$version")"
     [ -n "$dir" ] || return 0
-    for node in c1 c2 c3 single; do
-        read -r name port dist <<<"$(node_spec "$version" "$node")"
-        pid="$(cat "$dir$BASE/$version/$name/pid" 2>/dev/null || true)"
+    for pidfile in "$dir$BASE/$version"/*/pid; do   # every node of the version, private ones too
+        pid="$(cat "$pidfile" 2>/dev/null || true)"
         if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then return 0; fi
     done
     for fs in sys dev proc; do
@@ -251,11 +254,11 @@ case "${1:-}" in
     up) up "${2:?version}" ;;
     down) down "${2:?version}" ;;
     single-up)
-        start_node "${2:?version}" single
-        read -r name port dist <<<"$(node_spec "$2" single)"
+        start_node "${2:?version}" "${3:-single}"
+        read -r name port dist <<<"$(node_spec "$2" "${3:-single}")"
         echo "node $name@$HOST up: amqp://guest:guest@127.0.0.1:$port/%2F" ;;
     single-down)
-        stop_node "${2:?version}" single; kill_node "$2" single; wipe_node "$2" single
+        stop_node "${2:?version}" "${3:-single}"; kill_node "$2" "${3:-single}"; wipe_node "$2" "${3:-single}"
         release_mounts "$2" ;;
     start-node) start_node "${2:?version}" "${3:?node}" ;;
     stop-node) stop_node "${2:?version}" "${3:?node}" ;;
@@ -267,11 +270,11 @@ case "${1:-}" in
         for node in c1 c2 c3 single; do echo "$node $(node_spec "${2:?version}" "$node")"; done ;;
     root) root_of "${2:?version}" ;;
     env)
-        if [ "${3:-}" = single ]; then
-            read -r name port dist <<<"$(node_spec "${2:?version}" single)"
+        if [ -n "${3:-}" ]; then   # single, or a private pPORT node
+            read -r name port dist <<<"$(node_spec "${2:?version}" "$3")"
             echo "export DOMAIN_EVENT_BROKER='amqp://guest:guest@127.0.0.1:$port/%2F'"
             echo "export DEB_TEST_RABBITMQ_NODE='$name@$HOST'"
-            echo "export DEB_TEST_RABBITMQCTL='$0 ctl $2 single'"
+            echo "export DEB_TEST_RABBITMQCTL='$0 ctl $2 $3'"
         else
             echo "export DEB_TEST_CLUSTER_VERSION='${2:?version}'"
         fi ;;
