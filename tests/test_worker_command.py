@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,7 +36,7 @@ from domain_event_broker._worker.runner import (
     check_health,
 )
 
-from .helpers import BROKER_URL, consumer_count, wait_for
+from .helpers import BROKER_URL, consumer_count, rabbitmqctl_command, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.worker_app:make_subscriber"
@@ -62,6 +63,13 @@ class Worker:
 
     def handled(self) -> list[str]:
         return sorted(path.name for path in self.state.glob("handled-*"))
+
+    def child_pids(self) -> dict[int, int]:
+        """The latest pid of each child of a supervisor, from its log."""
+        return {
+            int(index): int(pid)
+            for index, pid in re.findall(r"Started worker (\d+) \(pid (\d+)\)", self.text())
+        }
 
 
 @pytest.fixture
@@ -171,6 +179,45 @@ def test_a_child_failing_for_good_stops_all_and_exits_non_zero(start_worker) -> 
     status = worker.process.wait(60)
     assert status == 1, worker.text()
     assert "giving up" in worker.text()
+
+
+def _connection_names() -> str:
+    """Every connection's client properties on the test broker's node."""
+    try:
+        result = subprocess.run(
+            [*rabbitmqctl_command(), "-q", "list_connections", "client_properties"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        message = f"rabbitmqctl is needed to list the connections: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return result.stdout
+
+
+def test_the_supervisor_holds_no_broker_connection(start_worker) -> None:
+    """Issue 23 item 14: the supervisor loads the subscriber to check it, and
+    closes its connection; only the children are connected (each connection
+    is named with its process id)."""
+    worker = start_worker("--processes", "2")
+    wait_for(lambda: consumer_count(start_worker.name) == 2, timeout=30, message="two consumers")
+    children = worker.child_pids()
+    assert len(children) == 2
+    listing = wait_for(
+        lambda: (
+            (names := _connection_names())
+            and all(f"(pid {pid})" in names for pid in children.values())
+            and names
+        ),
+        timeout=15,
+        message="the children's connections listed",
+    )
+    assert f"(pid {worker.process.pid})" not in listing, listing
+    assert worker.stop() == 0, worker.text()
 
 
 # -- health --------------------------------------------------------------------------

@@ -514,7 +514,9 @@ def run_worker(options: WorkerOptions, command: Sequence[str]) -> int:
     configure_logging(options.log_format)
     if options.processes == 1:
         return run_one(options)
-    load_subscriber(options.spec)  # fail now on a wrong spec, not N times later
+    # Fail now on a wrong spec, not N times later; then close the
+    # subscriber's connection: the children make their own.
+    load_subscriber(options.spec).close()
     return Supervisor(options, command).run()
 
 
