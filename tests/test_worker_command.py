@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from domain_event_broker import publish_domain_event
 from domain_event_broker._worker.runner import (
+    EXIT_CONFIGURATION,
     MAX_RESTART_BACKOFF,
     RESTART_BACKOFF,
     STABLE_AFTER,
@@ -179,6 +180,61 @@ def test_a_child_failing_for_good_stops_all_and_exits_non_zero(start_worker) -> 
     status = worker.process.wait(60)
     assert status == 1, worker.text()
     assert "giving up" in worker.text()
+
+
+def test_a_sigterm_while_a_restarted_child_starts_is_a_graceful_stop(start_worker) -> None:
+    """Issue 23 item 12: the supervisor's SIGTERM reaches a restarted child
+    before it installed its handler, and kills it; that was a stop asked for."""
+    worker = start_worker("--processes", "2")
+    wait_for(lambda: consumer_count(start_worker.name) == 2, timeout=30, message="two consumers")
+    event = publish_domain_event(start_worker.key, {}).uuid_string
+    wait_for(lambda: any(event in name for name in worker.handled()), timeout=15, message="handled")
+    first = worker.child_pids()[1]
+    (worker.state / "slow-start").write_text("30")  # the next child takes its time to start
+    os.kill(first, signal.SIGKILL)
+    starting = wait_for(
+        lambda: [p for p in worker.state.glob("starting-*") if p.name != f"starting-{first}"],
+        timeout=30,
+        message="the restarted child starting",
+    )
+    restarted = int(starting[0].name.removeprefix("starting-"))
+    assert worker.child_pids()[1] == restarted
+    assert worker.stop() == 0, worker.text()
+    assert "ended by SIGTERM before it was ready" in worker.text()
+    wait_for(lambda: consumer_count(start_worker.name) == 0, timeout=15, message="no consumer")
+
+
+def _free_port_pair() -> int:
+    """A port P such that P and P + 1 are both free on 127.0.0.1."""
+    for _ in range(100):
+        port = free_port()
+        with contextlib.suppress(OSError), socket.create_server(("127.0.0.1", port + 1)):
+            return port
+    raise AssertionError("no two free ports in a row")
+
+
+def test_a_child_with_a_configuration_error_stops_all_at_once(start_worker) -> None:
+    """Issue 23 item 13: child 1's metrics port is taken: no restart, one
+    message, exit 2, at once."""
+    port = _free_port_pair()
+    with socket.create_server(("127.0.0.1", port + 1)):  # child 1's port, taken
+        started = time.monotonic()
+        worker = start_worker(
+            "--processes", "2", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"
+        )
+        try:
+            status = worker.process.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after 30s:\n{worker.text()}")
+        elapsed = time.monotonic() - started
+    text = worker.text()
+    assert status == EXIT_CONFIGURATION == 2, text
+    assert elapsed < 20, text
+    assert text.count(f"cannot serve metrics on 127.0.0.1:{port + 1}") == 1, text
+    assert "restarting in" not in text
+    assert "usage:" not in text
+    assert "a configuration error" in text
+    wait_for(lambda: consumer_count(start_worker.name) == 0, timeout=15, message="no consumer")
 
 
 def _connection_names() -> str:

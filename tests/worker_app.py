@@ -8,6 +8,10 @@ The handler writes ``STATE/started-<uuid>`` and ``STATE/handled-<uuid>-<pid>``
 around its work. Event data may ask it to ``sleep`` (seconds), to ``crash``
 the process once (``os._exit(3)``, leaving ``STATE/crashed``), or to
 ``publish`` a follow-up event; with ``always`` it crashes every time.
+
+While ``STATE/slow-start`` exists, building the subscriber takes that many
+seconds more (a worker process still starting), and writes
+``STATE/starting-<pid>`` first.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ def make_subscriber() -> Subscriber:
     name = os.environ["DEB_TEST_WORKER_NAME"]
     key = os.environ["DEB_TEST_WORKER_KEY"]
     state = Path(os.environ["DEB_TEST_WORKER_STATE"])
+    slow_start = state / "slow-start"
+    if slow_start.exists():
+        (state / f"starting-{os.getpid()}").touch()
+        time.sleep(float(slow_start.read_text() or 0))
 
     def handler(event: DomainEvent) -> None:
         (state / f"started-{event.uuid_string}").touch()

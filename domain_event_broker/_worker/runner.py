@@ -15,7 +15,14 @@ With more, this process supervises that many child processes: it restarts
 one that fails, after a backoff (1 s doubling to 30 s), gives up on one that
 fails ``--max-restarts`` times in a row (then stops the others and exits 1),
 passes SIGTERM and SIGINT on, and exits 0 once every child stopped
-gracefully.
+gracefully. A child that exits with status 2 (:data:`EXIT_CONFIGURATION`:
+its configuration is wrong, e.g. its metrics port is taken) is not
+restarted: the supervisor stops the others at once and exits 2. A child
+that the supervisor's own SIGTERM ended before it had installed its
+handler (while it was still starting) counts as stopped gracefully: it had
+consumed nothing. The supervisor holds no broker connection: it loads the
+subscriber once to report a wrong ``MODULE:ATTRIBUTE`` early, then closes
+its connection.
 
 **Health check: a file, not an HTTP endpoint.** The subscriber's own loop
 touches ``--health-file`` every few seconds while it is connected and its
@@ -84,6 +91,9 @@ STDIN_FILENO: Final = 0
 #: Exit statuses.
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
+#: A configuration error (as argparse's usage errors): a supervised child
+#: exiting with it is not restarted, and the supervisor exits with it too.
+EXIT_CONFIGURATION: Final = 2
 
 
 # -- loading the user's subscriber ---------------------------------------------
@@ -343,6 +353,8 @@ class _Child:
     restart_at: float | None = None
     done: bool = False
     returncode: int | None = None
+    #: The supervisor sent the running process SIGTERM.
+    signalled: bool = False
 
 
 class Supervisor:
@@ -362,6 +374,7 @@ class Supervisor:
         self.children = [_Child(index) for index in range(options.processes)]
         self._stopping = False
         self._failed = False
+        self._configuration_error = False
         self._wakeup = threading.Event()
 
     def _start(self, child: _Child) -> None:
@@ -376,15 +389,21 @@ class Supervisor:
         )
         child.started = time.monotonic()
         child.restart_at = None
+        child.signalled = False
         log.info("Started worker %d (pid %d)", child.index, child.process.pid)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self._stopping:
             log.info("Received signal %d: stopping %d worker(s)", signum, len(self.children))
+        self._stop_all()
+
+    def _stop_all(self) -> None:
+        """Ask every running child to stop (SIGTERM), and restart none."""
         self._stopping = True
         for child in self.children:
             process = child.process
             if process is not None and process.poll() is None:
+                child.signalled = True
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
         self._wakeup.set()
@@ -393,8 +412,9 @@ class Supervisor:
         """Start the children and supervise them until all stopped.
 
         Returns:
-            0 when every child stopped gracefully, 1 when one failed for good
-            (or did not stop gracefully).
+            0 when every child stopped gracefully, 2 when one exited with a
+            configuration error, 1 when one failed for good (or did not stop
+            gracefully).
         """
         previous = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
         try:
@@ -410,6 +430,8 @@ class Supervisor:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._cleanup()
+        if self._configuration_error:
+            return EXIT_CONFIGURATION
         if self._failed or any(child.returncode != 0 for child in self.children):
             return EXIT_FAILED
         return EXIT_OK
@@ -431,7 +453,26 @@ class Supervisor:
             return
         self._close(process)
         child.process = None
+        if code == -signal.SIGTERM and child.signalled:
+            # Our SIGTERM reached it before it installed its handler (it
+            # was starting): it had nothing in flight. A stop asked for.
+            log.info(
+                "Worker %d (pid %d) ended by SIGTERM before it was ready", child.index, process.pid
+            )
+            code = EXIT_OK
         child.returncode = code
+        if code == EXIT_CONFIGURATION and not self._stopping:
+            log.error(
+                "Worker %d (pid %d) exited with %d: a configuration error (see above); "
+                "not restarting it, stopping all workers",
+                child.index,
+                process.pid,
+                code,
+            )
+            child.done = True
+            self._configuration_error = True
+            self._stop_all()
+            return
         if code == 0 or self._stopping:
             if code != 0:
                 log.error("Worker %d (pid %d) exited with %d", child.index, process.pid, code)
@@ -450,7 +491,7 @@ class Supervisor:
             )
             child.done = True
             self._failed = True
-            self._on_signal(signal.SIGTERM, None)
+            self._stop_all()
             return
         delay = child.backoff.next()
         log.warning(
@@ -509,11 +550,25 @@ def run_worker(options: WorkerOptions, command: Sequence[str]) -> int:
         command: how to start one worker process (for ``--processes`` > 1).
 
     Returns:
-        The exit status.
+        The exit status: 0 after a graceful stop, 1 when a worker failed for
+        good, 2 (:data:`EXIT_CONFIGURATION`) when a supervised child's
+        configuration is wrong.
+
+    Raises:
+        ConfigurationError: the spec or the metrics port is wrong (not in a
+            supervised child: it logs the error and returns 2 instead).
     """
     configure_logging(options.log_format)
     if options.processes == 1:
-        return run_one(options)
+        if not options.child:
+            return run_one(options)
+        try:
+            return run_one(options)
+        except ConfigurationError as exc:
+            # One line for the supervisor's log, not a usage block per child;
+            # the status tells the supervisor not to restart this child.
+            log.error("Worker %d cannot start: %s", os.getpid(), exc)
+            return EXIT_CONFIGURATION
     # Fail now on a wrong spec, not N times later; then close the
     # subscriber's connection: the children make their own.
     load_subscriber(options.spec).close()
