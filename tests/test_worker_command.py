@@ -417,6 +417,28 @@ def test_a_wrong_target_is_a_usage_error(spec: str, message: str) -> None:
     assert message in result.stderr
 
 
+def test_the_django_management_command_exits_2_on_a_wrong_target() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "django",
+            "run_domain_event_worker",
+            "tests.worker_app:not_a_subscriber",
+            "--processes",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.django.settings"},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == EXIT_CONFIGURATION, result.stderr
+    assert "not a Subscriber" in result.stderr
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_the_django_management_command(start_worker, processes: int) -> None:
     worker = start_worker(

@@ -13,7 +13,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ...._cli import worker as _worker_command
-from ...._worker.runner import run_worker
+from ...._worker.runner import EXIT_CONFIGURATION, run_worker
 from ....errors import ConfigurationError
 
 
@@ -39,7 +39,7 @@ class Command(BaseCommand):
         try:
             status = run_worker(worker_options, command)
         except ConfigurationError as exc:
-            raise CommandError(str(exc)) from exc
+            raise CommandError(str(exc), returncode=EXIT_CONFIGURATION) from exc
         if status:
             sys.exit(status)
 
