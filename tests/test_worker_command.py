@@ -507,3 +507,32 @@ def test_a_failing_child_is_restarted_after_pauses_doubling_to_the_longest() -> 
     # A child that ran STABLE_AFTER before failing starts a new series.
     assert [fail(STABLE_AFTER), fail(0)] == [1, 2]
     assert child.failures == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    code=st.sampled_from([0, 1, 2, 3, 143, -signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT])
+    | st.integers(-64, 255),
+    stopping=st.booleans(),
+    signalled=st.booleans(),
+)
+def test_which_exit_statuses_restart_a_child(code: int, stopping: bool, signalled: bool) -> None:
+    """A child is restarted unless it stopped cleanly (0, or ended by the
+    supervisor's own SIGTERM), had a configuration error (2), or the
+    supervisor is stopping; a configuration error stops all with exit 2."""
+    signalled = signalled and stopping  # the supervisor signals only when stopping
+    supervisor = Supervisor(WorkerOptions(APP, processes=2, max_restarts=9), ["unused"])
+    supervisor._stopping = stopping
+    child = supervisor.children[0]
+    child.process = _Exited(code)  # type: ignore[assignment]
+    child.signalled = signalled
+    child.started = time.monotonic()
+    supervisor._check(child)
+    clean = code == 0 or (code == -signal.SIGTERM and signalled)
+    restarted = child.restart_at is not None
+    assert restarted == (not stopping and not clean and code != EXIT_CONFIGURATION)
+    assert child.done == (not restarted)
+    assert (child.returncode == 0) == clean
+    configuration_error = code == EXIT_CONFIGURATION and not stopping
+    assert getattr(supervisor, "_configuration_error", False) == configuration_error
+    assert supervisor._stopping == (stopping or configuration_error)
