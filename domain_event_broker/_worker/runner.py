@@ -17,12 +17,17 @@ fails ``--max-restarts`` times in a row (then stops the others and exits 1),
 passes SIGTERM and SIGINT on, and exits 0 once every child stopped
 gracefully. A child that exits with status 2 (:data:`EXIT_CONFIGURATION`:
 its configuration is wrong, e.g. its metrics port is taken) is not
-restarted: the supervisor stops the others at once and exits 2. A child
-that the supervisor's own SIGTERM ended before it had installed its
-handler (while it was still starting) counts as stopped gracefully: it had
-consumed nothing. The supervisor holds no broker connection: it loads the
-subscriber once to report a wrong ``MODULE:ATTRIBUTE`` early, then closes
-its connection.
+restarted: the supervisor stops the others at once and exits 2. The
+supervisor holds no broker connection: it loads the subscriber once to
+report a wrong ``MODULE:ATTRIBUTE`` early, then closes its connection.
+
+**A stop while starting.** A worker that receives SIGTERM or SIGINT before
+its subscriber consumes (importing, building the subscriber, connecting)
+stops there and exits 0: it received nothing yet. The supervisor starts
+its children with those signals blocked; each unblocks them once its
+handler is installed, so a signal passed on to a child that is just
+(re)starting is neither lost nor fatal. A child that the supervisor's own
+SIGTERM ends all the same still counts as stopped gracefully.
 
 **Health check: a file, not an HTTP endpoint.** The subscriber's own loop
 touches ``--health-file`` every few seconds while it is connected and its
@@ -56,14 +61,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
 from .._amqp.connect import Backoff
-from .._core.signals import STOP_SIGNALS  # passed on to the children
+from .._core.signals import STOP_SIGNALS  # passed on to the children, blocked while they start
 from .._subscribing.subscriber import Subscriber
 from .._telemetry.heartbeat import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_STALL_AFTER, Heartbeat
 from .._telemetry.heartbeat import health_file_age as _health_file_age
@@ -303,8 +308,53 @@ def _stop_when_parent_goes(subscriber: Subscriber) -> None:
     threading.Thread(target=wait_for_eof, name="domain-event-broker-parent", daemon=True).start()
 
 
+class _StopWhileStarting(BaseException):
+    """A stop signal arrived while the worker was still starting (a
+    BaseException, like KeyboardInterrupt: user code must not swallow it)."""
+
+
+class _StartingStop:
+    """The stop-signal handler of a worker until its subscriber consumes.
+
+    The subscriber installs its own graceful handler for the time it
+    consumes; before that (importing, building the subscriber, connecting)
+    this one ends the start: nothing was received yet, so nothing is lost.
+    After the consuming loop has run (its first tick), a late signal is
+    ignored: the worker is stopping anyway.
+    """
+
+    def __init__(self) -> None:
+        self.consuming = False
+
+    def tick(self, busy_for: float) -> None:
+        """A tick callback: the consuming loop is running."""
+        self.consuming = True
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if not self.consuming:
+            raise _StopWhileStarting(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle the stop signals, then unblock them (a supervisor starts
+        its children with them blocked: one sent earlier is delivered now)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {signum: signal.signal(signum, self) for signum in STOP_SIGNALS}
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
 def run_one(options: WorkerOptions) -> int:
     """Run the subscriber in this process until SIGTERM or SIGINT.
+
+    A stop signal that arrives while the worker is still starting ends the
+    start: the worker exits 0 without consuming.
 
     Returns:
         0 once it stopped gracefully.
@@ -313,6 +363,20 @@ def run_one(options: WorkerOptions) -> int:
         ConfigurationError: the spec or the metrics port is wrong.
         DomainEventBrokerError: consuming failed for good.
     """
+    starting = _StartingStop()
+    try:
+        with starting.installed():
+            return _consume(options, starting)
+    except _StopWhileStarting as stop:
+        log.info(
+            "Worker %d received signal %d while starting; stopped before consuming",
+            os.getpid(),
+            stop.args[0],
+        )
+        return EXIT_OK
+
+
+def _consume(options: WorkerOptions, starting: _StartingStop) -> int:
     if options.metrics_port is not None:
         serve_metrics(options.metrics_port, options.metrics_host)
     subscriber = load_subscriber(options.spec)
@@ -326,6 +390,7 @@ def run_one(options: WorkerOptions) -> int:
         detach = _attach_heartbeat(subscriber, heartbeat)
     if options.child:
         _stop_when_parent_goes(subscriber)
+    subscriber.add_tick_callback(starting.tick)
     log.info("Worker %d consuming with %r", os.getpid(), subscriber)
     try:
         subscriber.start_consuming()
@@ -381,12 +446,20 @@ class Supervisor:
         if self.options.health_file is not None:
             child_health_file(self.options.health_file, child.index).unlink(missing_ok=True)
         env = {**os.environ, **self.options.extra_env}
-        child.process = subprocess.Popen(  # noqa: S603  # our own command line
-            [*self.command, *self.options.child_arguments(child.index)],
-            stdin=subprocess.PIPE,  # closes when this process dies: the child stops
-            env=env,
-            start_new_session=True,  # a terminal's ^C reaches the parent only
-        )
+        # The child starts with the stop signals blocked (a signal mask is
+        # inherited through fork and exec) and unblocks them once its handler
+        # is installed: a SIGTERM passed on while it starts neither is lost
+        # nor kills it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            child.process = subprocess.Popen(  # noqa: S603  # our own command line
+                [*self.command, *self.options.child_arguments(child.index)],
+                stdin=subprocess.PIPE,  # closes when this process dies: the child stops
+                env=env,
+                start_new_session=True,  # a terminal's ^C reaches the parent only
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child.started = time.monotonic()
         child.restart_at = None
         child.signalled = False
@@ -569,9 +642,15 @@ def run_worker(options: WorkerOptions, command: Sequence[str]) -> int:
             # the status tells the supervisor not to restart this child.
             log.error("Worker %d cannot start: %s", os.getpid(), exc)
             return EXIT_CONFIGURATION
-    # Fail now on a wrong spec, not N times later; then close the
-    # subscriber's connection: the children make their own.
-    load_subscriber(options.spec).close()
+    starting = _StartingStop()
+    try:
+        with starting.installed():
+            # Fail now on a wrong spec, not N times later; then close the
+            # subscriber's connection: the children make their own.
+            load_subscriber(options.spec).close()
+    except _StopWhileStarting as stop:
+        log.info("Received signal %d while starting; no worker started", stop.args[0])
+        return EXIT_OK
     return Supervisor(options, command).run()
 
 
