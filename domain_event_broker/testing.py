@@ -21,6 +21,7 @@ from typing import Any
 import pika
 
 from ._core import headers as _headers
+from ._amqp.names import DEFAULT_EXCHANGE
 from ._core.topic import topic_matches
 from ._publishing import publisher as publish
 from ._subscribing import subscriber as subscribe
@@ -139,11 +140,12 @@ class StubBroker:
         self.published: list[DomainEvent] = []
         #: Every delivery run, in order.
         self.history: list[Handled] = []
-        #: Per handler name: its queue, its dead letters, the union of its
-        #: binding keys, and the registrations consuming it (one per Subscriber).
+        #: Per handler name: its queue, its dead letters, its bindings
+        #: (exchange, binding key), and the registrations consuming it (one
+        #: per Subscriber).
         self._queues: dict[str, deque[_StubMessage]] = {}
         self._dead: dict[str, list[_StubMessage]] = {}
-        self._bindings: dict[str, set[str]] = {}
+        self._bindings: dict[str, set[tuple[str, str]]] = {}
         self._consumers: dict[str, list[tuple[_StubConsumer, Registration]]] = {}
         #: Per handler name: how many deliveries went out (consumers take turns).
         self._turns: dict[str, int] = {}
@@ -171,35 +173,52 @@ class StubBroker:
         if self._new_consumer in subscribe.registration_hooks:
             subscribe.registration_hooks.remove(self._new_consumer)
 
-    def _new_consumer(self) -> _StubConsumer:
+    def _new_consumer(self, exchange: str) -> _StubConsumer:
         """Registration hook: what stands in for the broker for one Subscriber."""
-        return _StubConsumer(self)
+        return _StubConsumer(self, exchange)
 
     def _register(self, consumer: _StubConsumer, registration: Registration) -> None:
         with self._lock:
             name = registration.name
             self._consumers.setdefault(name, []).append((consumer, registration))
-            self._bindings.setdefault(name, set()).update(registration.binding_keys)
+            self._bindings.setdefault(name, set()).update(
+                (consumer.exchange, key) for key in registration.binding_keys
+            )
             self._queues.setdefault(name, deque())
             self._dead.setdefault(name, [])
 
     # -- publishing -----------------------------------------------------------------
 
-    def publish(self, event: DomainEvent, *, require_route: bool = False) -> None:
+    def publish(
+        self,
+        event: DomainEvent,
+        *,
+        require_route: bool = False,
+        exchange: str = DEFAULT_EXCHANGE,
+    ) -> None:
         """Route ``event`` to the matching handlers' queues (what publishing does).
+
+        Args:
+            event: the event.
+            require_route: refuse an event no handler is bound for.
+            exchange: the exchange it is published to: it reaches the
+                handlers of Subscribers on that exchange only.
 
         Raises:
             UnroutableError: ``require_route`` and no handler is bound for the
                 event's routing key (nothing is queued or recorded).
 
         .. versionchanged:: 4.2
-           ``require_route``.
+           ``require_route`` and ``exchange``.
         """
         with self._lock:
             names = [
                 name
-                for name, keys in self._bindings.items()
-                if any(topic_matches(key, event.routing_key) for key in keys)
+                for name, bindings in self._bindings.items()
+                if any(
+                    bound == exchange and topic_matches(key, event.routing_key)
+                    for bound, key in bindings
+                )
             ]
             if not names and require_route:
                 raise UnroutableError(
@@ -377,16 +396,18 @@ class _Router:
     def __init__(self, broker: StubBroker) -> None:
         self._broker = broker
 
-    def route(self, event: DomainEvent, mandatory: bool) -> None:
-        self._broker.publish(event, require_route=mandatory)
+    def route(self, event: DomainEvent, mandatory: bool, exchange: str) -> None:
+        self._broker.publish(event, require_route=mandatory, exchange=exchange)
 
 
 class _StubConsumer:
     """One Subscriber's consumer on a :class:`StubBroker`: what its
     ``start_consuming()`` and ``stop_consuming()`` do."""
 
-    def __init__(self, broker: StubBroker) -> None:
+    def __init__(self, broker: StubBroker, exchange: str) -> None:
         self._broker = broker
+        #: The exchange the Subscriber's queues are bound to.
+        self.exchange = exchange
         self.stopping = False
 
     def register(self, registration: Registration) -> None:

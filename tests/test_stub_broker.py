@@ -386,3 +386,21 @@ def test_require_route_raises_exactly_when_no_binding_matches(
         else:
             assert routable
             assert len(broker.queued("h")) == 1
+
+
+def test_events_reach_the_subscribers_of_their_exchange_only() -> None:
+    seen: list[tuple[str, str]] = []
+    with StubBroker() as broker:
+        Subscriber(exchange="other").register(
+            lambda e: seen.append(("other", e.routing_key)), "o", ["#"]
+        )
+        Subscriber().register(lambda e: seen.append(("default", e.routing_key)), "d", ["#"])
+        publish_domain_event("a", {})
+        Publisher(NOWHERE, exchange="other").publish_event(DomainEvent("b", {}))
+        Publisher(NOWHERE, exchange="other").publish_many([DomainEvent("c", {})])
+        with pytest.raises(UnroutableError):
+            Publisher(NOWHERE, exchange="third").publish_event(
+                DomainEvent("d", {}), require_route=True
+            )
+        broker.run()
+    assert sorted(seen) == [("default", "a"), ("other", "b"), ("other", "c")]

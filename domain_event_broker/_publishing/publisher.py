@@ -256,7 +256,7 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         mandatory: bool = False,
     ) -> DomainEvent:
-        if _captured(event, mandatory):
+        if _captured(event, mandatory, self.exchange):
             return event
         if self._sender is None:
             log.debug("No broker configured: not publishing %r", event)
@@ -328,7 +328,7 @@ class Publisher:
         """
         if not batch:
             return batch
-        captured = _captured_batch(batch, mandatory)
+        captured = _captured_batch(batch, mandatory, self.exchange)
         if captured is not None:
             refused = _batch_error(batch, captured)
             if refused is not None:
@@ -403,8 +403,8 @@ def _batch_error(
 class Router(Protocol):
     """Stands in for the broker while active (``StubBroker``): routes events."""
 
-    def route(self, event: DomainEvent, mandatory: bool) -> None:
-        """Route ``event`` as the events exchange would.
+    def route(self, event: DomainEvent, mandatory: bool, exchange: str) -> None:
+        """Route ``event``, published to ``exchange``, as that exchange would.
 
         Raises:
             UnroutableError: ``mandatory`` and no handler is bound for it.
@@ -417,8 +417,11 @@ _captures: list[list[DomainEvent] | Router] = []
 _captures_lock = threading.Lock()
 
 
-def _captured(event: DomainEvent, mandatory: bool = False) -> bool:
-    """Record ``event`` in every active capture; whether there was one.
+def _captured(
+    event: DomainEvent, mandatory: bool = False, exchange: str = DEFAULT_EXCHANGE
+) -> bool:
+    """Record ``event``, published to ``exchange``, in every active capture;
+    whether there was one.
 
     Raises:
         UnroutableError: ``mandatory``, and an active ``StubBroker`` has no
@@ -430,7 +433,7 @@ def _captured(event: DomainEvent, mandatory: bool = False) -> bool:
         targets = list(_captures)
     for target in targets:  # routers first: an unroutable event is not published
         if not isinstance(target, list):
-            target.route(event, mandatory)
+            target.route(event, mandatory, exchange)
     for target in targets:
         if isinstance(target, list):
             target.append(event)
@@ -438,7 +441,7 @@ def _captured(event: DomainEvent, mandatory: bool = False) -> bool:
 
 
 def _captured_batch(
-    batch: Sequence[DomainEvent], mandatory: bool
+    batch: Sequence[DomainEvent], mandatory: bool, exchange: str
 ) -> dict[int, DomainEventBrokerError | None] | None:
     """:func:`_captured` for each event of a batch: per index, ``None`` or
     why it failed; ``None`` when nothing captures."""
@@ -447,7 +450,7 @@ def _captured_batch(
     results: dict[int, DomainEventBrokerError | None] = {}
     for index, event in enumerate(batch):
         try:
-            _captured(event, mandatory)
+            _captured(event, mandatory, exchange)
             results[index] = None
         except UnroutableError as exc:
             results[index] = exc

@@ -51,8 +51,9 @@ class StubConsumer(Protocol):
 
 #: Test doubles (:class:`domain_event_broker.testing.StubBroker`) that take
 #: registrations instead of a broker: each makes, for a Subscriber's first
-#: registration, the consumer that stands in for the broker from then on.
-registration_hooks: list[Callable[[], StubConsumer]] = []
+#: registration, the consumer that stands in for the broker from then on;
+#: it is given the Subscriber's exchange.
+registration_hooks: list[Callable[[str], StubConsumer]] = []
 
 #: How many unacknowledged events the broker sends ahead of each handler.
 #: Handlers still run one at a time, in order; a larger window only saves
@@ -117,7 +118,7 @@ class Subscriber:
         self._loop: ConsumeLoop | None = None
         self._lock = threading.Lock()
         self._stub: StubConsumer | None = None
-        self._stub_hook: Callable[[], StubConsumer] | None = None
+        self._stub_hook: Callable[[str], StubConsumer] | None = None
         self._tick_callbacks: list[Callable[[float], object]] = []
 
     def __repr__(self) -> str:
@@ -257,7 +258,7 @@ class Subscriber:
             if registration_hooks:
                 if self._stub_hook is not registration_hooks[-1]:
                     self._stub_hook = registration_hooks[-1]
-                    self._stub = self._stub_hook()
+                    self._stub = self._stub_hook(self.exchange)
                 assert self._stub is not None
                 self._stub.register(registration)
                 self._registrations.append(registration)
