@@ -20,8 +20,8 @@ from typing import Any
 
 import pika
 
-from ._core import headers as _headers
 from ._amqp.names import DEFAULT_EXCHANGE
+from ._core import headers as _headers
 from ._core.topic import topic_matches
 from ._publishing import publisher as publish
 from ._subscribing import subscriber as subscribe
