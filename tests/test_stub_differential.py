@@ -29,6 +29,7 @@ from domain_event_broker import (
     Retry,
     Subscriber,
     publish_domain_event,
+    replay_all,
 )
 from domain_event_broker.testing import StubBroker
 
@@ -108,6 +109,15 @@ class Backend:
         """``(event id, x-exception-type)`` of ``name``'s dead letters, sorted."""
         raise NotImplementedError
 
+    def dead_letters_waiting(self, name: str) -> int:
+        """How many dead letters wait in ``name``'s dead-letter queue (left there)."""
+        raise NotImplementedError
+
+    def replay(self, name: str) -> int:
+        """Put ``name``'s dead letters back into its queue; how many are left
+        in the dead-letter queue (``replay_all``'s answer)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         for subscriber in self.subscribers:
             subscriber.close()
@@ -134,6 +144,13 @@ class StubBackend(Backend):
 
     def queued(self, name: str) -> int:
         return len(self.broker.queued(name))
+
+    def dead_letters_waiting(self, name: str) -> int:
+        return len(self.broker.dead_letters(name))
+
+    def replay(self, name: str) -> int:
+        self.broker.replay(name)
+        return len(self.broker.dead_letters(name))
 
     def dead_letters(self, name: str) -> list[tuple[str, str | None]]:
         return sorted(
@@ -197,6 +214,12 @@ class RabbitBackend(Backend):
                 break
             size = again
         return size
+
+    def dead_letters_waiting(self, name: str) -> int:
+        return self.queued(f"{name}-dl")
+
+    def replay(self, name: str) -> int:
+        return replay_all(name)
 
     def dead_letters(self, name: str) -> list[tuple[str, str | None]]:
         found = []
@@ -329,12 +352,12 @@ def timeout_during_a_slow_handler(backend: Backend) -> dict[str, Any]:
 
     def slow(event: DomainEvent) -> None:
         calls.record(name, event)
-        time.sleep(3.0)
+        time.sleep(3.5)  # past the deadline, wherever it started
 
     subscriber.register(slow, name, [backend.key("t")])
     for index in range(3):
         publish_domain_event(backend.key("t"), {"id": index})
-    error = backend.consume(subscriber, timeout=2.0)
+    error = backend.consume(subscriber, timeout=3.0)
     return {"error": error, "handled": calls.count(), "queued": backend.queued(name)}
 
 
@@ -479,6 +502,30 @@ def another_exchange(backend: Backend) -> dict[str, Any]:
     return {"other": calls.ids(other), "default": calls.ids(default)}
 
 
+def replaying_dead_letters(backend: Backend) -> dict[str, Any]:
+    """Replayed dead letters come back with a fresh retry count."""
+    calls = Calls()
+    subscriber = backend.subscriber()
+    name = backend.name()
+    fixed = threading.Event()
+
+    def handler(event: DomainEvent) -> None:
+        calls.record(name, event)
+        if not fixed.is_set():
+            raise Retry(0.05)
+
+    subscriber.register(handler, name, [backend.key("p")], dead_letter=True, max_retries=1)
+    publish_domain_event(backend.key("p"), {"id": "x"})
+    backend.consume(subscriber, until=lambda: calls.count() >= 2)
+    dead_before = backend.dead_letters_waiting(name)
+    fixed.set()
+    left = backend.replay(name)
+    backend.consume(subscriber, until=lambda: calls.count() >= 3)
+    with calls.lock:
+        retries = [r for _, r in calls.by_handler[name]]
+    return {"dead_before": dead_before, "left": left, "retries": retries}
+
+
 @dataclass(frozen=True)
 class Scenario:
     run: Callable[[Backend], dict[str, Any]]
@@ -545,6 +592,7 @@ SCENARIOS = [
     ),
     Scenario(concurrency, {"handled": [str(index) for index in range(9)], "queued": 0}),
     Scenario(another_exchange, {"other": ["other", "other-many"], "default": ["default"]}),
+    Scenario(replaying_dead_letters, {"dead_before": 1, "left": 0, "retries": [0, 1, 0]}),
 ]
 
 
