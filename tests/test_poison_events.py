@@ -152,6 +152,31 @@ def test_system_exit_in_a_handler_stops_and_is_raised(names: Names, error: BaseE
     wait_for(lambda: queue_size(name) == 1)
 
 
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_no_event_is_started_after_a_handler_raised_system_exit(
+    names: Names, concurrency: int
+) -> None:
+    name = names.new("poison")
+    key = f"{name}.k"
+    calls: list[DomainEvent] = []
+
+    def handler(event: DomainEvent) -> None:
+        calls.append(event)
+        if concurrency > 1:
+            time.sleep(0.2)  # the others are started meanwhile; no fourth
+        raise SystemExit(3)
+
+    subscriber = Subscriber()
+    subscriber.register(handler, name, [key], concurrency=concurrency)
+    for _ in range(concurrency + 3):
+        publish_domain_event(key, {})
+    with pytest.raises(SystemExit):
+        subscriber.start_consuming(timeout=30)
+    assert len(calls) <= concurrency
+    # Every event, the ones that raised included, waits for the next worker.
+    wait_for(lambda: queue_size(name) == concurrency + 3)
+
+
 def test_a_dead_handler_thread_ends_start_consuming(
     names: Names, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import defaultdict
 from typing import Any
@@ -11,9 +12,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain_event_broker import DomainEvent, Retry, Subscriber, publish_domain_event
+from domain_event_broker import (
+    BatchPublishError,
+    DomainEvent,
+    Publisher,
+    Retry,
+    Subscriber,
+    UnroutableError,
+    configure,
+    publish_domain_event,
+)
 from domain_event_broker._core.topic import topic_matches
-from domain_event_broker.testing import StubBroker
+from domain_event_broker.testing import StubBroker, capture_events
 
 from .conftest import Names
 from .helpers import get_messages, raw_connection
@@ -247,3 +257,150 @@ def test_same_outcomes_in_memory_and_on_the_broker(names: Names, case: Any) -> N
     )
     assert dict(behaviour.calls) == expected_calls
     assert dead == expected_dead
+
+
+# -- as a broker does: stopping, require_route, several Subscribers (issue 23, item 15) ----
+
+
+def test_stop_consuming_in_a_handler_leaves_the_rest_queued() -> None:
+    seen: list[int] = []
+    with StubBroker() as broker:
+        subscriber = Subscriber()
+
+        def handler(event: DomainEvent) -> None:
+            seen.append(event.data["i"])
+            subscriber.stop_consuming()
+
+        subscriber.register(handler, "h", ["a"])
+        for index in range(3):
+            publish_domain_event("a", {"i": index})
+        subscriber.start_consuming()
+        assert seen == [0]
+        assert [e.data["i"] for e in broker.queued("h")] == [1, 2]
+        subscriber.start_consuming()  # a stop asked before does not carry over
+        assert seen == [0, 1]
+        assert broker.run() == 1  # run() is not stopped by stop_consuming()
+    assert seen == [0, 1, 2]
+    assert broker.queued("h") == []
+
+
+def test_start_consuming_stops_at_its_timeout() -> None:
+    seen: list[int] = []
+
+    def slow(event: DomainEvent) -> None:
+        seen.append(event.data["i"])
+        time.sleep(0.3)
+
+    with StubBroker() as broker:
+        subscriber = Subscriber()
+        subscriber.register(slow, "h", ["a"])
+        for index in range(3):
+            publish_domain_event("a", {"i": index})
+        subscriber.start_consuming(timeout=0)
+        assert seen == []
+        subscriber.start_consuming(timeout=0.1)  # the first runs past it; no other starts
+        assert seen == [0]
+        assert len(broker.queued("h")) == 2
+
+
+def test_require_route_raises_when_no_handler_is_bound() -> None:
+    with StubBroker() as broker, capture_events() as captured:
+        Subscriber().register(lambda event: None, "h", ["bound.*"])
+        with pytest.raises(UnroutableError, match=r"'nobody\.listens'"):
+            publish_domain_event("nobody.listens", {}, require_route=True)
+        with pytest.raises(UnroutableError):
+            Publisher(NOWHERE).publish_event(DomainEvent("nobody.listens", {}), require_route=True)
+        configure(require_route=True)
+        with pytest.raises(UnroutableError):
+            publish_domain_event("nobody.listens", {})
+        publish_domain_event("bound.one", {})
+        publish_domain_event("nobody.listens", {}, require_route=False)
+    assert [e.routing_key for e in broker.published] == ["bound.one", "nobody.listens"]
+    assert [e.routing_key for e in captured] == ["bound.one", "nobody.listens"]
+    assert len(broker.queued("h")) == 1
+
+
+def test_publish_many_with_require_route_fails_the_unbound_events_only() -> None:
+    events = [DomainEvent("bound.a", {}), DomainEvent("unbound", {}), DomainEvent("bound.b", {})]
+    with StubBroker() as broker:
+        Subscriber().register(lambda event: None, "h", ["bound.*"])
+        with pytest.raises(BatchPublishError, match="1 of 3") as caught:
+            Publisher(NOWHERE).publish_many(events, require_route=True)
+        assert [(e, type(err)) for e, err in caught.value.failed] == [(events[1], UnroutableError)]
+        assert caught.value.confirmed == [events[0], events[2]]
+        assert isinstance(caught.value.__cause__, UnroutableError)
+        assert broker.queued("h") == [events[0], events[2]]
+
+
+def test_each_subscriber_runs_its_own_handlers() -> None:
+    seen: list[str] = []
+    with StubBroker() as broker:
+        first, second = Subscriber(), Subscriber()
+        first.register(lambda e: seen.append("first"), "one", ["x"])
+        second.register(lambda e: seen.append("second"), "two", ["x"])
+        publish_domain_event("x", {})
+        first.start_consuming()
+        assert seen == ["first"]
+        assert len(broker.queued("two")) == 1
+        second.start_consuming()
+    assert seen == ["first", "second"]
+
+
+def test_subscribers_registering_one_name_share_its_queue() -> None:
+    seen: list[tuple[str, int]] = []
+    with StubBroker() as broker:
+        first, second = Subscriber(), Subscriber()
+        first.register(lambda e: seen.append(("first", e.data["i"])), "h", ["x"])
+        second.register(lambda e: seen.append(("second", e.data["i"])), "h", ["y"])
+        for index, key in enumerate(["x", "y", "x", "y"]):
+            publish_domain_event(key, {"i": index})  # the queue is bound with x and y
+        first.start_consuming()
+        assert seen == [("first", 0), ("first", 1), ("first", 2), ("first", 3)]
+        for index in range(4, 6):
+            publish_domain_event("x", {"i": index})
+        broker.run()  # the consumers take turns
+    assert sorted(who for who, index in seen[4:]) == ["first", "second"]
+
+
+@given(
+    bindings=st.lists(
+        st.lists(st.one_of(words, st.sampled_from(["*", "#"])), min_size=1, max_size=4),
+        max_size=3,
+    ),
+    routing=st.lists(words, min_size=1, max_size=4),
+)
+def test_require_route_raises_exactly_when_no_binding_matches(
+    bindings: list[list[str]], routing: list[str]
+) -> None:
+    binding_keys = [".".join(words) for words in bindings]
+    routing_key = ".".join(routing)
+    routable = any(topic_matches(key, routing_key) for key in binding_keys)
+    with StubBroker() as broker:
+        if binding_keys:
+            Subscriber(NOWHERE).register(lambda event: None, "h", binding_keys)
+        try:
+            publish_domain_event(routing_key, {}, require_route=True)
+        except UnroutableError:
+            assert not routable
+            assert broker.published == []
+        else:
+            assert routable
+            assert len(broker.queued("h")) == 1
+
+
+def test_events_reach_the_subscribers_of_their_exchange_only() -> None:
+    seen: list[tuple[str, str]] = []
+    with StubBroker() as broker:
+        Subscriber(exchange="other").register(
+            lambda e: seen.append(("other", e.routing_key)), "o", ["#"]
+        )
+        Subscriber().register(lambda e: seen.append(("default", e.routing_key)), "d", ["#"])
+        publish_domain_event("a", {})
+        Publisher(NOWHERE, exchange="other").publish_event(DomainEvent("b", {}))
+        Publisher(NOWHERE, exchange="other").publish_many([DomainEvent("c", {})])
+        with pytest.raises(UnroutableError):
+            Publisher(NOWHERE, exchange="third").publish_event(
+                DomainEvent("d", {}), require_route=True
+            )
+        broker.run()
+    assert sorted(seen) == [("default", "a"), ("other", "b"), ("other", "c")]

@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import pika
 import pika.exceptions
@@ -25,7 +25,12 @@ from .._amqp.config import UNSET, BrokerConfig, ConnectionSettings, _Unset
 from .._amqp.names import DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_TYPE
 from .._core import validate as _validate
 from .._telemetry import otel as _instrument
-from ..errors import BatchPublishError, BrokerUnavailableError
+from ..errors import (
+    BatchPublishError,
+    BrokerUnavailableError,
+    DomainEventBrokerError,
+    UnroutableError,
+)
 from ..events import DomainEvent, check_event, new_event, validate_routing_key
 from .sender import Sender
 
@@ -251,7 +256,7 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         mandatory: bool = False,
     ) -> DomainEvent:
-        if _captured(event):
+        if _captured(event, mandatory, self.exchange):
             return event
         if self._sender is None:
             log.debug("No broker configured: not publishing %r", event)
@@ -321,7 +326,13 @@ class Publisher:
         span continues, e.g. the one stored with an outbox row; by default
         the current one.
         """
-        if not batch or any([_captured(event) for event in batch]):
+        if not batch:
+            return batch
+        captured = _captured_batch(batch, mandatory, self.exchange)
+        if captured is not None:
+            refused = _batch_error(batch, captured)
+            if refused is not None:
+                raise refused
             return batch
         sender = self._sender
         if sender is None:
@@ -341,16 +352,9 @@ class Publisher:
         for index, span in enumerate(spans):
             error = results.get(index)
             span.__exit__(type(error) if error else None, error, None)
-        failed = [(batch[index], error) for index, error in sorted(results.items()) if error]
-        if failed:
-            confirmed = [batch[index] for index, error in sorted(results.items()) if not error]
-            first = failed[0][1]
-            raise BatchPublishError(
-                f"{len(failed)} of {len(batch)} event(s) not confirmed; the first, "
-                f"{failed[0][0].routing_key!r} (uuid {failed[0][0].uuid_string}): {first}",
-                failed,
-                confirmed,
-            ) from first
+        batch_error = _batch_error(batch, results)
+        if batch_error is not None:
+            raise batch_error
         return batch
 
     def close(self) -> None:
@@ -372,22 +376,85 @@ class Publisher:
         self.close()
 
 
-# -- capture_events() (domain_event_broker.testing) ---------------------------
+def _batch_error(
+    batch: Sequence[DomainEvent], results: Mapping[int, DomainEventBrokerError | None]
+) -> BatchPublishError | None:
+    """The error for a batch whose results (per index: ``None`` when
+    confirmed) hold failures; ``None`` when every event was confirmed."""
+    failed = [(batch[index], error) for index, error in sorted(results.items()) if error]
+    if not failed:
+        return None
+    confirmed = [batch[index] for index, error in sorted(results.items()) if not error]
+    first = failed[0][1]
+    error = BatchPublishError(
+        f"{len(failed)} of {len(batch)} event(s) not confirmed; the first, "
+        f"{failed[0][0].routing_key!r} (uuid {failed[0][0].uuid_string}): {first}",
+        failed,
+        confirmed,
+    )
+    error.__cause__ = first  # as ``raise error from first``
+    error.__suppress_context__ = True
+    return error
 
-#: The lists of the active ``capture_events()`` blocks, in any thread.
-_captures: list[list[DomainEvent]] = []
+
+# -- capture_events() and StubBroker (domain_event_broker.testing) ------------
+
+
+class Router(Protocol):
+    """Stands in for the broker while active (``StubBroker``): routes events."""
+
+    def route(self, event: DomainEvent, mandatory: bool, exchange: str) -> None:
+        """Route ``event``, published to ``exchange``, as that exchange would.
+
+        Raises:
+            UnroutableError: ``mandatory`` and no handler is bound for it.
+        """
+
+
+#: The lists of the active ``capture_events()`` blocks and the routers of
+#: the active ``StubBroker``\ s, in any thread.
+_captures: list[list[DomainEvent] | Router] = []
 _captures_lock = threading.Lock()
 
 
-def _captured(event: DomainEvent) -> bool:
-    """Record ``event`` in every active capture; whether there was one."""
+def _captured(
+    event: DomainEvent, mandatory: bool = False, exchange: str = DEFAULT_EXCHANGE
+) -> bool:
+    """Record ``event``, published to ``exchange``, in every active capture;
+    whether there was one.
+
+    Raises:
+        UnroutableError: ``mandatory``, and an active ``StubBroker`` has no
+            handler bound for the event (it is recorded nowhere).
+    """
     if not _captures:
         return False
     with _captures_lock:
         targets = list(_captures)
-    for events in targets:
-        events.append(event)
+    for target in targets:  # routers first: an unroutable event is not published
+        if not isinstance(target, list):
+            target.route(event, mandatory, exchange)
+    for target in targets:
+        if isinstance(target, list):
+            target.append(event)
     return bool(targets)
+
+
+def _captured_batch(
+    batch: Sequence[DomainEvent], mandatory: bool, exchange: str
+) -> dict[int, DomainEventBrokerError | None] | None:
+    """:func:`_captured` for each event of a batch: per index, ``None`` or
+    why it failed; ``None`` when nothing captures."""
+    if not _captures:
+        return None
+    results: dict[int, DomainEventBrokerError | None] = {}
+    for index, event in enumerate(batch):
+        try:
+            _captured(event, mandatory, exchange)
+            results[index] = None
+        except UnroutableError as exc:
+            results[index] = exc
+    return results
 
 
 # -- the shared publishers behind publish_domain_event ------------------------
@@ -564,7 +631,7 @@ def publish_domain_event(
     """
     event, body = new_event(routing_key, data, domain_object_id, uuid_string, timestamp)
     config, mandatory = publish_settings(connection_settings, require_route)
-    if _captured(event) or config is None:
+    if _captured(event, mandatory) or config is None:
         return event
     return _shared_pool(config).publish(event, body.encode("utf-8"), mandatory)
 

@@ -131,6 +131,9 @@ class HandlerThreads:
             self._threads[0].name = name
         #: When each thread started the handler call it is in.
         self._busy_since: dict[int, float] = {}
+        #: A handler raised SystemExit or KeyboardInterrupt: the subscriber
+        #: stops, so no further delivery is started (they are returned).
+        self._stopping = False
 
     def start(self) -> None:
         """Start the threads."""
@@ -181,14 +184,20 @@ class HandlerThreads:
                 log.critical("Handler thread %s could not report its death", name)
 
     def _handle(self, delivery: Delivery) -> Outcome:
-        if self._skip(delivery):
+        if self._stopping or self._skip(delivery):
             return Outcome(delivery, Action.SKIP)
         ident = threading.get_ident()
         self._busy_since[ident] = time.monotonic()
         try:
-            return traced_dispatch(delivery)
+            outcome = traced_dispatch(delivery)
         finally:
             self._busy_since.pop(ident, None)
+        if outcome.action is Action.STOP:
+            # Set here, before the next delivery of this batch, not when the
+            # I/O thread reads the outcome: a handler that asked the process
+            # to exit must not be handed another event first.
+            self._stopping = True
+        return outcome
 
     def busy_for(self) -> float:
         """How long (seconds) the longest-running handler call has run; 0 when idle."""

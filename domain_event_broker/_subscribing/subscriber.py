@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
@@ -31,14 +31,29 @@ from .registration import Handler, Registration, build_registration
 if TYPE_CHECKING:
     from .consume_loop import ConsumeLoop
 
-__all__ = ["DEFAULT_PREFETCH_COUNT", "Subscriber"]
+__all__ = ["DEFAULT_PREFETCH_COUNT", "StubConsumer", "Subscriber"]
 
 log = logging.getLogger(__name__)
 
+
+class StubConsumer(Protocol):
+    """One Subscriber's side of a test double that stands in for the broker."""
+
+    def register(self, registration: Registration) -> None:
+        """Take ``registration`` instead of declaring its queues."""
+
+    def consume(self, deadline: float | None) -> None:
+        """Run this Subscriber's handlers (what ``start_consuming()`` does)."""
+
+    def stop(self) -> None:
+        """What ``stop_consuming()`` does."""
+
+
 #: Test doubles (:class:`domain_event_broker.testing.StubBroker`) that take
-#: registrations instead of a broker: each returns what ``start_consuming()``
-#: runs instead of consuming.
-registration_hooks: list[Callable[[Registration], Callable[[], object]]] = []
+#: registrations instead of a broker: each makes, for a Subscriber's first
+#: registration, the consumer that stands in for the broker from then on;
+#: it is given the Subscriber's exchange.
+registration_hooks: list[Callable[[str], StubConsumer]] = []
 
 #: How many unacknowledged events the broker sends ahead of each handler.
 #: Handlers still run one at a time, in order; a larger window only saves
@@ -102,7 +117,8 @@ class Subscriber:
         self._link: Link | None = None
         self._loop: ConsumeLoop | None = None
         self._lock = threading.Lock()
-        self._stub_run: Callable[[], object] | None = None
+        self._stub: StubConsumer | None = None
+        self._stub_hook: Callable[[str], StubConsumer] | None = None
         self._tick_callbacks: list[Callable[[float], object]] = []
 
     def __repr__(self) -> str:
@@ -240,7 +256,11 @@ class Subscriber:
             if any(r.name == registration.name for r in self._registrations):
                 raise ValueError(f"a handler named {registration.name!r} is already registered")
             if registration_hooks:
-                self._stub_run = registration_hooks[-1](registration)
+                if self._stub_hook is not registration_hooks[-1]:
+                    self._stub_hook = registration_hooks[-1]
+                    self._stub = self._stub_hook(self.exchange)
+                assert self._stub is not None
+                self._stub.register(registration)
                 self._registrations.append(registration)
                 return
             if self._config is None:
@@ -322,8 +342,8 @@ class Subscriber:
                 here after a graceful stop (that event is redelivered).
         """
         deadline = _deadline(timeout)
-        if self._stub_run is not None:
-            self._stub_run()
+        if self._stub is not None:
+            self._stub.consume(deadline)
             return
         if self._config is None:
             log.debug("No broker configured: start_consuming() returns at once")
@@ -391,6 +411,9 @@ class Subscriber:
         handlers finished and their outcomes were carried out. When not
         consuming, closes the connection (as 3.0.2 did).
         """
+        if self._stub is not None:
+            self._stub.stop()
+            return
         loop = self._loop
         if loop is None:
             self._drop_connection()
