@@ -60,7 +60,7 @@ def test_an_unknown_answer_is_asked_again() -> None:
     assert reader.asked == 4
     assert shown.count(QUESTION) == 4
     assert shown.count("Unknown answer") == 3
-    assert "Unknown answer \"don't\": answer r (replay), d (discard) or l (leave)" in shown
+    assert 'Unknown answer "don\'t": answer r (replay), d (discard) or l (leave)' in shown
 
     action, shown, reader = ask("dunno")  # then the input ends: the event stays
     assert action == LEAVE

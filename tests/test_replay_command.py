@@ -156,7 +156,7 @@ def test_an_unknown_answer_is_asked_again(
 
     question = "(R)eplay, (D)iscard or (L)eave? "
     assert lines[-5:-2] == [
-        f"{question}Unknown answer \"don't\": answer r (replay), d (discard) or l (leave); "
+        f'{question}Unknown answer "don\'t": answer r (replay), d (discard) or l (leave); '
         "an empty answer leaves it.",
         f"{question}Unknown answer 'dunno': answer r (replay), d (discard) or l (leave); "
         "an empty answer leaves it.",
@@ -174,7 +174,7 @@ def test_ctrl_c_at_the_prompt_is_one_line_and_a_nonzero_exit(
     monkeypatch.setattr("sys.stdin", StringIO(""))
     monkeypatch.setattr("select.select", interrupted)
 
-    with pytest.raises(CommandError, match="^interrupted; unanswered events stay") as info:
+    with pytest.raises(CommandError, match=r"^interrupted; unanswered events stay") as info:
         run(handler, "--interactive")
 
     assert info.value.returncode == 130

@@ -74,7 +74,10 @@ def test_delays_of_exactly_this_handler_are_found(
             "name": _names.typed_delay_queue(name, 8, "classic"),
             "arguments": _names.delay_queue_arguments(name, 8),
         },
-        {"name": _names.delay_queue(name, 9), "arguments": _names.typed_delay_queue_arguments(name, 9, "classic")},
+        {
+            "name": _names.delay_queue(name, 9),
+            "arguments": _names.typed_delay_queue_arguments(name, 9, "classic"),
+        },
         {"name": _names.delay_queue_prefix(name) + "7a", "arguments": {}},
         {"name": _names.delay_queue(name, 7) + "-stream", "arguments": {}},
     ]

@@ -100,10 +100,8 @@ def test_an_empty_password_is_legal() -> None:
 
 
 # Characters that mean something in a URL, or to the library's splitting.
-specials = st.sampled_from(list("@:/?#%,; []") + ["%2C", "%40", "%2F", "%3A", "é"])
-piece = st.lists(
-    st.sampled_from(list("aZ09-_.~")) | specials, max_size=6
-).map("".join)
+specials = st.sampled_from([*"@:/?#%,; []", "%2C", "%40", "%2F", "%3A", "é"])
+piece = st.lists(st.sampled_from(list("aZ09-_.~")) | specials, max_size=6).map("".join)
 
 
 @given(

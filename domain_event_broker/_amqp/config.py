@@ -488,7 +488,7 @@ _SEVERAL_NODES: Final = (
 )
 
 
-def _netloc_problem(url: str, parts: urllib.parse.SplitResult) -> str | None:
+def _netloc_problem(url: str, parts: urllib.parse.SplitResult) -> str | None:  # noqa: PLR0911  # one return per problem
     """What is wrong with the user, password, host or port of ``url``, in
     words that name the part; ``None`` if nothing."""
     rest = url.partition("://")[2]

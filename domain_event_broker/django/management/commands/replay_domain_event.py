@@ -16,7 +16,6 @@ from domain_event_broker import replay
 from domain_event_broker._cli.prompt import DEFAULT_ANSWER_TIMEOUT, InteractivePrompt
 from domain_event_broker.errors import DomainEventBrokerError
 
-
 #: Exit status after Ctrl-C (128 + SIGINT), as the ``domain-event-broker`` tool's.
 INTERRUPTED = 130
 
