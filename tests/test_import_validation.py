@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from domain_event_broker import BrokerError
+from domain_event_broker._cli.main import _describe
 from domain_event_broker._deadletters.letters import (
     RecordError,
     check_sendable,
@@ -214,3 +216,11 @@ def test_a_send_that_fails_midway_says_how_many_were_put_back(handler: str) -> N
     assert "line 151" in str(info.value)
     assert "100 dead letter(s) were put back before" in str(info.value)
     assert queue_size(f"{handler}-dl") == 100
+
+
+def test_an_unexpected_error_is_named_by_its_qualified_name() -> None:
+    # What once read "error: error: required argument is not an integer".
+    assert _describe(struct.error("required argument is not an integer")) == (
+        "struct.error: required argument is not an integer"
+    )
+    assert _describe(KeyError("x")) == "KeyError: 'x'"

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import pika
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from domain_event_broker import ConfigurationError
@@ -104,6 +104,7 @@ specials = st.sampled_from([*"@:/?#%,; []", "%2C", "%40", "%2F", "%3A", "é"])
 piece = st.lists(st.sampled_from(list("aZ09-_.~")) | specials, max_size=6).map("".join)
 
 
+@settings(deadline=None)  # amqps:// URLs build TLS contexts: slow on a loaded machine
 @given(
     user=st.none() | piece,
     password=st.none() | piece,
@@ -111,10 +112,23 @@ piece = st.lists(st.sampled_from(list("aZ09-_.~")) | specials, max_size=6).map("
     port=st.none() | st.integers(-1, 70000).map(str) | piece,
     vhost=st.none() | piece,
     encode=st.booleans(),
+    scheme=st.sampled_from(["amqp", "amqps"]),
 )
-@example(user="app", password=None, host="rabbit", port=None, vhost="%2F", encode=False)
-@example(user="app", password="pa@ss", host="rabbit", port=None, vhost=None, encode=False)
-@example(user="app", password="pa,ss", host="rabbit", port="5672", vhost="%2F", encode=False)
+@example(
+    user="app", password=None, host="rabbit", port=None, vhost="%2F", encode=False, scheme="amqp"
+)
+@example(
+    user="app", password="pa@ss", host="rabbit", port=None, vhost=None, encode=False, scheme="amqp"
+)
+@example(
+    user="app",
+    password="pa,ss",
+    host="rabbit",
+    port="5672",
+    vhost="%2F",
+    encode=False,
+    scheme="amqp",
+)
 def test_every_url_parses_as_pika_does_or_is_refused_naming_the_part(
     user: str | None,
     password: str | None,
@@ -122,6 +136,7 @@ def test_every_url_parses_as_pika_does_or_is_refused_naming_the_part(
     port: str | None,
     vhost: str | None,
     encode: bool,
+    scheme: str,
 ) -> None:
     def part(text: str) -> str:
         return quote(text, safe="") if encode else text
@@ -129,7 +144,7 @@ def test_every_url_parses_as_pika_does_or_is_refused_naming_the_part(
     userinfo = ""
     if user is not None:
         userinfo = part(user) + ("" if password is None else ":" + part(password)) + "@"
-    url = f"amqp://{userinfo}{host}"
+    url = f"{scheme}://{userinfo}{host}"
     url += "" if port is None else f":{port}"
     url += "" if vhost is None else "/" + part(vhost)
     try:

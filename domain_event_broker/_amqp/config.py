@@ -461,9 +461,10 @@ def _parse_urls(urls: tuple[str, ...]) -> tuple[tuple[str, frozenset[str]], ...]
             raise ConfigurationError(f"malformed AMQP URL {shown!r}: {problem}")
         try:
             parts = urllib.parse.urlsplit(url)
-        except ValueError as exc:
+        except ValueError as exc:  # e.g. an unmatched '[' (an IPv6 host)
             raise ConfigurationError(
-                f"malformed AMQP URL {shown!r}: {_scrub(str(exc), url)}"
+                f"malformed AMQP URL {shown!r}: the user name, password, host or port: "
+                f"{_scrub(str(exc), url)}"
             ) from None
         problem = _netloc_problem(url, parts)
         if problem is not None:
