@@ -121,6 +121,8 @@ def test_interactive_replay(
         ("Discard", "Message has been discarded.", 0),
         ("d", "Message has been discarded.", 0),
         ("Obliterate", "Message left in queue.", 1),
+        ("don't", "Message left in queue.", 1),  # asked again, then the input ends
+        ("dunno\nd", "Message has been discarded.", 0),
         ("", "Message left in queue.", 1),
         (None, "Timed out. Message left in queue.", 1),
     ],
@@ -142,6 +144,41 @@ def test_interactive_answers(
         "",
     ]
     wait_size(f"{handler}-dl", left)
+    assert queue_size(handler) == 0
+
+
+def test_an_unknown_answer_is_asked_again(
+    handler: str, dead_letter: DomainEvent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer(monkeypatch, "don't\ndunno\nl\n")
+
+    lines = run(handler, "--interactive")
+
+    question = "(R)eplay, (D)iscard or (L)eave? "
+    assert lines[-5:-2] == [
+        f'{question}Unknown answer "don\'t": answer r (replay), d (discard) or l (leave); '
+        "an empty answer leaves it.",
+        f"{question}Unknown answer 'dunno': answer r (replay), d (discard) or l (leave); "
+        "an empty answer leaves it.",
+        f"{question}Message left in queue.",
+    ]
+    wait_size(f"{handler}-dl", 1)
+
+
+def test_ctrl_c_at_the_prompt_is_one_line_and_a_nonzero_exit(
+    handler: str, dead_letter: DomainEvent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sys.stdin", StringIO(""))
+    monkeypatch.setattr("select.select", interrupted)
+
+    with pytest.raises(CommandError, match=r"^interrupted; unanswered events stay") as info:
+        run(handler, "--interactive")
+
+    assert info.value.returncode == 130
+    assert queue_size(f"{handler}-dl") == 1
     assert queue_size(handler) == 0
 
 

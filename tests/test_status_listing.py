@@ -35,28 +35,58 @@ url_text = st.characters(exclude_categories=("Cs",))  # anything UTF-8 can encod
 delays_ms = st.sets(st.integers(min_value=0, max_value=30 * 24 * 3600 * 1000), max_size=8)
 
 
-def delay_queue(name: str, ms: int) -> dict[str, object]:
+def delay_queue(name: str, ms: int, queue_type: str | None = None) -> dict[str, object]:
+    """A listing entry of 3.0.2's delay queue, or of 4.1's of ``queue_type``."""
+    if queue_type is None:
+        return {
+            "name": _names.delay_queue(name, ms),
+            "arguments": _names.delay_queue_arguments(name, ms),
+        }
     return {
-        "name": _names.delay_queue(name, ms),
-        "arguments": _names.delay_queue_arguments(name, ms),
+        "name": _names.typed_delay_queue(name, ms, queue_type),
+        "arguments": _names.typed_delay_queue_arguments(name, ms, queue_type),
     }
 
 
-@given(handler_names, delays_ms, handler_names, delays_ms)
+queue_kinds = st.sampled_from([None, *_names.QUEUE_TYPES])
+
+
+@given(
+    handler_names,
+    st.dictionaries(st.integers(0, 30 * 24 * 3600 * 1000), queue_kinds, max_size=8),
+    handler_names,
+    delays_ms,
+)
 def test_delays_of_exactly_this_handler_are_found(
-    name: str, delays: set[int], other: str, other_delays: set[int]
+    name: str, delays: dict[int, str | None], other: str, other_delays: set[int]
 ) -> None:
     assume(other != name)
     listing = [
         {"name": name, "arguments": {}},
         {"name": _names.dead_letter_queue(name), "arguments": {}},
-        *(delay_queue(name, ms) for ms in delays),
-        *(delay_queue(other, ms) for ms in other_delays),
+        *(delay_queue(name, ms, kind) for ms, kind in delays.items()),
+        *(delay_queue(other, ms, kind) for ms in other_delays for kind in [None, "quorum"]),
         # Named like a delay queue of `name`, but another handler's inbox.
         {"name": _names.delay_queue(name, 7), "arguments": {"x-dead-letter-exchange": "x-dlx"}},
+        {"name": _names.typed_delay_queue(name, 7, "quorum"), "arguments": {}},
+        {
+            # 4.1's name with 3.0.2's dead-letter exchange, and the reverse.
+            "name": _names.typed_delay_queue(name, 8, "classic"),
+            "arguments": _names.delay_queue_arguments(name, 8),
+        },
+        {
+            "name": _names.delay_queue(name, 9),
+            "arguments": _names.typed_delay_queue_arguments(name, 9, "classic"),
+        },
         {"name": _names.delay_queue_prefix(name) + "7a", "arguments": {}},
+        {"name": _names.delay_queue(name, 7) + "-stream", "arguments": {}},
     ]
     assert delays_in_listing(name, listing) == sorted(delays)
+
+
+def test_4_1_delay_queues_are_found() -> None:
+    listing = [delay_queue("a", 5, "classic"), delay_queue("a", 60000, "quorum")]
+    assert delays_in_listing("a", listing) == [5, 60000]
 
 
 def test_listing_entries_of_any_shape_are_skipped() -> None:
@@ -129,6 +159,29 @@ def delay_3700(handler: str) -> Iterator[str]:
     connection.close()
 
 
+@pytest.fixture
+def typed_delay_queues(handler: str) -> Iterator[list[str]]:
+    """4.1's delay queues of unusual delays (4.2 s classic, 5.3 s quorum), as
+    a worker declares them, holding 2 and 3 retries."""
+    connection = raw_connection()
+    channel = connection.channel()
+    queues = []
+    for ms, queue_type, count in [(4200, "classic", 2), (5300, "quorum", 3)]:
+        queue = _names.typed_delay_queue(handler, ms, queue_type)
+        channel.queue_declare(
+            queue,
+            durable=True,
+            arguments=_names.typed_delay_queue_arguments(handler, ms, queue_type),
+        )
+        for _ in range(count):
+            channel.basic_publish("", queue, b"{}")
+        queues.append(queue)
+    yield queues
+    for queue in queues:
+        channel.queue_delete(queue)
+    connection.close()
+
+
 def test_without_the_management_api_delays_are_looked_up(
     handler: str, delay_3700: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -170,7 +223,8 @@ def test_exchanges_as_found(handler: str, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def _management_answers() -> bool:
-    (endpoint,) = management_endpoints([BROKER_URL])[:1] or [None]
+    override = os.environ.get(ENVIRONMENT_VARIABLE)
+    (endpoint,) = management_endpoints([BROKER_URL], override)[:1] or [None]
     if endpoint is None:
         return False
     try:
@@ -180,15 +234,30 @@ def _management_answers() -> bool:
         return False
 
 
+#: Why the listing test may skip, and how to run it.
+NO_MANAGEMENT = (
+    "the broker's management API does not answer: enable the rabbitmq_management "
+    "plugin, or point DOMAIN_EVENT_BROKER at a node that has it (e.g. a private "
+    "node: write [rabbitmq_management]. into its enabled_plugins and "
+    "management.tcp.port = PORT into its rabbitmq.conf before starting it) and "
+    "DOMAIN_EVENT_BROKER_MANAGEMENT at http://127.0.0.1:PORT"
+)
+
+
 def test_with_the_management_api_every_delay_queue_is_listed(
-    handler: str, delay_3700: str, monkeypatch: pytest.MonkeyPatch
+    handler: str, delay_3700: str, typed_delay_queues: list[str]
 ) -> None:
-    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    # DOMAIN_EVENT_BROKER_MANAGEMENT, when set, names the API of the broker
+    # under test; else it is asked where the AMQP URL points.
     if not _management_answers():
-        pytest.skip("the broker's management API does not answer (plugin not enabled)")
+        if os.environ.get("CI") and os.environ.get(ENVIRONMENT_VARIABLE):
+            pytest.fail(NO_MANAGEMENT)
+        pytest.skip(NO_MANAGEMENT)
     status = handler_status(handler)
     assert status.delay_queues_listed
-    assert [(queue.name, queue.messages) for queue in status.delay_queues] == [(delay_3700, 1)]
+    assert sorted((queue.name, queue.messages) for queue in status.delay_queues) == sorted(
+        [(delay_3700, 1), (typed_delay_queues[0], 2), (typed_delay_queues[1], 3)]
+    )
 
 
 def test_status_command_says_how_delay_queues_were_found(handler: str, delay_3700: str) -> None:

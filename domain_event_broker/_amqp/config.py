@@ -412,9 +412,29 @@ class BrokerConfig:
         return result
 
 
+#: Where one string of several URLs is cut: at white space, and at a comma
+#: followed by the next URL's scheme and a slash (``,amqp://``, or a
+#: mistyped ``,amqp:/`` or ``,amqp/``). A user name or password cannot hold
+#: that unencoded (a ``/`` there must be ``%2F``), so a comma in a password
+#: (legal in a URL) is kept.
+_URL_SEPARATOR: Final = re.compile(r"\s+|,(?=\s*(?:[A-Za-z][A-Za-z0-9+.-]*:/|(?i:amqps?)/))")
+
+
+def split_urls(text: str) -> tuple[str, ...]:
+    """The URLs in one string of URLs separated by commas or white space.
+
+    A comma counts as a separator only before the next URL's scheme, so
+    ``amqp://u:pa,ss@host`` is one URL (pika reads the password ``pa,ss``);
+    commas at either end of a URL are dropped.
+
+    .. versionadded:: 4.2
+    """
+    return tuple(url for part in _URL_SEPARATOR.split(text) if (url := part.strip(",")))
+
+
 def _as_tuple(settings: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(settings, str):
-        urls = tuple(part for part in settings.replace(",", " ").split() if part)
+        urls = split_urls(settings)
     elif isinstance(settings, Sequence):
         urls = tuple(settings)
     else:
@@ -441,26 +461,14 @@ def _parse_urls(urls: tuple[str, ...]) -> tuple[tuple[str, frozenset[str]], ...]
             raise ConfigurationError(f"malformed AMQP URL {shown!r}: {problem}")
         try:
             parts = urllib.parse.urlsplit(url)
-        except ValueError as exc:
+        except ValueError as exc:  # e.g. an unmatched '[' (an IPv6 host)
             raise ConfigurationError(
-                f"malformed AMQP URL {shown!r}: {_scrub(str(exc), url)}"
+                f"malformed AMQP URL {shown!r}: the user name, password, host or port: "
+                f"{_scrub(str(exc), url)}"
             ) from None
-        rest = url.partition("://")[2]
-        if "@" in rest and rest.rpartition("@")[0] != parts.netloc.rpartition("@")[0]:
-            # e.g. "amqp://user:pa/ss@host": urllib would read "pa" as the port;
-            # "amqp://u:p@ss/w@host": the host would be "ss".
-            raise ConfigurationError(
-                f"malformed AMQP URL {shown!r}: a '/', '?', '#' or '@' in the user "
-                f"name, password or virtual host must be percent-encoded (e.g. '@' as %40)"
-            )
-        try:
-            parts.port  # noqa: B018  # raises ValueError on a bad port
-        except ValueError:
-            raise ConfigurationError(
-                f"malformed AMQP URL {shown!r}: the port must be a number from 0 to 65535"
-            ) from None
-        if parts.netloc and not parts.hostname:
-            raise ConfigurationError(f"malformed AMQP URL {shown!r}: no host name")
+        problem = _netloc_problem(url, parts)
+        if problem is not None:
+            raise ConfigurationError(f"malformed AMQP URL {shown!r}: {problem}")
         _tls.split_url(url, shown)  # its own ConfigurationError, not wrapped below
         try:
             _tls.parameters(url, shown, None, tls=False)
@@ -471,6 +479,50 @@ def _parse_urls(urls: tuple[str, ...]) -> tuple[tuple[str, frozenset[str]], ...]
         explicit = frozenset(urllib.parse.parse_qs(parts.query))
         parsed.append((url, explicit))
     return tuple(parsed)
+
+
+#: Said when a URL holds a comma where none can be: the URLs of a cluster
+#: must each start with their scheme.
+_SEVERAL_NODES: Final = (
+    "to give several nodes, separate whole URLs with commas or spaces "
+    "(amqp://u:p@rabbit-1/%2F,amqp://u:p@rabbit-2/%2F)"
+)
+
+
+def _netloc_problem(url: str, parts: urllib.parse.SplitResult) -> str | None:  # noqa: PLR0911  # one return per problem
+    """What is wrong with the user, password, host or port of ``url``, in
+    words that name the part; ``None`` if nothing."""
+    rest = url.partition("://")[2]
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if "@" in rest and rest.rpartition("@")[0] != userinfo:
+        # e.g. "amqp://user:pa/ss@host": urllib would read "pa" as the port;
+        # "amqp://u:p@ss/w@host": the host would be "ss".
+        return (
+            "a '/', '?', '#' or '@' in the user name, password or virtual host "
+            "must be percent-encoded (e.g. '@' as %40)"
+        )
+    if "@" in userinfo:
+        # "amqp://app:pa@ss@rabbit": pika would take the password "pa@ss",
+        # but it may as well be a host or a forgotten separator.
+        hint = f"; {_SEVERAL_NODES}" if "," in userinfo else ""
+        return f"an '@' in the user name or password must be percent-encoded as %40{hint}"
+    if at and ":" not in userinfo:
+        # pika fails on it (TypeError); RabbitMQ's URI spec leaves it to the client.
+        what = f"the user name {urllib.parse.unquote(userinfo)!r}" if userinfo else "the '@'"
+        return (
+            f"{what} has no password: write user:password@host "
+            f"(user:@host for an empty password), or leave out user and '@' "
+            f"for the default user"
+        )
+    if "," in hostport:
+        return f"a ',' in the host name or port; {_SEVERAL_NODES}"
+    try:
+        parts.port  # noqa: B018  # raises ValueError on a bad port
+    except ValueError:
+        return "the port must be a number from 0 to 65535"
+    if parts.netloc and not parts.hostname:
+        return "no host name"
+    return None
 
 
 def resolve(

@@ -98,18 +98,29 @@ def management_endpoints(amqp_urls: Iterable[str], override: str | None = None) 
 def delays_in_listing(name: str, listing: Iterable[Mapping[str, Any]]) -> list[int]:
     """The delays (ms) of handler ``name``'s delay queues in a queue listing.
 
-    A queue counts when its name is ``name-delay-<ms>`` and it dead-letters
-    into ``name``'s retry exchange, so that another handler's queue whose
-    name merely looks like one is left out.
+    A queue counts when it is named and dead-letters as one of ``name``'s
+    delay queues: 3.0.2's ``name-delay-<ms>`` into ``name-retry``, or 4.1's
+    ``name-delay-<ms>-<classic|quorum>`` into ``name-retry-durable``. So
+    another handler's queue whose name merely looks like one is left out.
     """
-    pattern = re.compile(re.escape(_names.delay_queue_prefix(name)) + r"([0-9]+)")
-    retry = _names.retry_exchange(name)
+    prefix = re.escape(_names.delay_queue_prefix(name))
+    kinds = [
+        (re.compile(prefix + r"([0-9]+)"), _names.retry_exchange(name)),
+        (
+            re.compile(prefix + r"([0-9]+)-(?:" + "|".join(_names.QUEUE_TYPES) + ")"),
+            _names.durable_retry_exchange(name),
+        ),
+    ]
     delays = set()
     for queue in listing:
-        match = pattern.fullmatch(str(queue.get("name", "")))
-        arguments = queue.get("arguments") or {}
-        if match and arguments.get("x-dead-letter-exchange") == retry:
-            delays.add(int(match.group(1)))
+        queue_name = queue.get("name")
+        arguments = queue.get("arguments")
+        if not isinstance(queue_name, str) or not isinstance(arguments, Mapping):
+            continue
+        for pattern, exchange in kinds:
+            match = pattern.fullmatch(queue_name)
+            if match and arguments.get("x-dead-letter-exchange") == exchange:
+                delays.add(int(match.group(1)))
     return sorted(delays)
 
 

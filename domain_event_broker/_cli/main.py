@@ -707,4 +707,11 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, DomainEventBrokerError):
         return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+    kind = type(exc)
+    # A qualified name where the bare one says little (struct.error is "error").
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return f"{name}: {exc}"

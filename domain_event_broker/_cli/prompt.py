@@ -26,6 +26,20 @@ __all__ = ["DEFAULT_ANSWER_TIMEOUT", "AnswerReader", "InteractivePrompt"]
 DEFAULT_ANSWER_TIMEOUT: Final = 30.0
 #: Longest wait for input between two services of the broker connection (s).
 KEEPALIVE_INTERVAL: Final = 1.0
+#: The question asked for each event (3.0.2's words).
+QUESTION: Final = "(R)eplay, (D)iscard or (L)eave? "
+#: The answers understood, in any case, and what they do. Anything else is
+#: asked again: a typo must never discard an event.
+ANSWERS: Final = {
+    "r": replay.RETRY,
+    "replay": replay.RETRY,
+    "d": replay.DISCARD,
+    "discard": replay.DISCARD,
+    "l": replay.LEAVE,
+    "leave": replay.LEAVE,
+}
+#: Said after an answer that is not one of :data:`ANSWERS`.
+ANSWER_HELP: Final = "answer r (replay), d (discard) or l (leave); an empty answer leaves it."
 
 
 class AnswerReader:
@@ -109,8 +123,10 @@ class InteractivePrompt:
     """A replay callback that asks the operator what to do with each event.
 
     Shows the event pretty-printed (indented by 4, sorted keys), optionally
-    its failure reason, then asks ``(R)eplay, (D)iscard or (L)eave?``. No
-    answer within ``timeout`` seconds, an empty answer, or an unknown one
+    its failure reason, then asks ``(R)eplay, (D)iscard or (L)eave?``. The
+    answers are ``r``/``replay``, ``d``/``discard`` and ``l``/``leave``, in
+    any case (see :data:`ANSWERS`); anything else is asked again. No answer
+    within ``timeout`` seconds, an empty answer, or the end of the input
     leaves the event. The texts are 3.0.2's ``replay_domain_event``'s.
 
     Args:
@@ -166,25 +182,28 @@ class InteractivePrompt:
                 f"{_headers.retry_count(headers)} retries{_handler_text(headers)})",
                 "\n",
             )
-        self._write("(R)eplay, (D)iscard or (L)eave? ", "")
-        answer = self._reader.read_line(self._timeout, keepalive)
-        if answer is None:
-            self._write("Timed out. Message left in queue.", "\n")
-            return replay.LEAVE
-        answer = answer.strip()
-        if not answer:  # also the end of the input: the events after it are not shown
-            self._write("Message left in queue.", "\n")
-            return replay.LEAVE
-        choice = answer[0].upper()
-        if choice == "R":
-            # Said once the broker took the copy: see progress().
-            self._retried = True
-            return replay.RETRY
-        if choice == "D":
-            self._write("Message has been discarded.", "\n")
-            return replay.DISCARD
-        self._write("Message left in queue.", "\n")
-        return replay.LEAVE
+        while True:
+            self._write(QUESTION, "")
+            answer = self._reader.read_line(self._timeout, keepalive)
+            if answer is None:
+                self._write("Timed out. Message left in queue.", "\n")
+                return replay.LEAVE
+            answer = answer.strip()
+            if not answer:  # also the end of the input: the events after it are not shown
+                self._write("Message left in queue.", "\n")
+                return replay.LEAVE
+            choice = ANSWERS.get(answer.casefold())
+            if choice == replay.RETRY:
+                # Said once the broker took the copy: see progress().
+                self._retried = True
+                return replay.RETRY
+            if choice == replay.DISCARD:
+                self._write("Message has been discarded.", "\n")
+                return replay.DISCARD
+            if choice == replay.LEAVE:
+                self._write("Message left in queue.", "\n")
+                return replay.LEAVE
+            self._write(f"Unknown answer {answer[:40]!r}: {ANSWER_HELP}", "\n")
 
     def progress(self, so_far: replay.ReplayResult, total: int) -> None:
         """Report the outcome of a replay answer once it is carried out: pass

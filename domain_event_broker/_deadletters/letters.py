@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import calendar
 import json
 import math
 import re
@@ -21,6 +22,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
 import pika
+import pika.data
 
 from .._core import headers as _headers
 from .._core.topic import topic_matches
@@ -548,33 +550,216 @@ def to_record(letter: DeadLetter) -> str:
     return json.dumps(record, separators=(",", ":"), allow_nan=False)
 
 
+#: The longest AMQP short string, in bytes of UTF-8: a property's value, a
+#: header's name, a routing key.
+SHORT_STRING_MAX: Final = 255
+#: The longest ``expiration`` RabbitMQ accepts (ms): ten years.
+EXPIRATION_MAX_MS: Final = 315_360_000_000
+#: Properties that are numbers, and their ranges (octets; a 64-bit timestamp).
+_NUMBER_PROPERTIES: Final = {
+    "delivery_mode": (0, 255),
+    "priority": (0, 255),
+    "timestamp": (0, 2**64 - 1),
+}
+#: The range of an integer header value (AMQP's signed 64-bit integer).
+_HEADER_INTEGERS: Final = (-(2**63), 2**63 - 1)
+#: Bytes of a content header frame besides the properties (class, weight,
+#: body size) and of any frame (type, channel, size, end marker).
+_HEADER_FRAME_OVERHEAD: Final = 12 + 8
+
+
+class RecordError(ValueError):
+    """One line of an export cannot be imported; ``field`` says where
+    (``routing_key``, ``properties.priority``, ``headers['x-a'][2]``, ...)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.field = field
+        self.problem = problem
+
+
 def from_record(line: str) -> tuple[str, pika.BasicProperties, bytes]:
     """The routing key, properties and body of an export line.
 
+    Only the line's form is checked here; :func:`check_sendable` checks that
+    what it holds can be sent.
+
     Raises:
-        ValueError: the line is not a dead letter written by :func:`to_record`.
+        RecordError: (a :exc:`ValueError`) the line is not a dead letter
+            written by :func:`to_record`; it names the field.
     """
     try:
         record = json.loads(line)
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-        routing_key = record["routing_key"]
-        if not isinstance(routing_key, str):
-            raise ValueError("routing_key is not a string")
-        body = base64.b64decode(record["body"], validate=True)
-        values = record.get("properties", {})
-        if not isinstance(values, dict) or set(values) - set(_PROPERTY_NAMES):
-            raise ValueError("unknown properties")
-        headers = record.get("headers")
-        if headers is not None and not isinstance(headers, dict):
-            raise ValueError("headers is not an object")
-        properties = pika.BasicProperties(
-            headers=None if headers is None else {k: _decode_value(v) for k, v in headers.items()},
-            **values,
-        )
-    except (KeyError, TypeError, binascii.Error, InvalidOperation) as exc:
-        raise ValueError(f"not an exported dead letter: {exc!r}") from exc
+    except ValueError as exc:
+        raise RecordError("", f"not JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise RecordError("", "not a JSON object (an exported dead letter)")
+    for key in ("routing_key", "body"):
+        if key not in record:
+            raise RecordError(key, "missing")
+    routing_key = record["routing_key"]
+    if not isinstance(routing_key, str):
+        raise RecordError("routing_key", f"not a string but {_kind(routing_key)}")
+    encoded_body = record["body"]
+    if not isinstance(encoded_body, str):
+        raise RecordError("body", f"not a base64 string but {_kind(encoded_body)}")
+    try:
+        body = base64.b64decode(encoded_body, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RecordError("body", f"not base64 ({exc})") from None
+    values = record.get("properties", {})
+    if not isinstance(values, dict):
+        raise RecordError("properties", f"not an object but {_kind(values)}")
+    for name in values:
+        if name not in _PROPERTY_NAMES:
+            raise RecordError(f"properties.{name}", "not an AMQP property of a message")
+    headers = record.get("headers")
+    if headers is not None and not isinstance(headers, dict):
+        raise RecordError("headers", f"not an object but {_kind(headers)}")
+    properties = pika.BasicProperties(
+        headers=None if headers is None else _decode_table(headers, "headers"), **values
+    )
     return routing_key, properties, body
+
+
+def check_sendable(properties: pika.BasicProperties, routing_key: str) -> int:
+    """Check a dead letter's properties and routing key as pika's encoder and
+    the broker will: types and ranges of the properties, 255-byte short
+    strings (property values, header names, the routing key), header values
+    at any depth (integers, decimals, times, text), an ``expiration``
+    RabbitMQ accepts. Then encode the properties of its parked copy, the
+    last word.
+
+    Returns:
+        The size of the content header frame (bytes), which must not exceed
+        the connection's ``frame_max``.
+
+    Raises:
+        RecordError: something cannot be sent; it names the field. (A
+            ``user_id`` that is not the sending user's is refused by the
+            broker only.)
+    """
+    _short_string(routing_key, "routing_key")
+    for name in _PROPERTY_NAMES:
+        value = getattr(properties, name)
+        if value is not None:
+            _check_property(name, value)
+    headers = properties.headers
+    if headers is not None:
+        if not isinstance(headers, Mapping):
+            raise RecordError("headers", f"not a table but {type(headers).__name__}")
+        _check_table(headers, "headers")
+    try:
+        encoded = parked_properties(properties, routing_key).encode()
+    except Exception as exc:  # noqa: BLE001  # whatever pika's encoder raises: struct.error, ...
+        raise RecordError("properties", f"pika cannot encode them ({exc!r:.200})") from None
+    return _HEADER_FRAME_OVERHEAD + sum(len(piece) for piece in encoded)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _text_bytes(value: str, field: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RecordError(field, "not valid UTF-8 text (a lone surrogate)") from None
+
+
+def _short_string(value: object, field: str) -> None:
+    if isinstance(value, bytes):
+        size = len(value)
+    elif isinstance(value, str):
+        size = len(_text_bytes(value, field))
+    else:
+        raise RecordError(field, f"not a string but {_kind(value)}")
+    if size > SHORT_STRING_MAX:
+        raise RecordError(field, f"{size} bytes long; AMQP allows at most {SHORT_STRING_MAX}")
+
+
+def _check_property(name: str, value: object) -> None:
+    field = f"properties.{name}"
+    if name in _NUMBER_PROPERTIES:
+        low, high = _NUMBER_PROPERTIES[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecordError(field, f"not a whole number but {_kind(value)}")
+        if not low <= value <= high:
+            raise RecordError(field, f"{value} is out of range ({low} to {high})")
+        return
+    _short_string(value, field)
+    if name == "expiration":
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        if not (text.isascii() and text.isdigit() and int(text) <= EXPIRATION_MAX_MS):
+            # RabbitMQ closes the channel on any other expiration.
+            raise RecordError(
+                field,
+                f"{text[:40]!r} is not a number of milliseconds from 0 to {EXPIRATION_MAX_MS}",
+            )
+
+
+def _check_table(table: Mapping[Any, Any], field: str) -> None:
+    for key, value in table.items():
+        _short_string(key, f"{field}: the name {str(key)[:40]!r}")
+        _check_value(value, f"{field}[{key!r:.60}]")
+
+
+def _check_value(value: Any, field: str) -> None:  # noqa: PLR0911  # one branch per type
+    if value is None or isinstance(value, (bool, bytes)):
+        return
+    if isinstance(value, str):
+        _text_bytes(value, field)
+        return
+    if isinstance(value, int):
+        low, high = _HEADER_INTEGERS
+        if not low <= value <= high:
+            raise RecordError(field, "an integer beyond AMQP's signed 64-bit range")
+        return
+    if isinstance(value, float):
+        raise RecordError(field, "a floating-point number, which pika cannot send in a header")
+    if isinstance(value, Decimal):
+        _check_encoder(
+            value,
+            field,
+            "a decimal AMQP cannot carry (a signed 32-bit number "
+            "of units, at most 255 decimal places)",
+        )
+        return
+    if isinstance(value, datetime):
+        try:
+            seconds = calendar.timegm(value.utctimetuple())
+        except (OverflowError, ValueError):
+            seconds = -1
+        if seconds < 0:
+            raise RecordError(
+                field, f"the time {value.isoformat()} is before 1970 (AMQP cannot carry it)"
+            )
+        _check_encoder(value, field, "a time AMQP cannot carry")
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_value(item, f"{field}[{index}]")
+        return
+    if isinstance(value, Mapping):
+        _check_table(value, field)
+        return
+    raise RecordError(field, f"a {type(value).__name__}, which AMQP cannot carry")
+
+
+def _check_encoder(value: Any, field: str, problem: str) -> None:
+    """Refuse ``value`` if pika's encoder does (ranges of decimals and times)."""
+    try:
+        pika.data.encode_value([], value)
+    except Exception:  # noqa: BLE001  # whatever the encoder raises: struct.error, TypeError, ...
+        raise RecordError(field, f"{problem}: {value}"[:200]) from None
 
 
 def _encode_value(value: Any) -> Any:  # noqa: PLR0911  # one return per type
@@ -598,24 +783,39 @@ def _encode_value(value: Any) -> Any:  # noqa: PLR0911  # one return per type
     raise ValueError(f"cannot export a header value of type {type(value).__name__}")
 
 
-def _decode_value(value: Any) -> Any:  # noqa: PLR0911  # one return per tag
+def _decode_table(table: dict[str, Any], field: str) -> dict[str, Any]:
+    return {key: _decode_value(value, f"{field}[{key!r:.60}]") for key, value in table.items()}
+
+
+def _decode_value(value: Any, field: str) -> Any:
     if isinstance(value, list):
-        return [_decode_value(item) for item in value]
+        return [_decode_value(item, f"{field}[{index}]") for index, item in enumerate(value)]
     if not isinstance(value, dict):
         return value
     if len(value) == 1:
         ((tag, inner),) = value.items()
+        if tag in _TAGS:
+            return _decode_tagged(tag, inner, field)
+    return _decode_table(value, field)
+
+
+def _decode_tagged(tag: str, inner: Any, field: str) -> Any:  # one per tag
+    if tag == "$table":
+        if not isinstance(inner, dict):
+            raise RecordError(field, f"{tag} holds {_kind(inner)}, not an object")
+        return _decode_table(inner, field)
+    if not isinstance(inner, str):
+        raise RecordError(field, f"{tag} holds {_kind(inner)}, not a string")
+    try:
         if tag == "$bytes":
             return base64.b64decode(inner, validate=True)
         if tag == "$decimal":
             return Decimal(inner)
-        if tag == "$datetime":
-            return datetime.fromisoformat(inner)
         if tag == "$float":
             return float(inner)
-        if tag == "$table":
-            return {key: _decode_value(item) for key, item in inner.items()}
-    return {key: _decode_value(item) for key, item in value.items()}
+        return datetime.fromisoformat(inner)
+    except (binascii.Error, InvalidOperation, ValueError):
+        raise RecordError(field, f"{inner[:40]!r} is not a valid {tag}") from None
 
 
 def now_or(now: float | None) -> float:

@@ -30,6 +30,7 @@ from .letters import (
     DeadLetter,
     DeadLetterFilter,
     DeadLetterSummary,
+    check_sendable,
     decode_event,
     failure_reason,
     from_record,
@@ -791,8 +792,11 @@ def import_dead_letters(
     ``discard --export``) back into handler ``name``'s dead-letter queue,
     at its tail, in the order of the file.
 
-    The whole file is checked before anything is sent; then the dead
-    letters are published in transactions of :data:`BATCH_SIZE`.
+    The whole file is checked before anything is sent: every field is
+    checked as pika's encoder and the broker would check it (types, ranges,
+    255-byte short strings and header names, nested tables and arrays,
+    decimals, times, the size of the headers against ``frame_max``). Then
+    the dead letters are published in transactions of :data:`BATCH_SIZE`.
 
     Args:
         name: the handler (queue) name.
@@ -804,31 +808,45 @@ def import_dead_letters(
         How many dead letters were put back.
 
     Raises:
-        ValueError: a line is not an exported dead letter (nothing was sent).
+        ValueError: a line is not an exported dead letter that can be sent;
+            the message names the line and the field (nothing was sent).
         DeadLetterQueueNotFoundError: ``name`` has no dead-letter queue.
-        BrokerError: talking to the broker failed; the error says how many
-            were put back before.
+        BrokerError: talking to the broker failed (e.g. it refused a
+            ``user_id`` that is not the importing user's); the error names
+            the line and says how many were put back before.
 
     .. versionadded:: 4.1
     """
     start = file.tell()
+    config = _config.resolve(connection_settings)
+    frame_max = min(
+        (params.frame_max for params in config.parameters("import", 1.0)) if config else (),
+        default=pika.spec.FRAME_MAX_SIZE,
+    )
     for number, line in enumerate(file, 1):
         if line.strip():
             try:
-                from_record(line)
+                routing_key, properties, _ = from_record(line)
+                size = check_sendable(properties, routing_key)
             except ValueError as exc:
                 raise ValueError(f"line {number}: {exc}") from None
+            if size > frame_max:
+                raise ValueError(
+                    f"line {number}: properties: {size} bytes with the headers, more than "
+                    f"the connection's frame_max of {frame_max} allows (the broker would "
+                    f"close the connection)"
+                )
     file.seek(start)
-    config = _config.resolve(connection_settings)
     if config is None:
         return 0
     queue = _names.dead_letter_queue(name)
     imported = 0
+    number = 0
     with Session(name, config, "import") as session:
         channel = session.channel
         batch = 0
         try:
-            for line in file:
+            for number, line in enumerate(file, 1):  # noqa: B007  # the failing line is told
                 if not line.strip():
                     continue
                 routing_key, properties, body = from_record(line)
@@ -845,7 +863,9 @@ def import_dead_letters(
                 imported += batch
         except CONNECTION_ERRORS as exc:
             raise translate_pika_error(
-                exc, f"importing into {queue!r} ({imported} dead letter(s) were put back before)"
+                exc,
+                f"importing line {number} into {queue!r} ({imported} dead letter(s) were "
+                f"put back before: the file's first {imported}; the rest were not)",
             ) from exc
     log.info("Put %d dead letter(s) back into %s", imported, queue)
     return imported

@@ -16,6 +16,9 @@ from domain_event_broker import replay
 from domain_event_broker._cli.prompt import DEFAULT_ANSWER_TIMEOUT, InteractivePrompt
 from domain_event_broker.errors import DomainEventBrokerError
 
+#: Exit status after Ctrl-C (128 + SIGINT), as the ``domain-event-broker`` tool's.
+INTERRUPTED = 130
+
 
 class Command(BaseCommand):
     """Replay dead-lettered events of one or more handlers."""
@@ -67,6 +70,13 @@ class Command(BaseCommand):
                 raise CommandError(str(exc)) from exc
             except DomainEventBrokerError as exc:
                 raise CommandError(str(exc)) from exc
+            except KeyboardInterrupt:
+                # Ctrl-C at the prompt: what was answered is done, the rest
+                # stays; one line and exit status 130, not a traceback.
+                raise CommandError(
+                    f"interrupted; unanswered events stay where they were in {queue}-dl",
+                    returncode=INTERRUPTED,
+                ) from None
             # As in 3.0.2: one event replayed does not count the event offered.
             remaining = result.remaining if every else max(0, result.remaining - result.left)
             self.stdout.write(f"{remaining} dead-lettered events remaining for {queue}")
