@@ -352,9 +352,10 @@ class OutboxRelay:
             if error is None:
                 ready = ready[len(segment) :]
                 continue
-            too_large = self._learn_size_limit(error, segment)
-            if not too_large:
+            if not self._learn_size_limit(error, segment):
                 return error
+            # Now known: every row over the limit is set aside, not only this one.
+            too_large = [row for row in ready if len(row.body) > (self._max_size or 0)]
             for row in too_large:
                 self._set_row_aside(row.pk, self._too_large(len(row.body)))
             # The broker closed the channel under the rest of the segment:
@@ -380,8 +381,8 @@ class OutboxRelay:
             return [], exc
         return [row.pk for row in rows], None
 
-    def _learn_size_limit(self, error: BrokerError, rows: Sequence[_Row]) -> list[_Row]:
-        """The rows of ``rows`` too large for the broker, if ``error`` says so.
+    def _learn_size_limit(self, error: BrokerError, rows: Sequence[_Row]) -> bool:
+        """Whether ``error`` is the broker refusing a row of ``rows`` as too large.
 
         Remembers the broker's limit, so that larger rows are set aside
         before publishing from now on.
@@ -396,8 +397,8 @@ class OutboxRelay:
                     self._max_size = limit
                 break
         if self._max_size is None:
-            return []
-        return [row for row in rows if len(row.body) > self._max_size]
+            return False
+        return any(len(row.body) > self._max_size for row in rows)
 
     def _too_large(self, size: int) -> str:
         return (
