@@ -16,12 +16,13 @@ from django.utils import timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domain_event_broker import configure
+from domain_event_broker import BatchPublishError, configure
 from domain_event_broker.django.models import OutboxEvent
 from domain_event_broker.django.outbox import prune_sent_events, publish_via_outbox
+from domain_event_broker.django.relay import OutboxRelay
 
 from ..helpers import wait_for
-from .support import DEAD_BROKER_URL, EventQueue, manage_command
+from .support import DEAD_BROKER_URL, EventQueue, LimitedQueue, manage_command
 
 #: Deadline for a relay subprocess to exit after SIGTERM (seconds).
 EXIT_DEADLINE = 15
@@ -204,3 +205,17 @@ def test_prune_sent_events_takes_the_largest_timedelta(db_alias: str) -> None:
     assert prune_sent_events(timedelta.max, using=db_alias) == 0
     assert prune_sent_events(timedelta(days=999_999_999), using=db_alias) == 0
     assert OutboxEvent.objects.using(db_alias).count() == 1
+
+
+def test_once_counts_what_it_relayed_before_a_failure(
+    db_alias: str, limited_queue: LimitedQueue
+) -> None:
+    # The queue holds 3 messages and makes the broker refuse (nack) the rest.
+    write_events(db_alias, limited_queue, 5)
+    with OutboxRelay(using=db_alias) as relay:
+        with pytest.raises(BatchPublishError):
+            relay.run(once=True)
+        assert relay.relayed == 3  # marked sent, and counted
+    with pytest.raises(CommandError, match=r"failed after 0 domain event\(s\): publishing failed"):
+        call_command("relay_domain_events", "--once", "--database", db_alias)
+    assert pending_count(db_alias) == 2
