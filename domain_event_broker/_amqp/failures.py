@@ -30,6 +30,7 @@ __all__ = [
     "describe_error",
     "is_auth_error",
     "is_consumer_timeout",
+    "message_size_limit",
     "root_cause",
     "translate_pika_error",
 ]
@@ -90,6 +91,36 @@ def is_consumer_timeout(exc: BaseException) -> bool:
         and exc.reply_code == pika.spec.PRECONDITION_FAILED
         and "timed out" in str(exc.reply_text)
     )
+
+
+#: How RabbitMQ refuses a message over its ``max_message_size`` ("message
+#: size 2000158 is larger than configured max size 1048576"; without
+#: "configured" when the limit is the broker's hard maximum).
+_TOO_LARGE = re.compile(r"message size (\d+) is larger than (?:configured )?max size (\d+)")
+
+
+def message_size_limit(exc: BaseException) -> int | None:
+    """The broker's ``max_message_size`` (bytes), if ``exc`` is, or chains,
+    the broker refusing a message over it.
+
+    RabbitMQ closes the *channel* with ``406 PRECONDITION_FAILED`` when a
+    message body is larger than its ``max_message_size`` (16 MiB by default
+    on 4.x, 128 MiB on 3.x). Publishing that message again cannot succeed;
+    the limit is in the reply text and nowhere else.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if (
+            isinstance(current, pika.exceptions.ChannelClosedByBroker)
+            and current.reply_code == pika.spec.PRECONDITION_FAILED
+        ):
+            match = _TOO_LARGE.search(str(current.reply_text))
+            if match:
+                return int(match.group(2))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def root_cause(exc: BaseException) -> BaseException:

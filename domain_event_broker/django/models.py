@@ -18,9 +18,10 @@ class OutboxEvent(models.Model):
     ``trace_context`` (4.1) lets the relay's publish continue the trace of
     the request that wrote the row.
 
-    A row the relay cannot publish (its body is not a domain event) is set
-    aside: ``failed_at`` and ``failure_reason`` say when and why, and the
-    relay goes on with the rows after it. ``relay_domain_events
+    A row the relay cannot publish (its body is not a domain event, or its
+    event is larger than the broker's ``max_message_size``) is set aside:
+    ``failed_at`` and ``failure_reason`` say when and why, and the relay goes
+    on with the rows after it. ``relay_domain_events
     --list-failed`` shows such rows, ``--retry-failed`` makes them pending
     again.
 

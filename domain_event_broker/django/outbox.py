@@ -95,10 +95,16 @@ def prune_sent_events(older_than: timedelta, *, using: str | None = None) -> int
         ValueError: ``older_than`` is negative.
 
     .. versionadded:: 4.0
+    .. versionchanged:: 4.2 An ``older_than`` reaching before the year 1
+       (e.g. ``timedelta.max``) deletes nothing instead of raising
+       ``OverflowError``.
     """
     if older_than < timedelta(0):
         raise ValueError(f"older_than must not be negative, not {older_than}")
-    cutoff = timezone.now() - older_than
+    try:
+        cutoff = timezone.now() - older_than
+    except OverflowError:  # before the year 1: nothing was sent that long ago
+        return 0
     manager = OutboxEvent.objects.db_manager(using)
     deleted = 0
     while True:

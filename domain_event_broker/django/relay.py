@@ -8,6 +8,11 @@ Guarantees:
   between the confirm and the mark leaves the row pending: it is published
   again, with the same ``uuid_string`` (at-least-once; consumers
   deduplicate by uuid).
+* **No storm of copies.** The relay claims a batch before publishing it (see
+  below), so it publishes no batch it cannot then mark. If marking fails
+  anyway (the database went away, or SQLite could not commit), the relay
+  remembers the rows the broker confirmed and marks them before it publishes
+  anything else: it never publishes them again itself.
 * **Order.** One relay publishes the rows of one database in ``id`` order
   (the order of the inserts). A row whose transaction commits after a
   higher ``id`` was relayed is published when it becomes visible, so the
@@ -17,16 +22,23 @@ Guarantees:
   refuses (nacks) stays pending and is published again after the rows of
   its batch that were confirmed.
 * **A bad row does not stall the outbox.** A row that cannot be published
-  (its body is not a domain event) is set aside: marked failed with the
-  reason (``failed_at``, ``failure_reason``), logged at ERROR level, and
-  skipped; the rows after it go on. :func:`~.outbox.retry_failed_events`
-  makes it pending again.
+  (its body is not a domain event, or its event is larger than the broker's
+  ``max_message_size``) is set aside: marked failed with the reason
+  (``failed_at``, ``failure_reason``), logged at ERROR level, and skipped;
+  the rows after it go on. :func:`~.outbox.retry_failed_events` makes it
+  pending again. The size limit is checked before publishing once known
+  (given as ``max_message_size``, or learned from the broker's refusal); an
+  event over :data:`LARGE_EVENT_SIZE` is published in a batch of its own,
+  after the rows before it were confirmed, so that the broker's refusal
+  (which closes the channel) leaves no other event's fate unknown.
 * **Several relays at once** are safe. Where the database supports
   ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL 8, Oracle, recent
   MariaDB), each relay locks the batch it publishes and the others skip it:
   no duplicates, but batches of different relays interleave, so the global
-  order holds only with one relay. Elsewhere (SQLite) relays do not lock: a
-  second relay loses nothing but publishes many rows twice; run one.
+  order holds only with one relay. On SQLite, which has no row locks, the
+  relay takes the database's write lock before it reads a batch and holds it
+  until the batch is marked: relays (and the application's writes) take
+  turns; keep ``timeout`` below the application's SQLite ``timeout``.
 
 .. versionadded:: 4.0
 """
@@ -36,8 +48,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
-from typing import Final
+import time
+from collections.abc import Callable, Sequence
+from typing import Final, NamedTuple
 
 from django.db import (
     DEFAULT_DB_ALIAS,
@@ -46,10 +59,14 @@ from django.db import (
     connections,
     transaction,
 )
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from .._amqp.config import UNSET, ConnectionSettings, _Unset
+from .._amqp.connect import backoff_delays
+from .._amqp.failures import message_size_limit
 from .._amqp.link import Recovery
+from .._publishing import publisher as _publishing
 from .._telemetry import otel as _instrument
 from ..errors import BatchPublishError, BrokerError
 from ..events import DomainEvent, check_event
@@ -71,6 +88,13 @@ MAX_REASON_LENGTH: Final = 2000
 #: First and longest pause (seconds) after a broker or database failure.
 INITIAL_BACKOFF: Final = 0.5
 MAX_BACKOFF: Final = 30.0
+#: Events whose encoded body is larger (bytes) are published in a batch of
+#: their own, after the rows before them were confirmed: if the broker refuses
+#: one as too large it closes the channel, and the events sent with it would
+#: be left unconfirmed (and published again).
+LARGE_EVENT_SIZE: Final = 64 * 1024
+#: The outbox's columns the relay reads.
+_COLUMNS: Final = ("id", "body", "trace_context")
 
 
 def _trace_headers(stored: str) -> dict[str, str] | None:
@@ -82,6 +106,66 @@ def _trace_headers(stored: str) -> dict[str, str] | None:
     except ValueError:
         return None
     return headers if isinstance(headers, dict) else None
+
+
+class _Row(NamedTuple):
+    """A row ready to publish: its id, event, encoded body and trace parent."""
+
+    pk: int
+    event: DomainEvent
+    body: bytes
+    parent: dict[str, str] | None
+
+
+def _first_segment(rows: Sequence[_Row]) -> Sequence[_Row]:
+    """The rows to publish first, as one batch: up to the first event over
+    :data:`LARGE_EVENT_SIZE`, or that event alone."""
+    for index, row in enumerate(rows):
+        if len(row.body) > LARGE_EVENT_SIZE:
+            return rows[:index] if index else rows[:1]
+    return rows
+
+
+class _DatabaseOutage:
+    """Backoff and log lines for the outbox's database failing, and recovering.
+
+    One WARNING when it fails, DEBUG lines while it keeps failing, one INFO
+    when it answers again (the broker's side has its own :class:`Recovery`).
+    """
+
+    def __init__(self, using: str) -> None:
+        self._using = using
+        self._backoff = backoff_delays(INITIAL_BACKOFF, MAX_BACKOFF)
+        self._since: float | None = None
+
+    def on_failure(self, exc: BaseException) -> float:
+        """Note a failure; return how long to pause (seconds)."""
+        pause = self._backoff.next()
+        if self._since is None:
+            self._since = time.monotonic()
+            log.warning(
+                "The outbox's database %r failed (%s: %s); nothing more is published "
+                "until it answers; retrying in %.1fs",
+                self._using,
+                type(exc).__name__,
+                exc,
+                pause,
+            )
+        else:
+            log.debug("The outbox's database %r failed again: %r", self._using, exc)
+        return pause
+
+    def on_success(self) -> None:
+        """Note a working database; log the recovery if it had failed."""
+        if self._since is None:
+            return
+        log.info(
+            "The outbox's database %r answers again after %.1fs; relaying again",
+            self._using,
+            time.monotonic() - self._since,
+        )
+        self._since = None
+        self._backoff.reset()
 
 
 class OutboxRelay:
@@ -96,14 +180,20 @@ class OutboxRelay:
         timeout: seconds one publish may take before a
             :class:`~domain_event_broker.BrokerError`; default: the configured
             timeout.
+        max_message_size: the broker's ``max_message_size`` in bytes, if
+            known: rows whose event is larger are set aside without being
+            published. Left out, the relay learns it from the broker the
+            first time the broker refuses an event as too large.
 
     Raises:
-        ValueError: ``batch_size`` is out of range or ``using`` unknown.
+        ValueError: ``batch_size`` or ``max_message_size`` is out of range,
+            or ``using`` unknown.
         ConfigurationError: ``connection_settings`` is malformed.
 
     Use it as a context manager, or call :meth:`close` when done.
 
     .. versionadded:: 4.0
+    .. versionchanged:: 4.2 The ``max_message_size`` argument.
     """
 
     def __init__(
@@ -113,17 +203,33 @@ class OutboxRelay:
         using: str = DEFAULT_DB_ALIAS,
         batch_size: int = DEFAULT_BATCH_SIZE,
         timeout: float | _Unset = UNSET,
+        max_message_size: int | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int):
             raise ValueError(f"batch_size must be an int, not {type(batch_size).__name__}")
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, not {batch_size}")
+        if max_message_size is not None and (
+            isinstance(max_message_size, bool) or not isinstance(max_message_size, int)
+        ):
+            raise ValueError(
+                f"max_message_size must be an int, not {type(max_message_size).__name__}"
+            )
+        if max_message_size is not None and max_message_size < 1:
+            raise ValueError(f"max_message_size must be positive, not {max_message_size}")
         if using not in connections:
             raise ValueError(f"no database {using!r} in settings.DATABASES")
         self.using = using
         self.batch_size = batch_size
         self._publisher = Publisher(connection_settings, timeout=timeout)
-        self._set_aside = 0
+        #: The largest body the broker accepts, when known.
+        self._max_size = max_message_size
+        #: Ids of the rows set aside (counted once each, once committed).
+        self._set_aside_ids: set[int] = set()
+        #: Rows the broker confirmed whose mark failed: marked before anything
+        #: else is published, never published again by this relay.
+        self._unmarked: list[int] = []
+        self._relayed = 0
 
     def __repr__(self) -> str:
         return f"<OutboxRelay database={self.using!r} {self._publisher!r}>"
@@ -131,9 +237,11 @@ class OutboxRelay:
     def relay_batch(self, should_stop: Callable[[], bool] | None = None) -> tuple[int, int]:
         """Publish up to ``batch_size`` pending rows, oldest first, and mark them.
 
-        The rows are published as one batch, with one wait for the broker's
-        confirms, and marked sent once confirmed. Rows that cannot be
-        published (their body is not a domain event) are set aside as failed
+        Rows confirmed earlier whose mark failed are marked first. The batch is
+        claimed (row locks, or SQLite's write lock) before it is published, as
+        one batch with one wait for the broker's confirms, and marked sent
+        once confirmed. Rows that cannot be published (their body is not a
+        domain event, or too large for the broker) are set aside as failed
         (see :attr:`set_aside`) and skipped.
 
         Args:
@@ -150,29 +258,29 @@ class OutboxRelay:
             BrokerError: publishing failed; the rows confirmed are marked
                 sent, the others stay pending
                 (:exc:`~domain_event_broker.BatchPublishError` says which).
-            django.db.DatabaseError: reading or marking failed; rows
-                published but not marked will be published again.
+            django.db.DatabaseError: reading, claiming or marking failed;
+                nothing was published, or the rows confirmed are marked by
+                the next call.
         """
+        self._mark_unmarked()
         pending = OutboxEvent.objects.using(self.using).filter(
             sent_at__isnull=True, failed_at__isnull=True
         )
-        if connections[self.using].features.has_select_for_update_skip_locked:
-            with transaction.atomic(using=self.using):
-                rows = list(
-                    pending.select_for_update(skip_locked=True)
-                    .order_by("id")
-                    .values_list("id", "body", "trace_context")[: self.batch_size]
-                )
-                sent, error = self._publish(rows, should_stop)
-                self._mark_sent(sent)
-        else:
-            # No row locks: do not hold a transaction (SQLite would lock the
-            # whole database) while waiting for the broker.
-            rows = list(
-                pending.order_by("id").values_list("id", "body", "trace_context")[: self.batch_size]
-            )
-            sent, error = self._publish(rows, should_stop)
+        if (should_stop is not None and should_stop()) or not pending.exists():
+            return 0, 0
+        if not _publishing._captures:  # capture_events() and StubBroker: no broker
+            # Connect before claiming: no lock is held while the broker is down.
+            self._publisher.connect()
+        with transaction.atomic(using=self.using):
+            rows = self._claim(pending)
+            # The ids confirmed go to self._unmarked as they are: if marking
+            # them fails, the next call marks them instead of publishing them.
+            error = self._publish(rows, should_stop)
+            sent = list(self._unmarked)
             self._mark_sent(sent)
+        # Committed.
+        self._unmarked = []
+        self._relayed += len(sent)
         if error is not None:
             raise error
         return len(sent), len(rows)
@@ -181,50 +289,131 @@ class OutboxRelay:
     def set_aside(self) -> int:
         """How many rows this relay set aside as failed, since it was created.
 
+        Each row counts once, however often it was set aside (e.g. retried
+        with :func:`~.outbox.retry_failed_events` without a fix).
+
         .. versionadded:: 4.1
         """
-        return self._set_aside
+        return len(self._set_aside_ids)
+
+    @property
+    def relayed(self) -> int:
+        """How many rows this relay published and marked sent, since it was created.
+
+        .. versionadded:: 4.2
+        """
+        return self._relayed
+
+    def _claim(self, pending: QuerySet[OutboxEvent]) -> list[tuple[int, str, str]]:
+        """Read the next batch, so that it can be marked once published.
+
+        Inside the batch's transaction. Where rows can be locked, the rows are
+        locked (others skip them, or wait); on SQLite, the database's write
+        lock is taken first, with a write that changes nothing: while the
+        application holds it, this fails after SQLite's ``timeout`` with
+        "database is locked", before anything is published.
+        """
+        features = connections[self.using].features
+        if features.has_select_for_update_skip_locked:
+            pending = pending.select_for_update(skip_locked=True)
+        elif features.has_select_for_update:
+            pending = pending.select_for_update()
+        else:
+            OutboxEvent.objects.using(self.using).filter(id__lt=0).update(failure_reason="")
+        return list(pending.order_by("id").values_list(*_COLUMNS)[: self.batch_size])
 
     def _publish(
         self, rows: list[tuple[int, str, str]], should_stop: Callable[[], bool] | None
-    ) -> tuple[list[int], BrokerError | None]:
-        """Publish ``rows`` as one batch; the ids confirmed, and the error if any."""
+    ) -> BrokerError | None:
+        """Publish ``rows`` in order; the ids confirmed go to :attr:`_unmarked`.
+
+        Returns:
+            The error that ended the batch, if any.
+        """
         if not rows or (should_stop is not None and should_stop()):
-            return [], None
-        ids: list[int] = []
-        events: list[DomainEvent] = []
-        bodies: list[bytes] = []
-        parents: list[dict[str, str] | None] = []
+            return None
+        ready: list[_Row] = []
         for pk, body, trace_context in rows:
             try:
                 event = DomainEvent.from_json(body)
-                encoded = check_event(event)  # the boundary rules every publish obeys
+                encoded = check_event(event).encode("utf-8")  # the rules every publish obeys
             except (ValueError, TypeError) as exc:  # MalformedEventError is a ValueError
-                self._set_row_aside(pk, exc)
+                self._set_row_aside(pk, f"{type(exc).__name__}: {exc}")
                 continue
-            ids.append(pk)
-            events.append(event)
-            bodies.append(encoded.encode("utf-8"))
-            parents.append(_trace_headers(trace_context))
+            if self._max_size is not None and len(encoded) > self._max_size:
+                self._set_row_aside(pk, self._too_large(len(encoded)))
+                continue
+            ready.append(_Row(pk, event, encoded, _trace_headers(trace_context)))
+        sent = self._unmarked
+        while ready:
+            segment = _first_segment(ready)
+            confirmed, error = self._publish_segment(segment)
+            sent += confirmed
+            if error is None:
+                ready = ready[len(segment) :]
+                continue
+            if not self._learn_size_limit(error, segment):
+                return error
+            # Now known: every row over the limit is set aside, not only this one.
+            too_large = [row for row in ready if len(row.body) > (self._max_size or 0)]
+            for row in too_large:
+                self._set_row_aside(row.pk, self._too_large(len(row.body)))
+            # The broker closed the channel under the rest of the segment:
+            # publish its rows not confirmed again, in order, on a new channel.
+            done = set(confirmed) | {row.pk for row in too_large}
+            ready = [row for row in ready if row.pk not in done]
+        if sent:
+            log.debug("Relayed outbox rows %s to %s (%d event(s))", sent[0], sent[-1], len(sent))
+        return None
+
+    def _publish_segment(self, rows: Sequence[_Row]) -> tuple[list[int], BrokerError | None]:
+        """Publish ``rows`` as one batch; the ids confirmed, and the error if any."""
+        events = [row.event for row in rows]
         try:
             # Each event's publish span continues the trace stored with its row.
-            self._publisher._publish_batch(events, bodies, parents=parents)
+            self._publisher._publish_batch(
+                events, [row.body for row in rows], parents=[row.parent for row in rows]
+            )
         except BatchPublishError as exc:
             confirmed = {id(event) for event in exc.confirmed}
-            sent = [pk for pk, event in zip(ids, events, strict=True) if id(event) in confirmed]
-            return sent, exc
+            return [row.pk for row in rows if id(row.event) in confirmed], exc
         except BrokerError as exc:
             return [], exc
-        if events:
-            log.debug("Relayed outbox rows %s to %s (%d event(s))", ids[0], ids[-1], len(events))
-        return ids, None
+        return [row.pk for row in rows], None
 
-    def _set_row_aside(self, pk: int, exc: BaseException) -> None:
-        reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON_LENGTH]
+    def _learn_size_limit(self, error: BrokerError, rows: Sequence[_Row]) -> bool:
+        """Whether ``error`` is the broker refusing a row of ``rows`` as too large.
+
+        Remembers the broker's limit, so that larger rows are set aside
+        before publishing from now on.
+        """
+        causes: list[BaseException] = [error]
+        if isinstance(error, BatchPublishError):
+            causes += [cause for _, cause in error.failed]
+        for cause in causes:
+            limit = message_size_limit(cause)
+            if limit is not None:
+                if self._max_size is None or limit < self._max_size:
+                    self._max_size = limit
+                break
+        if self._max_size is None:
+            return False
+        return any(len(row.body) > self._max_size for row in rows)
+
+    def _too_large(self, size: int) -> str:
+        return (
+            f"EventTooLarge: the event is {size} bytes; the broker accepts at most "
+            f"{self._max_size} (its max_message_size). Make the event smaller, or raise "
+            f"the broker's limit"
+        )
+
+    def _set_row_aside(self, pk: int, reason: str) -> None:
+        reason = reason[:MAX_REASON_LENGTH]
         OutboxEvent.objects.using(self.using).filter(id=pk).update(
             failed_at=timezone.now(), failure_reason=reason
         )
-        self._set_aside += 1
+        # Counted once committed (a rolled-back batch sets it aside again).
+        transaction.on_commit(lambda: self._set_aside_ids.add(pk), using=self.using)
         log.error(
             "Outbox row %s cannot be published and was set aside as failed (%s); the relay "
             "goes on with the next rows. Fix it, then: manage.py relay_domain_events "
@@ -238,6 +427,19 @@ class OutboxRelay:
         if ids:
             OutboxEvent.objects.using(self.using).filter(id__in=ids).update(sent_at=timezone.now())
 
+    def _mark_unmarked(self) -> None:
+        """Mark the rows confirmed earlier whose mark failed."""
+        if not self._unmarked:
+            return
+        with transaction.atomic(using=self.using):
+            self._mark_sent(self._unmarked)
+        log.info(
+            "Marked %d outbox row(s) sent that the broker had confirmed before the database failed",
+            len(self._unmarked),
+        )
+        self._relayed += len(self._unmarked)
+        self._unmarked = []
+
     def run(
         self,
         *,
@@ -247,8 +449,9 @@ class OutboxRelay:
     ) -> int:
         """Relay until stopped (or, with ``once``, until the outbox is drained).
 
-        Broker and database failures are logged and retried with a jittered
-        exponential backoff (up to 30 s); unsent rows are never marked sent.
+        Broker and database failures are logged (each saying which side
+        failed) and retried with a jittered exponential backoff (up to 30 s);
+        unsent rows are never marked sent.
 
         Args:
             once: return when no pending row is left instead of polling.
@@ -257,7 +460,8 @@ class OutboxRelay:
                 batch being published; the rows confirmed are marked.
 
         Returns:
-            The number of rows published.
+            The number of rows published and marked sent by this call (see
+            also :attr:`relayed`).
 
         Raises:
             BrokerError: with ``once``, publishing failed.
@@ -267,8 +471,8 @@ class OutboxRelay:
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be positive, not {poll_interval!r}")
         stop = threading.Event() if stop is None else stop
-        total = 0
-        recovery = Recovery(
+        start = self._relayed
+        broker = Recovery(
             log,
             self._publisher.connection_settings or "no broker",
             "relaying again",
@@ -276,28 +480,31 @@ class OutboxRelay:
             initial_backoff=INITIAL_BACKOFF,
             max_backoff=MAX_BACKOFF,
         )
+        database = _DatabaseOutage(self.using)
         while not stop.is_set():
             if not once:
                 close_old_connections()
             try:
-                published, fetched = self.relay_batch(stop.is_set)
-            except (BrokerError, DatabaseError) as exc:
+                _, fetched = self.relay_batch(stop.is_set)
+            except DatabaseError as exc:
                 if once:
                     raise
-                if isinstance(exc, DatabaseError):
-                    connections[self.using].close()
-                    advice = f" (the outbox's database {self.using!r} failed)"
-                else:
-                    advice = ""
-                stop.wait(recovery.on_lost(exc, advice))
+                connections[self.using].close()
+                stop.wait(database.on_failure(exc))
                 continue
-            recovery.on_connected()
-            total += published
+            except BrokerError as exc:
+                if once:
+                    raise
+                database.on_success()  # it answered, or the broker would not have been asked
+                stop.wait(broker.on_lost(exc))
+                continue
+            database.on_success()
+            broker.on_connected()
             if fetched < self.batch_size:
                 if once:
                     break
                 stop.wait(poll_interval)
-        return total
+        return self._relayed - start
 
     def close(self) -> None:
         """Close the broker connection."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 from datetime import timedelta
@@ -12,13 +13,16 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import transaction
 from django.utils import timezone
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from domain_event_broker import configure
+from domain_event_broker import BatchPublishError, configure
 from domain_event_broker.django.models import OutboxEvent
-from domain_event_broker.django.outbox import publish_via_outbox
+from domain_event_broker.django.outbox import prune_sent_events, publish_via_outbox
+from domain_event_broker.django.relay import OutboxRelay
 
 from ..helpers import wait_for
-from .support import DEAD_BROKER_URL, EventQueue, manage_command
+from .support import DEAD_BROKER_URL, EventQueue, LimitedQueue, manage_command
 
 #: Deadline for a relay subprocess to exit after SIGTERM (seconds).
 EXIT_DEADLINE = 15
@@ -58,11 +62,24 @@ def test_once_fails_and_keeps_rows_when_the_broker_is_down(
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--batch-size", "0"], "batch_size"), (["--database", "nope"], "no database")],
+    [
+        (["--once", "--batch-size", "0"], "batch_size"),
+        (["--once", "--database", "nope"], "no database 'nope'"),
+        (["--list-failed", "--database", "nope"], "no database 'nope'"),
+        (["--retry-failed", "--database", "nope"], "no database 'nope'"),
+        (["--retry-failed", "3", "--database", "nope"], "no database 'nope'"),
+        (["--database", "nope"], "no database 'nope'"),
+        (["--once", "--max-message-size", "0"], "max-message-size"),
+    ],
 )
 def test_bad_options_are_command_errors(args: list[str], message: str) -> None:
     with pytest.raises(CommandError, match=message):
-        call_command("relay_domain_events", "--once", *args)
+        call_command("relay_domain_events", *args, stdout=StringIO())
+
+
+def test_prune_with_an_unknown_database_is_a_command_error() -> None:
+    with pytest.raises(CommandError, match="no database 'nope'"):
+        call_command("prune_domain_events", "--database", "nope", stdout=StringIO())
 
 
 def test_once_in_a_subprocess(
@@ -150,3 +167,55 @@ def test_prune_command(db_alias: str) -> None:
     assert list(rows.values_list("uuid_string", flat=True)) == ["pending"]
     with pytest.raises(CommandError, match="negative"):
         call_command("prune_domain_events", "--days", "-1", "--database", db_alias)
+
+
+@pytest.mark.django_db(transaction=True, databases=["default"])
+@settings(max_examples=60, deadline=None)
+@given(
+    days=st.floats(allow_nan=True, allow_infinity=True).map(repr)
+    | st.sampled_from(["inf", "-inf", "nan", "1e10", "1e308", "999999999", "1000000000", "x", ""])
+)
+def test_prune_days_are_a_number_or_a_clear_error(days: str) -> None:
+    sent = timezone.now() - timedelta(days=10)
+    OutboxEvent.objects.create(routing_key="test.old", uuid_string="old", body="{}", sent_at=sent)
+    out = StringIO()
+    try:
+        call_command("prune_domain_events", "--days", days, stdout=out)
+    except CommandError as exc:
+        assert "--days" in str(exc)
+        assert OutboxEvent.objects.count() == 1  # nothing deleted
+    else:
+        value = float(days)
+        assert math.isfinite(value)
+        assert value >= 0
+        lines = out.getvalue().splitlines()
+        assert len(lines) == 1
+        assert lines[0].endswith(f" sent domain event(s) older than {value:g} day(s)")
+        if abs(value - 10) > 1:  # the row is 10 days old
+            deleted = 1 if value < 10 else 0
+            assert lines[0].startswith(f"Deleted {deleted} ")
+            assert OutboxEvent.objects.count() == 1 - deleted
+    OutboxEvent.objects.all().delete()
+
+
+def test_prune_sent_events_takes_the_largest_timedelta(db_alias: str) -> None:
+    OutboxEvent.objects.using(db_alias).create(
+        routing_key="test.old", uuid_string="old", body="{}", sent_at=timezone.now()
+    )
+    assert prune_sent_events(timedelta.max, using=db_alias) == 0
+    assert prune_sent_events(timedelta(days=999_999_999), using=db_alias) == 0
+    assert OutboxEvent.objects.using(db_alias).count() == 1
+
+
+def test_once_counts_what_it_relayed_before_a_failure(
+    db_alias: str, limited_queue: LimitedQueue
+) -> None:
+    # The queue holds 3 messages and makes the broker refuse (nack) the rest.
+    write_events(db_alias, limited_queue, 5)
+    with OutboxRelay(using=db_alias) as relay:
+        with pytest.raises(BatchPublishError):
+            relay.run(once=True)
+        assert relay.relayed == 3  # marked sent, and counted
+    with pytest.raises(CommandError, match=r"failed after 0 domain event\(s\): publishing failed"):
+        call_command("relay_domain_events", "--once", "--database", db_alias)
+    assert pending_count(db_alias) == 2

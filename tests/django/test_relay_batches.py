@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import threading
@@ -267,3 +268,68 @@ def test_long_running_relay_says_so_when_it_stops(
         "Stopped after relaying 2 domain event(s); 1 row(s) could not be published and were "
         "set aside as failed"
     )
+
+
+def test_a_row_set_aside_again_counts_once(db_alias: str) -> None:
+    for body in BAD_BODIES[:3]:
+        write_bad_row(db_alias, body)
+    with OutboxRelay(using=db_alias, batch_size=2) as relay:
+        relay.run(once=True)
+        assert relay.set_aside == 3
+        assert retry_failed_events(using=db_alias) == 3  # retried without a fix
+        relay.run(once=True)
+        assert relay.set_aside == 3  # rows, not times
+    assert len(failed_events(using=db_alias)) == 3
+
+
+# -- which side failed -------------------------------------------------------------------
+
+
+def test_a_database_failure_is_logged_as_one(
+    db_alias: str, event_queue: EventQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="domain_event_broker")
+    events = write_events(db_alias, event_queue, 2)
+    table = OutboxEvent._meta.db_table
+    quote = connections[db_alias].ops.quote_name
+
+    def rename(old: str, new: str) -> None:
+        with connections[db_alias].cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {quote(old)} RENAME TO {quote(new)}")
+
+    def lines(level: int) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name.startswith("domain_event_broker") and r.levelno == level
+        ]
+
+    rename(table, f"{table}_away")  # as if the migration had not run
+    stop = threading.Event()
+
+    def run_relay() -> None:
+        try:
+            with OutboxRelay(using=db_alias) as relay:
+                relay.run(stop=stop, poll_interval=0.05)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run_relay)
+    thread.start()
+    try:
+        try:
+            wait_for(lambda: lines(logging.WARNING), message="a WARNING")
+        finally:
+            rename(f"{table}_away", table)
+        received = event_queue.take_until(2)
+        wait_for(lambda: any("answers again" in m for m in lines(logging.INFO)), message="INFO")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert [b["uuid_string"] for b in received] == [e.uuid_string for e in events]
+    (warning,) = lines(logging.WARNING)
+    assert warning.startswith(f"The outbox's database {db_alias!r} failed (")
+    assert "nothing more is published until it answers" in warning
+    logged = " ".join(lines(logging.INFO) + lines(logging.WARNING))
+    assert "the broker" not in logged
+    assert "Reconnected" not in logged

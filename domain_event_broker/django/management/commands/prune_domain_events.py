@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connections
 
 from ...outbox import prune_sent_events
 
 #: Sent rows younger than this are kept, by default (useful when investigating).
 DEFAULT_KEEP_DAYS = 7.0
+
+
+def days(text: str) -> float:
+    """A finite, non-negative number of days."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite, non-negative number of days, not {text}"
+        )
+    return value
 
 
 class Command(BaseCommand):
@@ -19,7 +35,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--days",
-            type=float,
+            type=days,
             default=DEFAULT_KEEP_DAYS,
             help="Keep rows sent less than this many days ago (default: %(default)s).",
         )
@@ -28,8 +44,16 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        days: float = options["days"]
-        if not days >= 0:
-            raise CommandError(f"--days must not be negative, not {days}")
-        deleted = prune_sent_events(timedelta(days=days), using=options["database"])
-        self.stdout.write(f"Deleted {deleted} sent domain event(s) older than {days:g} day(s)")
+        keep_days: float = options["days"]
+        database: str | None = options["database"]
+        if database is not None and database not in connections:
+            raise CommandError(f"no database {database!r} in settings.DATABASES")
+        try:
+            older_than = timedelta(days=keep_days)
+        except OverflowError:  # more days than a timedelta holds: nothing is that old
+            older_than = timedelta.max
+        try:
+            deleted = prune_sent_events(older_than, using=database)
+        except DatabaseError as exc:
+            raise CommandError(f"pruning the outbox failed: {exc}") from exc
+        self.stdout.write(f"Deleted {deleted} sent domain event(s) older than {keep_days:g} day(s)")

@@ -6,10 +6,10 @@ import threading
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, DatabaseError
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 from ...._amqp.config import UNSET
-from ...._cli.arguments import positive_seconds
+from ...._cli.arguments import positive_int, positive_seconds
 from ...._core.signals import graceful_stop
 from ....errors import DomainEventBrokerError
 from ...outbox import failed_events, retry_failed_events
@@ -71,6 +71,17 @@ class Command(BaseCommand):
             help="Seconds between two looks at an empty outbox (default: %(default)s).",
         )
         parser.add_argument(
+            "--max-message-size",
+            type=positive_int,
+            default=None,
+            metavar="BYTES",
+            help=(
+                "The broker's max_message_size: rows whose event is larger are set aside "
+                "without being published (default: learned from the broker when it "
+                "refuses one)."
+            ),
+        )
+        parser.add_argument(
             "--timeout",
             type=positive_seconds,
             default=None,
@@ -82,46 +93,67 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        database: str = options["database"]
+        if database not in connections:
+            raise CommandError(f"no database {database!r} in settings.DATABASES")
         if options["list_failed"]:
-            self._list_failed(options["database"])
+            self._list_failed(database)
             return
         if options["retry_failed"] is not None:
             ids = options["retry_failed"] or None
-            count = retry_failed_events(ids, using=options["database"])
+            try:
+                count = retry_failed_events(ids, using=database)
+            except DatabaseError as exc:
+                raise CommandError(f"the outbox's database {database!r} failed: {exc}") from exc
             self.stdout.write(f"{count} failed row(s) made pending again")
             return
         try:
             relay = OutboxRelay(
-                using=options["database"],
+                using=database,
                 batch_size=options["batch_size"],
                 timeout=UNSET if options["timeout"] is None else options["timeout"],
+                max_message_size=options["max_message_size"],
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         with relay:
             if options["once"]:
-                try:
-                    count = relay.run(once=True)
-                except (DomainEventBrokerError, DatabaseError) as exc:
-                    raise CommandError(f"relaying the outbox failed: {exc}") from exc
-                self.stdout.write(f"Relayed {count} domain event(s){_set_aside(relay)}")
-                if relay.set_aside:
-                    raise CommandError(
-                        f"{relay.set_aside} outbox row(s) could not be published and were set "
-                        f"aside as failed (see relay_domain_events --list-failed)",
-                        returncode=EXIT_ROWS_SET_ASIDE,
-                    )
+                self._relay_once(relay)
                 return
             self._run_until_stopped(relay, options["interval"])
 
+    def _relay_once(self, relay: OutboxRelay) -> None:
+        try:
+            relay.run(once=True)
+        except DatabaseError as exc:
+            raise CommandError(
+                f"relaying the outbox failed after {relay.relayed} domain event(s): "
+                f"the outbox's database {relay.using!r} failed: {exc}"
+            ) from exc
+        except DomainEventBrokerError as exc:
+            raise CommandError(
+                f"relaying the outbox failed after {relay.relayed} domain event(s): "
+                f"publishing failed: {exc}"
+            ) from exc
+        self.stdout.write(f"Relayed {relay.relayed} domain event(s){_set_aside(relay)}")
+        if relay.set_aside:
+            raise CommandError(
+                f"{relay.set_aside} outbox row(s) could not be published and were set "
+                f"aside as failed (see relay_domain_events --list-failed)",
+                returncode=EXIT_ROWS_SET_ASIDE,
+            )
+
     def _list_failed(self, database: str) -> None:
         count = 0
-        for row in failed_events(using=database):
-            count += 1
-            self.stdout.write(
-                f"{row.id}\t{row.routing_key}\t{row.uuid_string}\t"
-                f"{row.failed_at:%Y-%m-%d %H:%M:%S}\t{row.failure_reason}"
-            )
+        try:
+            for row in failed_events(using=database):
+                count += 1
+                self.stdout.write(
+                    f"{row.id}\t{row.routing_key}\t{row.uuid_string}\t"
+                    f"{row.failed_at:%Y-%m-%d %H:%M:%S}\t{row.failure_reason}"
+                )
+        except DatabaseError as exc:
+            raise CommandError(f"the outbox's database {database!r} failed: {exc}") from exc
         self.stdout.write(f"{count} row(s) set aside as failed")
 
     def _run_until_stopped(self, relay: OutboxRelay, interval: float) -> None:
