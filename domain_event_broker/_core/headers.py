@@ -18,6 +18,9 @@ FAILED_AT: Final = "x-failed-at"
 #: The event's own routing key, on a dead letter moved to the tail of its
 #: ``-dl`` queue by a replay run (the default exchange routes by queue name).
 ORIGINAL_ROUTING_KEY: Final = "x-original-routing-key"
+#: Stands for the headers pika's decoder rejected on a delivery (a table:
+#: header key -> what its value was and why it could not be decoded).
+UNDECODABLE_HEADERS: Final = "x-undecodable-headers"
 
 #: Longest traceback (characters) kept in a dead letter's headers.
 MAX_TRACEBACK_CHARS: Final = 8_000
@@ -30,13 +33,16 @@ _DEATH_HEADERS: Final = ("x-death", "x-first-death-", "x-last-death-")
 
 
 def without_death_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``headers`` without RabbitMQ's dead-lettering bookkeeping."""
+    """A copy of ``headers`` without RabbitMQ's dead-lettering bookkeeping.
+
+    A key that is not UTF-8 (pika hands it on as ``bytes``) is kept.
+    """
     if not headers:
         return {}
     return {
         key: value
         for key, value in headers.items()
-        if key != "x-death" and not key.startswith(_DEATH_HEADERS[1:])
+        if not isinstance(key, str) or (key != "x-death" and not key.startswith(_DEATH_HEADERS[1:]))
     }
 
 
