@@ -19,7 +19,7 @@ from ..errors import AuthenticationError, BrokerUnavailableError, TLSError
 from . import tls as _tls
 from .config import BrokerConfig
 from .failures import describe_error, is_auth_error
-from .pika_internals import lean_io
+from .pika_internals import lean_io, lenient_decoding
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _connect(
             params = config.parameters(connection_name, share)[index]
             attempts += 1
             try:
-                return lean_io(pika.BlockingConnection(params)), params
+                return lenient_decoding(lean_io(pika.BlockingConnection(params))), params
             except CONNECTION_ERRORS as exc:
                 if is_auth_error(exc) or _auth_in_chain(exc):
                     raise AuthenticationError(

@@ -10,7 +10,10 @@ what they do, not how pika does it:
   their confirm (batches);
 * :func:`closing_reason`: why pika closed a channel;
 * :func:`abort_connection`: drop a connection without the closing handshake;
-* :func:`ssl_socket`: the TLS socket under a connection.
+* :func:`ssl_socket`: the TLS socket under a connection;
+* :func:`lenient_decoding`: a delivery whose headers pika's decoder
+  rejects arrives with those headers described instead (not a fast path:
+  see below).
 
 Each has a *fast path*, which uses pika's private names, and a fallback
 that uses pika's public API only, or does without (each function says
@@ -26,6 +29,15 @@ every function takes its fallback: pika's own code paths throughout, never
 a half-patched connection. :data:`FAST_PATHS_ACTIVE` says which, and
 :data:`FAST_PATHS_REASON` why not.
 
+:func:`lenient_decoding` is a repair, not a speed-up: without it, one
+message with a header pika cannot decode (a timestamp past the year 9999,
+a table nested deeper than Python's recursion limit) kills the connection
+each time it is delivered, and the worker stalls on it for ever. It stays
+on when the fast paths are turned off; it relies on :data:`REPAIR_CHECKS`
+only, and when the installed pika lacks one of those, one WARNING says so
+and connections are left as pika made them. :data:`LENIENT_DECODING_ACTIVE`
+says which.
+
 ``tests/test_pika_internals.py`` runs the package's paths with the fast
 paths off; ``tests/test_socket_io.py`` and ``tests/test_consume_path.py``
 drive pika's own classes through the fast paths.
@@ -40,26 +52,36 @@ import inspect
 import logging
 import os
 import ssl
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple
 
 import pika
+import pika.data
 import pika.exceptions
+import pika.frame
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils import io_services_utils
+
+from .._core import headers as _headers
 
 __all__ = [
     "CHECKS",
     "ENVIRONMENT_VARIABLE",
     "FAST_PATHS_ACTIVE",
     "FAST_PATHS_REASON",
+    "LENIENT_DECODING_ACTIVE",
+    "REPAIR_CHECKS",
     "Pipeline",
+    "UndecodableProperties",
     "abort_connection",
     "closing_reason",
     "decide_fast_paths",
+    "decide_repairs",
     "deliver_as_read",
     "lean_io",
+    "lenient_decoding",
     "mismatches",
     "pipeline",
     "ssl_socket",
@@ -90,7 +112,9 @@ class Check(NamedTuple):
     * ``"int"``: ``target`` must be an ``int`` (a state constant compared
       with in a loop: missing, the loop would spin or never run);
     * ``"stored"``: the ``__init__`` of class ``target`` (or of a base) must
-      assign ``self.<shape>`` (an instance attribute read later).
+      assign ``self.<shape>`` (an instance attribute read later);
+    * ``"calls"``: function ``target`` must name ``shape`` (it calls the
+      method that is replaced per connection, so the replacement is used).
     """
 
     kind: str
@@ -104,6 +128,8 @@ class Check(NamedTuple):
             return f"{self.target}({self.shape})"
         if self.kind == "stored":
             return f"{self.target}.{self.shape} (set in __init__)"
+        if self.kind == "calls":
+            return f"{self.target} calling {self.shape}"
         return self.target
 
 
@@ -180,6 +206,20 @@ CHECKS: Final[tuple[Check, ...]] = (
     Check("stored", f"{_IO}._AsyncSSLTransport", "_sock", "ssl_socket"),
 )
 
+#: What :func:`lenient_decoding` relies on (checked at import by :func:`decide_repairs`,
+#: whatever :data:`ENVIRONMENT_VARIABLE` says).
+REPAIR_CHECKS: Final[tuple[Check, ...]] = (
+    Check("stored", f"{_BLOCKING}.BlockingConnection", "_impl", "lenient_decoding"),
+    Check("stored", "pika.connection.Connection", "_frame_buffer", "lenient_decoding"),
+    Check("signature", "pika.connection.Connection._read_frame", "self", "lenient_decoding"),
+    Check(
+        "calls",
+        "pika.connection.Connection._on_data_available",
+        "_read_frame",
+        "lenient_decoding",
+    ),
+)
+
 _MISSING: Final = object()
 
 
@@ -244,7 +284,7 @@ def _stored_in_init(cls: type, name: str) -> bool:
     return False
 
 
-def _fails(check: Check) -> bool:
+def _fails(check: Check) -> bool:  # noqa: PLR0911  # one return per kind
     found = _resolve(check.target)
     if found is _MISSING:
         return True
@@ -260,12 +300,15 @@ def _fails(check: Check) -> bool:
         return type(found) is not int
     if check.kind == "stored":
         return not isinstance(found, type) or not _stored_in_init(found, check.shape)
+    if check.kind == "calls":
+        return check.shape not in getattr(getattr(found, "__code__", None), "co_names", ())
     return False
 
 
-def mismatches() -> list[str]:
-    """What of :data:`CHECKS` the installed pika lacks (empty: all there)."""
-    return [check.describe() for check in CHECKS if _fails(check)]
+def mismatches(checks: Sequence[Check] = CHECKS) -> list[str]:
+    """What of ``checks`` (the fast paths' by default) the installed pika
+    lacks (empty: all there)."""
+    return [check.describe() for check in checks if _fails(check)]
 
 
 def _turned_off() -> bool:
@@ -307,6 +350,34 @@ def decide_fast_paths() -> bool:
             )
     FAST_PATHS_ACTIVE, FAST_PATHS_REASON = not reason, reason
     return FAST_PATHS_ACTIVE
+
+
+#: Whether :func:`lenient_decoding` is in use (decided at import by :func:`decide_repairs`).
+LENIENT_DECODING_ACTIVE: bool = False
+
+
+def decide_repairs() -> bool:
+    """Check the installed pika for :data:`REPAIR_CHECKS`; set
+    :data:`LENIENT_DECODING_ACTIVE`.
+
+    Run at import; the environment variable of the fast paths does not turn
+    it off. On a pika that lacks something, logs one WARNING.
+
+    Returns:
+        Whether :func:`lenient_decoding` is on.
+    """
+    global LENIENT_DECODING_ACTIVE  # noqa: PLW0603  # the module's other switch, set at import
+    missing = mismatches(REPAIR_CHECKS)
+    if missing:
+        log.warning(
+            "pika %s differs from what domain_event_broker's lenient decoding relies on "
+            "(missing or changed: %s); a delivery with a header pika cannot decode will "
+            "drop the connection each time it is delivered",
+            getattr(pika, "__version__", "?"),
+            ", ".join(missing),
+        )
+    LENIENT_DECODING_ACTIVE = not missing
+    return LENIENT_DECODING_ACTIVE
 
 
 # -- writing and reading ---------------------------------------------------------------
@@ -575,4 +646,198 @@ def ssl_socket(connection: pika.BlockingConnection) -> ssl.SSLSocket | ssl.SSLOb
     return sock if isinstance(sock, (ssl.SSLSocket, ssl.SSLObject)) else None
 
 
+# -- reading what pika's decoder rejects ---------------------------------------------
+
+
+#: Longest description (characters) of one header that could not be decoded.
+MAX_DESCRIPTION_CHARS: Final = 300
+#: Type tags of AMQP field values, and what the description calls them.
+_FIELD_KINDS: Final = {
+    b"t": "boolean",
+    b"b": "short-short int",
+    b"B": "short-short unsigned int",
+    b"U": "short int",
+    b"u": "short unsigned int",
+    b"s": "short int",
+    b"I": "long int",
+    b"i": "long unsigned int",
+    b"L": "long-long int",
+    b"l": "long-long int",
+    b"f": "float",
+    b"d": "double",
+    b"D": "decimal",
+    b"T": "timestamp",
+    b"S": "long string",
+    b"x": "byte array",
+    b"A": "array",
+    b"F": "table",
+    b"V": "void",
+}
+#: Payload sizes of the fixed-size field types (the others are length-prefixed).
+_FIXED_SIZES: Final = {
+    b"t": 1, b"b": 1, b"B": 1, b"U": 2, b"u": 2, b"s": 2, b"I": 4, b"i": 4,
+    b"f": 4, b"L": 8, b"l": 8, b"d": 8, b"T": 8, b"D": 5, b"V": 0,
+}  # fmt: skip
+
+
+class UndecodableProperties(pika.BasicProperties):  # type: ignore[misc]  # pika is untyped
+    """A delivery's properties with headers pika's decoder rejected.
+
+    Every other property is decoded as pika decodes it. ``headers`` holds
+    the headers pika could decode, and :data:`~.._core.headers.UNDECODABLE_HEADERS`:
+    a table of the others, each described (type, value or size, pika's
+    error). :attr:`reason` says the same in one line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Header key -> why pika could not decode its value.
+        self.undecodable: dict[str, str] = {}
+
+    @property
+    def reason(self) -> str:
+        """One line: which headers pika could not decode, and why."""
+        described = "; ".join(f"{key!r}: {text}" for key, text in self.undecodable.items())
+        return f"header(s) pika cannot decode: {described}"
+
+
+def lenient_decoding(connection: pika.BlockingConnection) -> pika.BlockingConnection:
+    """Have ``connection`` read a message whose headers pika cannot decode,
+    rather than die on it.
+
+    pika decodes a content header frame inside its frame parsing, and an
+    error there (a timestamp past ``datetime``'s range, a table nested
+    deeper than Python's recursion limit) ends the connection; the broker
+    delivers the message again on the next one, for ever. Here, a content
+    header frame pika's decoder rejects is decoded again field by field:
+    what pika can decode is kept, each header it cannot is replaced by its
+    description (see :class:`UndecodableProperties`), and the delivery
+    carries on with its body intact, for the consumer to set aside. Every
+    other frame, and every frame pika decodes, is pika's own.
+
+    Not a fast path: on whatever :data:`ENVIRONMENT_VARIABLE` says. Fallback
+    (pika lacks :data:`REPAIR_CHECKS`): the connection as pika made it.
+    """
+    if not LENIENT_DECODING_ACTIVE:
+        return connection
+    impl = connection._impl
+    decode_frame = pika.frame.decode_frame
+
+    def read_frame() -> tuple[int, Any]:
+        buffer = impl._frame_buffer
+        try:
+            return decode_frame(buffer)  # type: ignore[no-any-return]
+        except Exception:
+            recovered = _decode_header_frame(buffer)
+            if recovered is None:
+                raise  # not a content header: pika's error, as before
+            return recovered
+
+    impl._read_frame = read_frame
+    return connection
+
+
+def _decode_header_frame(buffer: bytes) -> tuple[int, pika.frame.Header] | None:
+    """The content header frame at the start of ``buffer``, its headers
+    decoded leniently; ``None`` when it is not one whose headers failed."""
+    try:
+        frame_type, channel_number, size = struct.unpack_from(">BHL", buffer, 0)
+        end = pika.spec.FRAME_HEADER_SIZE + size + pika.spec.FRAME_END_SIZE
+        if frame_type != pika.spec.FRAME_HEADER or end > len(buffer):
+            return None
+        data = buffer[pika.spec.FRAME_HEADER_SIZE : end - 1]
+        class_id, _weight, body_size = struct.unpack_from(">HHQ", data, 0)
+        if class_id != pika.spec.BasicProperties.INDEX:
+            return None
+        properties = _decode_properties(data[12:])
+    except Exception:  # could not recover: pika's own error stands
+        log.debug("Could not decode a content header frame leniently", exc_info=True)
+        return None
+    if properties is None:
+        return None
+    log.info(
+        "Received a message with %s; it is handed on with those headers described",
+        properties.reason,
+    )
+    return end, pika.frame.Header(channel_number, body_size, properties)
+
+
+def _decode_properties(encoded: bytes) -> UndecodableProperties | None:
+    flags: int = struct.unpack_from(">H", encoded, 0)[0]
+    spec = pika.spec.BasicProperties
+    if flags & 1 or not flags & spec.FLAG_HEADERS:
+        return None  # a second flag word (not AMQP 0-9-1), or no headers to blame
+    offset = 2
+    for flag in (spec.FLAG_CONTENT_TYPE, spec.FLAG_CONTENT_ENCODING):  # before the headers
+        if flags & flag:
+            offset += 1 + encoded[offset]
+    (size,) = struct.unpack_from(">I", encoded, offset)
+    table_end = offset + 4 + size
+    headers, undecodable = _decode_table(encoded, offset + 4, table_end)
+    if not undecodable:
+        return None
+    properties = UndecodableProperties()
+    # pika decodes every other property, from the same bytes less the table.
+    properties.decode(
+        struct.pack(">H", flags & ~spec.FLAG_HEADERS) + encoded[2:offset] + encoded[table_end:]
+    )
+    headers[_headers.UNDECODABLE_HEADERS] = dict(undecodable)
+    properties.headers = headers
+    properties.undecodable = undecodable
+    return properties
+
+
+def _decode_table(encoded: bytes, offset: int, end: int) -> tuple[dict[Any, Any], dict[str, str]]:
+    """A header table decoded entry by entry: (what pika decodes, key ->
+    description of what it does not)."""
+    headers: dict[Any, Any] = {}
+    undecodable: dict[str, str] = {}
+    while offset < end:
+        key, offset = pika.data.decode_short_string(encoded, offset)
+        shown = key if isinstance(key, str) else key.decode("utf-8", "backslashreplace")
+        start = offset
+        try:
+            headers[key], offset = pika.data.decode_value(encoded, offset)
+        except Exception as exc:  # noqa: BLE001  # RecursionError too: any failure is described
+            skipped = _value_end(encoded, start)
+            undecodable[shown] = _describe(encoded, start, exc, skipped is None)
+            if skipped is None:
+                break  # its size is unknown: the rest of the table goes with it
+            offset = skipped
+    return headers, undecodable
+
+
+def _value_end(encoded: bytes, offset: int) -> int | None:
+    """Where the field value at ``offset`` ends (without decoding it);
+    ``None`` for a type whose size is unknown."""
+    tag = encoded[offset : offset + 1]
+    size = _FIXED_SIZES.get(tag)
+    if size is not None:
+        return offset + 1 + size
+    if tag in (b"S", b"x", b"A", b"F"):
+        return int(offset + 5 + struct.unpack_from(">I", encoded, offset + 1)[0])
+    return None
+
+
+def _describe(encoded: bytes, offset: int, error: BaseException, rest_dropped: bool) -> str:
+    tag = encoded[offset : offset + 1]
+    kind = _FIELD_KINDS.get(tag, f"field of unknown type {tag!r}")
+    if tag == b"T":
+        shown = f"{kind} {struct.unpack_from('>Q', encoded, offset + 1)[0]}"
+    elif tag in (b"f", b"d"):
+        number = struct.unpack_from(">f" if tag == b"f" else ">d", encoded, offset + 1)[0]
+        shown = f"{kind} {number!r}"
+    elif tag in (b"S", b"x", b"A", b"F"):
+        shown = f"{kind} of {struct.unpack_from('>I', encoded, offset + 1)[0]} bytes"
+    else:
+        shown = kind
+    if rest_dropped:
+        shown += " (the headers after it are dropped too)"
+    text = f"{shown}: {type(error).__name__}: {error}"
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        text = text[: MAX_DESCRIPTION_CHARS - 3] + "..."
+    return text
+
+
 decide_fast_paths()
+decide_repairs()

@@ -18,6 +18,15 @@ FAILED_AT: Final = "x-failed-at"
 #: The event's own routing key, on a dead letter moved to the tail of its
 #: ``-dl`` queue by a replay run (the default exchange routes by queue name).
 ORIGINAL_ROUTING_KEY: Final = "x-original-routing-key"
+#: On every copy this library makes of a message (retry, dead letter, replay,
+#: import): the ``expiration`` property the message had. The copy has none,
+#: as RabbitMQ's own dead-lettering does: a dead letter must not expire out
+#: of its queue, nor a retry come back at the message's expiration rather
+#: than after its delay.
+ORIGINAL_EXPIRATION: Final = "x-original-expiration"
+#: Stands for the headers pika's decoder rejected on a delivery (a table:
+#: header key -> what its value was and why it could not be decoded).
+UNDECODABLE_HEADERS: Final = "x-undecodable-headers"
 
 #: Longest traceback (characters) kept in a dead letter's headers.
 MAX_TRACEBACK_CHARS: Final = 8_000
@@ -30,13 +39,16 @@ _DEATH_HEADERS: Final = ("x-death", "x-first-death-", "x-last-death-")
 
 
 def without_death_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``headers`` without RabbitMQ's dead-lettering bookkeeping."""
+    """A copy of ``headers`` without RabbitMQ's dead-lettering bookkeeping.
+
+    A key that is not UTF-8 (pika hands it on as ``bytes``) is kept.
+    """
     if not headers:
         return {}
     return {
         key: value
         for key, value in headers.items()
-        if key != "x-death" and not key.startswith(_DEATH_HEADERS[1:])
+        if not isinstance(key, str) or (key != "x-death" and not key.startswith(_DEATH_HEADERS[1:]))
     }
 
 
@@ -51,14 +63,24 @@ def retry_count(headers: Mapping[str, Any] | None) -> int:
 
 
 def copy_properties(
-    properties: pika.BasicProperties | None, headers: dict[str, Any]
+    properties: pika.BasicProperties | None,
+    headers: dict[str, Any],
+    *,
+    keep_expiration: bool = False,
 ) -> pika.BasicProperties:
     """A copy of ``properties`` (every field kept) with ``headers`` instead.
 
-    A message that had no properties at all becomes persistent.
+    A message that had no properties at all becomes persistent. Its
+    ``expiration`` is left out of the copy and kept in
+    :data:`ORIGINAL_EXPIRATION` (added to ``headers``), unless
+    ``keep_expiration`` (a view of a message, not a copy to publish).
     """
     if properties is None:
         return pika.BasicProperties(delivery_mode=2, headers=headers or None)
+    expiration = properties.expiration
+    if expiration is not None and not keep_expiration:
+        headers = {**headers, ORIGINAL_EXPIRATION: expiration}
+        expiration = None
     return pika.BasicProperties(
         content_type=properties.content_type,
         content_encoding=properties.content_encoding,
@@ -67,7 +89,7 @@ def copy_properties(
         priority=properties.priority,
         correlation_id=properties.correlation_id,
         reply_to=properties.reply_to,
-        expiration=properties.expiration,
+        expiration=expiration,
         message_id=properties.message_id,
         timestamp=properties.timestamp,
         type=properties.type,

@@ -259,7 +259,7 @@ def logical_view(
         return routing_key, properties
     original = _text(headers.get(ORIGINAL_ROUTING_KEY))
     kept = {key: value for key, value in headers.items() if key not in _INTERNAL_HEADERS}
-    copy = _headers.copy_properties(properties, kept)
+    copy = _headers.copy_properties(properties, kept, keep_expiration=True)
     return (original if original is not None else routing_key), copy
 
 

@@ -20,6 +20,7 @@ from typing import Any, Final
 import pika
 
 from .._amqp import names as _names
+from .._amqp.pika_internals import UndecodableProperties
 from .._core import headers as _headers
 from .._telemetry.log_fields import log_fields
 from ..errors import MalformedEventError
@@ -99,6 +100,11 @@ def dispatch(delivery: Delivery) -> Outcome:
 def _dispatch(delivery: Delivery) -> Outcome:
     registration = delivery.registration
     retries = _safe_retry_count(delivery)
+    if isinstance(delivery.properties, UndecodableProperties):
+        # Headers pika could not decode, described in their stead: the
+        # handler would see an event without them, so it is set aside.
+        error = MalformedEventError(delivery.properties.reason)
+        return _failure(delivery, error, retries=retries, malformed=True)
     try:
         event = _decode(delivery.body)
     except Exception as exc:  # noqa: BLE001  # anything the decoder raises: malformed
