@@ -114,6 +114,10 @@ class ConsumeLoop:
         self._consumer_tags: dict[str, Registration] = {}
         self._cancelled: list[str] = []
         self._consuming_generation = -1
+        #: The generation (channel) whose deliveries may still be started:
+        #: -1 from the moment the I/O thread learns the channel is gone,
+        #: so that handler threads skip what it had delivered (see _skip).
+        self._live_generation = -1
         self._pending: list[PendingRegistration] = []
         self._pending_lock = threading.Lock()
         self.io_thread: threading.Thread | None = None
@@ -238,6 +242,7 @@ class ConsumeLoop:
                 self._declare(channel, registration)
             self._consume(channel, registration)
         self._consuming_generation = self._link.generation
+        self._live_generation = self._link.generation
         self._take_pending()
 
     def _declare(self, channel: BlockingChannel, registration: Registration) -> None:
@@ -288,6 +293,10 @@ class ConsumeLoop:
         try:
             connection.process_data_events(time_limit=limit)
         finally:  # even if the connection was lost midway: none is left behind
+            if not self._link.is_open:
+                # Known dead from now on: handler threads start nothing more
+                # of what its channel delivered (the broker redelivers it).
+                self._live_generation = -1
             handed = self._hand_over()
         return handed
 
@@ -315,8 +324,11 @@ class ConsumeLoop:
         return pool
 
     def _skip(self, delivery: Delivery) -> bool:
-        """Asked by handler threads: is this delivery no longer to be handled?"""
-        return self.stop_requested or delivery.generation != self._link.generation
+        """Asked by a handler thread right before it starts each delivery:
+        is it no longer to be handled (stopping, or its channel is known to
+        be gone: its acknowledgement could not be sent, and the broker
+        redelivers it)?"""
+        return self.stop_requested or delivery.generation != self._live_generation
 
     def _drain(self) -> None:
         outcomes = self._take_outcomes()
@@ -403,6 +415,7 @@ class ConsumeLoop:
 
     def _on_connection_lost(self) -> None:
         """Forget the channel; outcomes for its tags are dropped as stale."""
+        self._live_generation = -1
         self._link.drop()
         self._declared.clear()
         self._consumer_tags.clear()
