@@ -30,6 +30,7 @@ from ..errors import (
     BrokerUnavailableError,
     ConfigurationError,
     HandlerThreadError,
+    SubscriberStoppingError,
     TLSError,
 )
 from . import topology as _topology
@@ -140,14 +141,20 @@ class ConsumeLoop:
         """Declare and consume a handler registered while running (any thread).
 
         Raises:
+            SubscriberStoppingError: a stop was requested (before or while
+                waiting): the run would never consume it.
             ConfigurationError: the broker refused its queue's arguments.
             BrokerError: it could not be declared in ``timeout`` seconds.
         """
         pending = PendingRegistration(registration)
         if threading.current_thread() is self.io_thread:
+            self._raise_if_stopping(registration)
             self._start_pending(pending)
         else:
             with self._pending_lock:
+                # Checked under the lock: once stopping, the I/O thread fails
+                # what is pending (see _fail_pending) and takes no more.
+                self._raise_if_stopping(registration)
                 self._pending.append(pending)
             self._link.wake()
             if not pending.done.wait(timeout):
@@ -160,6 +167,10 @@ class ConsumeLoop:
                         )
         if pending.error is not None:
             raise pending.error
+
+    def _raise_if_stopping(self, registration: Registration) -> None:
+        if self.stop_requested:
+            raise SubscriberStoppingError(_stopping_message(registration))
 
     # -- the loop (I/O thread) ---------------------------------------------------------
 
@@ -426,6 +437,9 @@ class ConsumeLoop:
 
     def _shutdown(self) -> None:
         """Graceful stop: no new deliveries, finish the running handlers."""
+        # A handler waiting in register() is one of those running handlers:
+        # it gets its error now, not after its timeout.
+        self._fail_pending()
         if not self._link.is_open:
             return
         try:
@@ -485,10 +499,21 @@ class ConsumeLoop:
             pending, self._pending = self._pending, []
         for item in pending:
             with item.lock:
-                item.error = BrokerUnavailableError(
-                    f"the subscriber stopped before {item.registration.name!r} was declared"
-                )
+                if self.stop_requested:
+                    item.error = SubscriberStoppingError(_stopping_message(item.registration))
+                else:
+                    item.error = BrokerUnavailableError(
+                        f"the subscriber stopped before {item.registration.name!r} was declared"
+                    )
                 item.done.set()
+
+
+def _stopping_message(registration: Registration) -> str:
+    return (
+        f"cannot register {registration.name!r}: the subscriber is stopping "
+        f"(stop_consuming() was called, a stop signal arrived or the timeout of "
+        f"start_consuming() passed); nothing was declared for it"
+    )
 
 
 def _raise_if_closed(link: Link) -> None:
