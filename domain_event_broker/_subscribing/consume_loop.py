@@ -194,9 +194,11 @@ class ConsumeLoop:
                     self._ensure_consuming()
                     recovery.on_connected()
                     self._poll(deadline)
-                except (AuthenticationError, ConfigurationError, HandlerThreadError, TLSError):
+                except (ConfigurationError, HandlerThreadError, TLSError):
                     raise
-                except (BrokerUnavailableError, *CONNECTION_ERRORS) as exc:
+                except (AuthenticationError, BrokerUnavailableError, *CONNECTION_ERRORS) as exc:
+                    if isinstance(exc, AuthenticationError):
+                        self._raise_unless_rotating(exc, recovery)
                     pause = recovery.on_lost(exc, _hint(exc))
                     self._on_connection_lost()
                     if deadline is not None:
@@ -206,6 +208,22 @@ class ConsumeLoop:
         finally:
             self._stop_pools()
             self._fail_pending()
+
+    def _raise_unless_rotating(self, exc: AuthenticationError, recovery: Recovery) -> None:
+        """Raise ``exc`` unless the credentials refused while reconnecting may
+        be a secret being rotated: the settings come from the configured
+        source (read again at each attempt: the broker may have the new
+        password before the file has it), and the link was lost less than
+        the connection timeout ago. Then it is retried like a lost link."""
+        config = self._link.config
+        if not (config.reread and recovery.lost and recovery.lost_for < config.timeout):
+            raise exc
+        log.warning(
+            "%s; reading the broker settings again and retrying for up to %gs "
+            "after the loss (a password being rotated?)",
+            exc,
+            config.timeout,
+        )
 
     def _poll(self, deadline: float | None) -> None:
         connection = self._link.connection

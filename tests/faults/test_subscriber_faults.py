@@ -498,3 +498,71 @@ def test_broker_stopped_under_a_backlog(
     )
     runner.assert_running()
     runner.stop()
+
+
+def _with_credentials(url: str, user: str, password: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+@pytest.mark.parametrize("file_first", [True, False], ids=["file-first", "loss-first"])
+def test_rotated_password_is_used_when_reconnecting(
+    file_first: bool,
+    rabbitmq: RabbitControl,
+    names: Any,
+    run_subscriber: Any,
+    broker_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 23, item 10: DOMAIN_EVENT_BROKER_FILE rewritten with a new
+    password, then the connection drops: the running subscriber reconnects
+    with the new password (it used the old one and raised AuthenticationError).
+    When the connection drops before the file is rewritten, the refused
+    credentials are retried (the file read again) for up to the timeout."""
+    caplog.set_level(logging.INFO)
+    user = f"faults-{uuid.uuid4().hex[:8]}"
+    old, new = uuid.uuid4().hex, uuid.uuid4().hex
+    rabbitmq.ctl("add_user", user, old)
+    try:
+        rabbitmq.ctl("set_permissions", "-p", rabbitmq.vhost, user, ".*", ".*", ".*")
+        secret = tmp_path / "broker-url"
+        secret.write_text(_with_credentials(broker_url, user, old) + "\n")
+        monkeypatch.delenv("DOMAIN_EVENT_BROKER", raising=False)
+        monkeypatch.setenv("DOMAIN_EVENT_BROKER_FILE", str(secret))
+        name = names.new("faults")
+        routing_key = unique()
+        recorder = Recorder()
+        subscriber = Subscriber(timeout=10)  # the configured source: the file
+        subscriber.register(recorder, name, [routing_key])
+        runner = run_subscriber(subscriber)
+        _receives(recorder, _publish(routing_key, 1))
+
+        # The secret manager's rotation: the broker first, then the file.
+        rabbitmq.ctl("change_password", user, new)
+        rotated = f"# rotated\n{_with_credentials(broker_url, user, new)}\n"
+        if file_first:
+            secret.write_text(rotated)
+            rabbitmq.close_all_connections()
+        else:
+            rabbitmq.close_all_connections()
+            wait_for(
+                lambda: any(
+                    "refused the credentials" in r.getMessage()
+                    for r in _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER)
+                ),
+                timeout=10,
+                message="the old password to be refused",
+            )
+            secret.write_text(rotated)
+
+        _receives(recorder, _publish(routing_key, 2))
+        runner.assert_running()
+        runner.stop()
+        text = "\n".join(record.getMessage() for record in caplog.records)
+        assert old not in text and new not in text, "no password in the log"
+    finally:
+        with contextlib.suppress(RuntimeError):
+            rabbitmq.ctl("delete_user", user)
