@@ -552,7 +552,7 @@ def _resolve(
         # 3.0.2 used '' to mean "the default broker".
         settings = UNSET
     reread = isinstance(settings, _Unset)
-    if reread:
+    if isinstance(settings, _Unset):
         settings = _configured_settings()
     if settings is None:
         return None
