@@ -29,6 +29,7 @@ from .errors import (
     MalformedEventError,
     PublishError,
     PublishTimeoutError,
+    SubscriberStoppingError,
     TLSError,
     UnroutableError,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "Publisher",
     "Retry",
     "Subscriber",
+    "SubscriberStoppingError",
     "TLSError",
     "UnroutableError",
     "__version__",

@@ -19,7 +19,8 @@ Hierarchy::
     │       ├── UnroutableError     no queue bound, and the publisher required one
     │       └── BatchPublishError   some events of a batch were not confirmed
     ├── DeadLetterQueueNotFoundError  replay on a handler without a ``-dl`` queue
-    └── HandlerThreadError          a subscriber's handler thread died
+    ├── HandlerThreadError          a subscriber's handler thread died
+    └── SubscriberStoppingError     (also RuntimeError) register() on a stopping subscriber
 
 Translation from pika's exceptions happens in one place,
 :mod:`domain_event_broker._amqp.failures`.
@@ -44,6 +45,7 @@ __all__ = [
     "MalformedEventError",
     "PublishError",
     "PublishTimeoutError",
+    "SubscriberStoppingError",
     "TLSError",
     "UnroutableError",
 ]
@@ -133,4 +135,17 @@ class HandlerThreadError(DomainEventBrokerError):
     are redelivered. The thread's exception is chained (``__cause__``).
 
     .. versionadded:: 4.1
+    """
+
+
+class SubscriberStoppingError(DomainEventBrokerError, RuntimeError):
+    """``Subscriber.register()`` was called while the subscriber is stopping.
+
+    Raised at once, from any thread (a handler included), once
+    ``stop_consuming()`` was called, a stop signal arrived or the
+    ``start_consuming()`` timeout passed: a handler registered then would
+    never consume. Register it before :meth:`~domain_event_broker.Subscriber.start_consuming`,
+    or after it returned. Nothing was declared for it.
+
+    .. versionadded:: 4.2
     """

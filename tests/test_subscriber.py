@@ -26,6 +26,7 @@ from domain_event_broker import (
     Publisher,
     Retry,
     Subscriber,
+    SubscriberStoppingError,
     publish_domain_event,
 )
 
@@ -413,6 +414,64 @@ def test_stop_consuming_from_inside_a_handler(names: Names) -> None:
     assert [e.data["n"] for e in recorder.events] == [1]
     assert wait_for(lambda: queue_size(name) == 1)
     assert not worker_threads()
+
+
+def test_register_from_a_handler_after_stop_consuming_fails_at_once(names: Names) -> None:
+    """Issue 23, item 4: it hung the stop for the register timeout (30 s), then
+    said "the connection is down" while it was up."""
+    name = names.new("stop-register")
+    late = names.new("stop-register-late")
+    errors: list[BaseException] = []
+
+    def handler(event: DomainEvent) -> None:
+        subscriber.stop_consuming()
+        try:
+            subscriber.register(nop, late, ["stopregister.late"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    subscriber = Subscriber(timeout=20)
+    subscriber.register(handler, name, ["stopregister.x"])
+    publish_domain_event("stopregister.x", {})
+    started = time.monotonic()
+    subscriber.start_consuming(timeout=40)
+    assert time.monotonic() - started < 10, "the stop waited for register()"
+    assert len(errors) == 1 and isinstance(errors[0], SubscriberStoppingError), errors
+    assert isinstance(errors[0], RuntimeError)
+    assert "stopping" in str(errors[0]) and late in str(errors[0])
+    assert not queue_exists_named(late), "nothing is declared for it"
+    assert queue_size(name) == 0, "the handler's own event was acknowledged"
+    # After start_consuming() returned, registering works again.
+    subscriber.register(nop, late, ["stopregister.late"])
+    assert queue_exists_named(late)
+    subscriber.close()
+
+
+def test_register_from_another_thread_while_stopping_fails_at_once(names: Names) -> None:
+    name = names.new("stopping-register")
+    late = names.new("stopping-register-late")
+    release = threading.Event()
+
+    def slow(event: DomainEvent) -> None:
+        release.wait(20)  # the stop waits for this handler
+
+    subscriber = Subscriber(timeout=20)
+    subscriber.register(slow, name, ["stoppingregister.x"])
+    publish_domain_event("stoppingregister.x", {})
+    thread = threading.Thread(target=subscriber.start_consuming)
+    thread.start()
+    try:
+        wait_for(lambda: subscriber._loop is not None and subscriber._loop._in_flight == 1)
+        subscriber.stop_consuming()
+        started = time.monotonic()
+        with pytest.raises(SubscriberStoppingError, match="stopping"):
+            subscriber.register(nop, late, ["stoppingregister.late"])
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+        thread.join(20)
+    assert not thread.is_alive()
+    assert not queue_exists_named(late)
 
 
 def test_stop_consuming_from_another_thread_waits_for_the_handler(names: Names) -> None:

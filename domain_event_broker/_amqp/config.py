@@ -11,7 +11,9 @@ Resolution order for a broker URL, first match wins:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import math
 import os
 import re
@@ -19,7 +21,7 @@ import ssl
 import threading
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import pika
@@ -29,6 +31,8 @@ from . import names as _names
 from . import tls as _tls
 
 __all__ = ["UNSET", "configure", "reset_defaults"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_URL: Final = "amqp://guest:guest@localhost:5672/%2F"
 ENVIRONMENT_VARIABLE: Final = "DOMAIN_EVENT_BROKER"
@@ -371,6 +375,11 @@ class BrokerConfig:
     timeout: float
     #: The caller's context for ``amqps://`` URLs; ``None``: built from the URL.
     ssl_context: ssl.SSLContext | None = None
+    #: Whether the URLs came from the configured source (the environment,
+    #: the broker file, :func:`configure`), not from the caller: then a new
+    #: connection reads them again (:func:`current`), so that a rotated
+    #: password reaches long-lived connections too.
+    reread: bool = field(default=False, compare=False)
 
     def __repr__(self) -> str:
         return f"BrokerConfig(urls={self.display!r}, timeout={self.timeout!r})"
@@ -594,16 +603,60 @@ def _resolve(
     if isinstance(settings, str) and not settings.strip():
         # 3.0.2 used '' to mean "the default broker".
         settings = UNSET
+    reread = isinstance(settings, _Unset)
     if isinstance(settings, _Unset):
-        settings = _from_environment() or _defaults.broker
-    if isinstance(settings, _Unset):
-        settings = DEFAULT_URL
+        settings = _configured_settings()
     if settings is None:
         return None
+    urls = _checked_urls(settings, context is not None)
+    return BrokerConfig(urls=urls, timeout=seconds, ssl_context=context, reread=reread)
+
+
+def _configured_settings() -> str | Sequence[str] | None:
+    """The settings of the configured source: the environment (or the broker
+    file), else :func:`configure`'s, else :data:`DEFAULT_URL`."""
+    settings = _from_environment() or _defaults.broker
+    return DEFAULT_URL if isinstance(settings, _Unset) else settings
+
+
+def _checked_urls(settings: str | Sequence[str], own_context: bool) -> tuple[str, ...]:
     urls = _as_tuple(settings)
     _parse_urls(urls)
-    _check_tls(urls, context is not None)
-    return BrokerConfig(urls=urls, timeout=seconds, ssl_context=context)
+    _check_tls(urls, own_context)
+    return urls
+
+
+def current(config: BrokerConfig) -> BrokerConfig:
+    """``config`` with the URLs its source holds now, for a new connection.
+
+    A config resolved from the configured source (``config.reread``) reads
+    the environment, the broker file and :func:`configure` again: a secret
+    manager that rewrote ``DOMAIN_EVENT_BROKER_FILE`` with a new password is
+    followed by every reconnection, not only by new publishers. The file is
+    read again only when it changed. Other configs are returned as they are.
+
+    If the source cannot be used now (a file half written, a malformed URL,
+    the broker disabled), the previous URLs are kept, with a WARNING; the
+    next connection looks again.
+    """
+    if not config.reread:
+        return config
+    try:
+        settings = _configured_settings()
+        if settings is None:
+            raise ConfigurationError("the broker is disabled now (None)")
+        urls = _checked_urls(settings, config.ssl_context is not None)
+    except ConfigurationError as exc:
+        log.warning(
+            "Could not read the broker settings again (%s); connecting with the previous ones",
+            exc,
+        )
+        return config
+    if urls == config.urls:
+        return config
+    changed = dataclasses.replace(config, urls=urls)
+    log.info("The broker settings changed; connecting to %s", changed.display)
+    return changed
 
 
 # -- TLS and the broker file (issue 15) ----------------------------------------------

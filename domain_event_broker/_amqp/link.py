@@ -19,7 +19,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from .._telemetry import otel as _instrument
 from ..errors import BrokerUnavailableError
-from .config import BrokerConfig
+from .config import BrokerConfig, current
 from .connect import (
     CONNECTION_ERRORS,
     INITIAL_BACKOFF,
@@ -46,7 +46,9 @@ class Link:
     not thread-safe), except :meth:`wake` (safe from any thread).
 
     Args:
-        config: the resolved broker settings.
+        config: the resolved broker settings; when they came from the
+            configured source, each new connection reads it again
+            (:func:`.config.current`), and :attr:`config` follows.
         connection_name: shown in the management UI.
         should_stop: polled between connection attempts; true ends them.
         setup: called with each new channel before it is handed out (e.g. to
@@ -111,6 +113,9 @@ class Link:
         self.drop()
         if time_left is not None and time_left <= 0:
             raise BrokerUnavailableError(f"no time left to connect to {self.config.display}")
+        # A new connection uses what the configured source holds now (a
+        # rotated password), not what it held when this link was made.
+        self.config = current(self.config)
         connection = connect(
             self.config,
             f"{self._connection_name} (pid {os.getpid()})",
@@ -234,6 +239,11 @@ class Recovery:
     def lost(self) -> bool:
         """Whether the link is down (lost and not recovered yet)."""
         return self._lost_since is not None
+
+    @property
+    def lost_for(self) -> float:
+        """Seconds since the link was lost (0 when it is not)."""
+        return 0.0 if self._lost_since is None else time.monotonic() - self._lost_since
 
     def on_lost(
         self, exc: BaseException, advice: str = "", *, expected: str | None = None

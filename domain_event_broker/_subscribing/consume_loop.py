@@ -30,6 +30,7 @@ from ..errors import (
     BrokerUnavailableError,
     ConfigurationError,
     HandlerThreadError,
+    SubscriberStoppingError,
     TLSError,
 )
 from . import topology as _topology
@@ -114,6 +115,10 @@ class ConsumeLoop:
         self._consumer_tags: dict[str, Registration] = {}
         self._cancelled: list[str] = []
         self._consuming_generation = -1
+        #: The generation (channel) whose deliveries may still be started:
+        #: -1 from the moment the I/O thread learns the channel is gone,
+        #: so that handler threads skip what it had delivered (see _skip).
+        self._live_generation = -1
         self._pending: list[PendingRegistration] = []
         self._pending_lock = threading.Lock()
         self.io_thread: threading.Thread | None = None
@@ -136,14 +141,20 @@ class ConsumeLoop:
         """Declare and consume a handler registered while running (any thread).
 
         Raises:
+            SubscriberStoppingError: a stop was requested (before or while
+                waiting): the run would never consume it.
             ConfigurationError: the broker refused its queue's arguments.
             BrokerError: it could not be declared in ``timeout`` seconds.
         """
         pending = PendingRegistration(registration)
         if threading.current_thread() is self.io_thread:
+            self._raise_if_stopping(registration)
             self._start_pending(pending)
         else:
             with self._pending_lock:
+                # Checked under the lock: once stopping, the I/O thread fails
+                # what is pending (see _fail_pending) and takes no more.
+                self._raise_if_stopping(registration)
                 self._pending.append(pending)
             self._link.wake()
             if not pending.done.wait(timeout):
@@ -156,6 +167,10 @@ class ConsumeLoop:
                         )
         if pending.error is not None:
             raise pending.error
+
+    def _raise_if_stopping(self, registration: Registration) -> None:
+        if self.stop_requested:
+            raise SubscriberStoppingError(_stopping_message(registration))
 
     # -- the loop (I/O thread) ---------------------------------------------------------
 
@@ -179,9 +194,11 @@ class ConsumeLoop:
                     self._ensure_consuming()
                     recovery.on_connected()
                     self._poll(deadline)
-                except (AuthenticationError, ConfigurationError, HandlerThreadError, TLSError):
+                except (ConfigurationError, HandlerThreadError, TLSError):
                     raise
-                except (BrokerUnavailableError, *CONNECTION_ERRORS) as exc:
+                except (AuthenticationError, BrokerUnavailableError, *CONNECTION_ERRORS) as exc:
+                    if isinstance(exc, AuthenticationError):
+                        self._raise_unless_rotating(exc, recovery)
                     pause = recovery.on_lost(exc, _hint(exc))
                     self._on_connection_lost()
                     if deadline is not None:
@@ -191,6 +208,22 @@ class ConsumeLoop:
         finally:
             self._stop_pools()
             self._fail_pending()
+
+    def _raise_unless_rotating(self, exc: AuthenticationError, recovery: Recovery) -> None:
+        """Raise ``exc`` unless the credentials refused while reconnecting may
+        be a secret being rotated: the settings come from the configured
+        source (read again at each attempt: the broker may have the new
+        password before the file has it), and the link was lost less than
+        the connection timeout ago. Then it is retried like a lost link."""
+        config = self._link.config
+        if not (config.reread and recovery.lost and recovery.lost_for < config.timeout):
+            raise exc
+        log.warning(
+            "%s; reading the broker settings again and retrying for up to %gs "
+            "after the loss (a password being rotated?)",
+            exc,
+            config.timeout,
+        )
 
     def _poll(self, deadline: float | None) -> None:
         connection = self._link.connection
@@ -238,6 +271,7 @@ class ConsumeLoop:
                 self._declare(channel, registration)
             self._consume(channel, registration)
         self._consuming_generation = self._link.generation
+        self._live_generation = self._link.generation
         self._take_pending()
 
     def _declare(self, channel: BlockingChannel, registration: Registration) -> None:
@@ -288,6 +322,10 @@ class ConsumeLoop:
         try:
             connection.process_data_events(time_limit=limit)
         finally:  # even if the connection was lost midway: none is left behind
+            if not self._link.is_open:
+                # Known dead from now on: handler threads start nothing more
+                # of what its channel delivered (the broker redelivers it).
+                self._live_generation = -1
             handed = self._hand_over()
         return handed
 
@@ -315,8 +353,11 @@ class ConsumeLoop:
         return pool
 
     def _skip(self, delivery: Delivery) -> bool:
-        """Asked by handler threads: is this delivery no longer to be handled?"""
-        return self.stop_requested or delivery.generation != self._link.generation
+        """Asked by a handler thread right before it starts each delivery:
+        is it no longer to be handled (stopping, or its channel is known to
+        be gone: its acknowledgement could not be sent, and the broker
+        redelivers it)?"""
+        return self.stop_requested or delivery.generation != self._live_generation
 
     def _drain(self) -> None:
         outcomes = self._take_outcomes()
@@ -403,6 +444,7 @@ class ConsumeLoop:
 
     def _on_connection_lost(self) -> None:
         """Forget the channel; outcomes for its tags are dropped as stale."""
+        self._live_generation = -1
         self._link.drop()
         self._declared.clear()
         self._consumer_tags.clear()
@@ -413,6 +455,9 @@ class ConsumeLoop:
 
     def _shutdown(self) -> None:
         """Graceful stop: no new deliveries, finish the running handlers."""
+        # A handler waiting in register() is one of those running handlers:
+        # it gets its error now, not after its timeout.
+        self._fail_pending()
         if not self._link.is_open:
             return
         try:
@@ -472,10 +517,21 @@ class ConsumeLoop:
             pending, self._pending = self._pending, []
         for item in pending:
             with item.lock:
-                item.error = BrokerUnavailableError(
-                    f"the subscriber stopped before {item.registration.name!r} was declared"
-                )
+                if self.stop_requested:
+                    item.error = SubscriberStoppingError(_stopping_message(item.registration))
+                else:
+                    item.error = BrokerUnavailableError(
+                        f"the subscriber stopped before {item.registration.name!r} was declared"
+                    )
                 item.done.set()
+
+
+def _stopping_message(registration: Registration) -> str:
+    return (
+        f"cannot register {registration.name!r}: the subscriber is stopping "
+        f"(stop_consuming() was called, a stop signal arrived or the timeout of "
+        f"start_consuming() passed); nothing was declared for it"
+    )
 
 
 def _raise_if_closed(link: Link) -> None:

@@ -235,6 +235,8 @@ class Subscriber:
             ValueError: empty ``name``, no binding keys, negative
                 ``max_retries``, ``concurrency`` below 1, or a name already
                 registered.
+            SubscriberStoppingError: called while consuming, once the
+                subscriber is stopping (raised at once; nothing is declared).
             ConfigurationError: the queue exists with other arguments,
                 ``name`` is reserved by RabbitMQ (``amq.`` prefix), or the
                 broker refuses a non-durable queue that is not exclusive.

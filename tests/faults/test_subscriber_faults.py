@@ -22,7 +22,7 @@ from domain_event_broker._amqp import pika_internals
 from domain_event_broker.subscribe import DEFAULT_PREFETCH_COUNT
 
 from ..helpers import BROKER_URL, queue_size, raw_connection, wait_for
-from .control import RabbitControl, Recorder, library_records, unique
+from .control import REPORTS, RabbitControl, Recorder, library_records, unique
 from .proxy import TcpProxy
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(90)]
@@ -385,6 +385,184 @@ def test_credentials_revoked_while_consuming(
         assert runner.returned.wait(30), "start_consuming() kept retrying refused credentials"
         assert isinstance(runner.error, AuthenticationError), runner.error
         assert password not in str(runner.error)
+    finally:
+        with contextlib.suppress(RuntimeError):
+            rabbitmq.ctl("delete_user", user)
+
+
+class _Timeline:
+    """A handler that notes when it starts each event, then works a while."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.calls: list[tuple[str, float]] = []
+
+    def __call__(self, event: DomainEvent) -> None:
+        with self.lock:
+            self.calls.append((event.uuid_string, time.time()))
+        time.sleep(self.seconds)  # the handler's work
+
+    def started(self) -> list[tuple[str, float]]:
+        with self.lock:
+            return list(self.calls)
+
+    def between(self, start: float, end: float) -> list[str]:
+        return [uuid_string for uuid_string, at in self.started() if start <= at <= end]
+
+    def distinct(self) -> set[str]:
+        return {uuid_string for uuid_string, _ in self.started()}
+
+
+def _outage_backlog(
+    names: Any, run_subscriber: Any, url: str, count: int
+) -> tuple[Any, _Timeline, list[str]]:
+    """A subscriber with ``count`` events queued for a slow handler, the
+    first of them started."""
+    name = names.new("faults")
+    routing_key = unique()
+    handler = _Timeline(0.3)
+    subscriber = Subscriber(url, timeout=60)
+    subscriber.register(handler, name, [routing_key])
+    with Publisher(BROKER_URL, timeout=20) as publisher:
+        uuids = [
+            publisher.publish_event(DomainEvent(routing_key, {"n": n})).uuid_string
+            for n in range(count)
+        ]
+    runner = run_subscriber(subscriber)
+    wait_for(lambda: handler.started(), message="the first event to start")
+    return runner, handler, uuids
+
+
+def _lost_at(caplog: pytest.LogCaptureFixture) -> float:
+    """When the subscriber logged the loss (wall clock)."""
+    lost = wait_for(
+        lambda: _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER),
+        timeout=60,
+        message="the subscriber to notice the loss",
+    )
+    return lost[0].created
+
+
+def test_no_handler_starts_on_a_delivery_of_a_lost_connection(
+    names: Any, run_subscriber: Any, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23, item 5: during an outage, what the lost channel had delivered
+    (prefetched, not started) is not handled: its acknowledgement could not
+    go out, and the broker delivers it again after the outage."""
+    caplog.set_level(logging.INFO)
+    runner, handler, uuids = _outage_backlog(names, run_subscriber, proxy.url(BROKER_URL), 12)
+
+    proxy.refuse()  # the node is down: no new connection until it is back
+    assert proxy.cut() == 1
+    lost_at = _lost_at(caplog)
+    outage = 2.0  # the outage lasts this long, whatever the subscriber does
+    time.sleep(max(0.0, lost_at + outage - time.time()))
+    back_at = time.time()
+    proxy.refuse(False)
+
+    wait_for(lambda: handler.distinct() == set(uuids), timeout=60, message="every event")
+    during = handler.between(lost_at, back_at)
+    assert during == [], f"{len(during)} handler call(s) started while the connection was down"
+    counts = [uuid_string for uuid_string, _ in handler.started()]
+    twice = len(counts) - len(set(counts))
+    # At most the event running at the cut: its acknowledgement was lost.
+    assert twice <= 1, f"{twice} events handled twice"
+    runner.assert_running()
+    runner.stop()
+
+
+@pytest.mark.slow
+def test_broker_stopped_under_a_backlog(
+    rabbitmq: RabbitControl, names: Any, run_subscriber: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23, item 5, as found: the broker stopped for 5 s under a backlog
+    of 30. Before the fix, 25 were handled twice, 11-12 calls while down."""
+    caplog.set_level(logging.INFO)
+    runner, handler, uuids = _outage_backlog(names, run_subscriber, BROKER_URL, 30)
+
+    rabbitmq.stop_app()
+    stopped_at = time.time()
+    lost_at = _lost_at(caplog)
+    time.sleep(max(0.0, stopped_at + 5.0 - time.time()))  # the outage lasts 5 s
+    start_at = time.time()
+    rabbitmq.start_app()
+
+    wait_for(lambda: handler.distinct() == set(uuids), timeout=90, message="every event")
+    during = handler.between(lost_at, start_at)
+    assert during == [], f"{len(during)} handler call(s) started while the broker was down"
+    counts = [uuid_string for uuid_string, _ in handler.started()]
+    REPORTS.append(
+        f"broker stopped 5 s under a backlog of {len(uuids)}: "
+        f"{len(counts) - len(set(counts))} handled twice, 0 started while down"
+    )
+    runner.assert_running()
+    runner.stop()
+
+
+def _with_credentials(url: str, user: str, password: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+@pytest.mark.parametrize("file_first", [True, False], ids=["file-first", "loss-first"])
+def test_rotated_password_is_used_when_reconnecting(
+    file_first: bool,
+    rabbitmq: RabbitControl,
+    names: Any,
+    run_subscriber: Any,
+    broker_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 23, item 10: DOMAIN_EVENT_BROKER_FILE rewritten with a new
+    password, then the connection drops: the running subscriber reconnects
+    with the new password (it used the old one and raised AuthenticationError).
+    When the connection drops before the file is rewritten, the refused
+    credentials are retried (the file read again) for up to the timeout."""
+    caplog.set_level(logging.INFO)
+    user = f"faults-{uuid.uuid4().hex[:8]}"
+    old, new = uuid.uuid4().hex, uuid.uuid4().hex
+    rabbitmq.ctl("add_user", user, old)
+    try:
+        rabbitmq.ctl("set_permissions", "-p", rabbitmq.vhost, user, ".*", ".*", ".*")
+        secret = tmp_path / "broker-url"
+        secret.write_text(_with_credentials(broker_url, user, old) + "\n")
+        monkeypatch.delenv("DOMAIN_EVENT_BROKER", raising=False)
+        monkeypatch.setenv("DOMAIN_EVENT_BROKER_FILE", str(secret))
+        name = names.new("faults")
+        routing_key = unique()
+        recorder = Recorder()
+        subscriber = Subscriber(timeout=10)  # the configured source: the file
+        subscriber.register(recorder, name, [routing_key])
+        runner = run_subscriber(subscriber)
+        _receives(recorder, _publish(routing_key, 1))
+
+        # The secret manager's rotation: the broker first, then the file.
+        rabbitmq.ctl("change_password", user, new)
+        rotated = f"# rotated\n{_with_credentials(broker_url, user, new)}\n"
+        if file_first:
+            secret.write_text(rotated)
+            rabbitmq.close_all_connections()
+        else:
+            rabbitmq.close_all_connections()
+            wait_for(
+                lambda: any(
+                    "refused the credentials" in r.getMessage()
+                    for r in _records(caplog, logging.WARNING, SUBSCRIBE_LOGGER)
+                ),
+                timeout=10,
+                message="the old password to be refused",
+            )
+            secret.write_text(rotated)
+
+        _receives(recorder, _publish(routing_key, 2))
+        runner.assert_running()
+        runner.stop()
+        text = "\n".join(record.getMessage() for record in caplog.records)
+        assert old not in text and new not in text, "no password in the log"
     finally:
         with contextlib.suppress(RuntimeError):
             rabbitmq.ctl("delete_user", user)
