@@ -100,8 +100,13 @@ class Sender:
         routing_key: str,
         properties: pika.BasicProperties,
         mandatory: bool = False,
+        *,
+        deadline: float | None = None,
     ) -> None:
         """Publish one message and wait for its confirm (see :meth:`_attempts`).
+
+        ``deadline`` (``time.monotonic()``), when given and sooner than the
+        timeout, ends the attempts.
 
         Raises:
             PublishError: nacked; :class:`UnroutableError` when returned.
@@ -121,9 +126,10 @@ class Sender:
                 raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
 
         with self.lock:
+            time_limit = time.monotonic() + self.config.timeout
             self._attempts(
                 f"publishing {routing_key!r}",
-                time.monotonic() + self.config.timeout,
+                time_limit if deadline is None else min(time_limit, deadline),
                 publish_once,
             )
 
