@@ -170,10 +170,12 @@ class BatchChannel:
         *,
         deadline: float,
         mandatory: bool,
+        written: set[int],
     ) -> None:
         """Send the events at indexes ``todo``; wait for their confirms.
 
-        Writes the outcome of each confirmed or refused event into ``results``.
+        Writes the outcome of each confirmed or refused event into ``results``,
+        and adds the index of each event sent (whatever came of it) to ``written``.
 
         Raises:
             NoConfirmInTime: ``deadline`` passed first.
@@ -182,7 +184,7 @@ class BatchChannel:
         line = self._pipeline
         if line is None:
             self._send_one_by_one(
-                exchange, todo, batch, bodies, properties, results, deadline, mandatory
+                exchange, todo, batch, bodies, properties, results, deadline, mandatory, written
             )
             return
         confirms = self._confirms
@@ -194,6 +196,7 @@ class BatchChannel:
                 self._wait(line, lambda: confirms.in_flight <= low_water, deadline)
             elif count % SEND_EVERY == 0:
                 line.run_until()  # send what is buffered; take confirms in
+            written.add(index)
             send(exchange, batch[index].routing_key, bodies[index], properties[index], mandatory)
             confirms.sent(index)
         self._wait(line, lambda: confirms.in_flight == 0, deadline)
@@ -208,12 +211,14 @@ class BatchChannel:
         results: Results,
         deadline: float,
         mandatory: bool,
+        written: set[int],
     ) -> None:
         """:meth:`send` on pika's own paths: each event waits for its confirm."""
         for index in todo:
             if time.monotonic() >= deadline:
                 raise NoConfirmInTime
             event = batch[index]
+            written.add(index)
             try:
                 self._channel.basic_publish(
                     exchange=exchange,

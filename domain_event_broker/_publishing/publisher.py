@@ -29,7 +29,13 @@ from ..errors import BatchPublishError, BrokerUnavailableError
 from ..events import DomainEvent, check_event, new_event, validate_routing_key
 from .sender import Sender
 
-__all__ = ["Publisher", "close_shared_publishers", "publish_domain_event", "publish_settings"]
+__all__ = [
+    "Publisher",
+    "close_shared_publishers",
+    "publish_domain_event",
+    "publish_event_before",
+    "publish_settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -351,9 +357,12 @@ class Publisher:
         if failed:
             confirmed = [batch[index] for index, error in sorted(results.items()) if not error]
             first = failed[0][1]
+            maybe = sum(bool(getattr(error, "maybe_delivered", False)) for _, error in failed)
             raise BatchPublishError(
-                f"{len(failed)} of {len(batch)} event(s) not confirmed; the first, "
-                f"{failed[0][0].routing_key!r} (uuid {failed[0][0].uuid_string}): {first}",
+                f"{len(failed)} of {len(batch)} event(s) not confirmed"
+                + (f" ({maybe} of them may have reached the broker all the same)" if maybe else "")
+                + f"; the first, {failed[0][0].routing_key!r} (uuid "
+                f"{failed[0][0].uuid_string}): {first}",
                 failed,
                 confirmed,
             ) from first
@@ -617,6 +626,23 @@ def publish_domain_event(
     if _captured(event) or config is None:
         return event
     return _shared_pool(config).publish(event, body.encode("utf-8"), mandatory, config=config)
+
+
+def publish_event_before(
+    event: DomainEvent, body: bytes, config: BrokerConfig | None, mandatory: bool, deadline: float
+) -> DomainEvent:
+    """Publish an event that :func:`~domain_event_broker.events.new_event` built
+    (``body`` encoded), as :func:`publish_domain_event` does, but give up at
+    ``deadline`` (``time.monotonic()``) if the timeout has not ended it
+    before: ``publish_on_commit`` bounds a transaction's events by one deadline.
+
+    Raises:
+        BrokerError: as :func:`publish_domain_event`; ``BrokerUnavailableError``
+            also when ``deadline`` passed.
+    """
+    if _captured(event) or config is None:
+        return event
+    return _shared_pool(config).publish(event, body, mandatory, config=config, deadline=deadline)
 
 
 def publish_settings(
