@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import pytest
@@ -100,6 +101,35 @@ def test_failure_after_commit_is_logged_not_raised(
     assert "test.lost" in record.getMessage()
     assert uuid_string in record.getMessage()
     assert record.exc_info is not None
+
+
+def test_a_dead_broker_holds_the_commit_up_once_not_once_per_event(
+    db_alias: str, event_queue: EventQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23, item 20: one deadline bounds a transaction's events (10
+    events x 1 s held the commit up for 10 s)."""
+    configure(timeout=1.0)
+    caplog.set_level(logging.ERROR, logger="domain_event_broker.django")
+    started = time.monotonic()
+    with transaction.atomic(using=db_alias):
+        lost = [
+            publish_on_commit(
+                "test.lost", {"n": n}, connection_settings=DEAD_BROKER_URL, using=db_alias
+            )
+            for n in range(10)
+        ]
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0 + 1.0, elapsed
+    records = [r for r in caplog.records if r.name == "domain_event_broker.django.transaction"]
+    assert len(records) == len(lost)
+    assert all(e.uuid_string in r.getMessage() for e, r in zip(lost, records, strict=True))
+    for record in records:
+        assert "lost" in record.getMessage()
+        assert "may or may not" not in record.getMessage()  # never sent: certainly lost
+    # The next transaction has a deadline of its own.
+    with transaction.atomic(using=db_alias):
+        kept = publish_on_commit(event_queue.key("kept"), {}, using=db_alias)
+    assert [b["uuid_string"] for b in event_queue.take_until(1)] == [kept.uuid_string]
 
 
 def test_bad_input_raises_before_the_commit(db_alias: str) -> None:
