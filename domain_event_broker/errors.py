@@ -52,7 +52,23 @@ __all__ = [
 
 
 class BrokerError(DomainEventBrokerError):
-    """Talking to the broker failed."""
+    """Talking to the broker failed.
+
+    Attributes:
+        maybe_delivered: ``True`` when a publish failed after the message was
+            sent, without the broker's answer (no confirm in time, a blocked
+            or lost connection): the event may or may not have reached the
+            broker, and may still be delivered to subscribers. Publishing it
+            again is safe for subscribers that tolerate a duplicate (the same
+            ``uuid_string``: at-least-once); treating it as lost is not.
+            ``False`` when the broker certainly did not take it (it was never
+            sent, or the broker nacked or returned it).
+
+    .. versionchanged:: 4.2
+       ``maybe_delivered``.
+    """
+
+    maybe_delivered: bool = False
 
 
 class BrokerUnavailableError(BrokerError):
@@ -86,7 +102,15 @@ class PublishError(BrokerError):
 
 class PublishTimeoutError(PublishError):
     """The broker blocked the publishing connection (a memory or disk alarm)
-    for longer than ``blocked_connection_timeout``."""
+    for longer than the timeout (``blocked_connection_timeout``).
+
+    The event may or may not have reached the broker (:attr:`maybe_delivered`
+    is ``True``): a blocked broker stops reading from the connection, and an
+    event it had already taken in, or that waits in its buffers, is published
+    when the alarm clears. Do not take the event for lost.
+    """
+
+    maybe_delivered = True
 
 
 class UnroutableError(PublishError):
@@ -107,8 +131,18 @@ class BatchPublishError(PublishError):
             chaining pika's error where there was one.
         confirmed: the events the broker did confirm, in the order of the
             batch.
+        maybe_delivered: whether some of the failed events may have reached
+            the broker all the same (see below).
 
     The exception chains the cause of the first failure.
+
+    "Failed" means "not confirmed", not "not delivered": an event that was
+    sent but whose confirm did not come in time (a blocked connection under a
+    memory alarm, a lost connection) may still have reached the broker and
+    its subscribers; its ``error.maybe_delivered`` is then ``True``. Sending
+    the failed events again is at-least-once delivery: a subscriber may see
+    such an event twice, with the same ``uuid_string``. Events that were
+    nacked, returned as unroutable, or never sent were not delivered.
 
     .. versionadded:: 4.1
     """
@@ -122,6 +156,9 @@ class BatchPublishError(PublishError):
         super().__init__(message)
         self.failed = list(failed)
         self.confirmed = list(confirmed)
+        self.maybe_delivered = any(
+            getattr(error, "maybe_delivered", False) for _, error in self.failed
+        )
 
 
 class DeadLetterQueueNotFoundError(DomainEventBrokerError):

@@ -471,6 +471,39 @@ def test_threads_wait_for_a_free_connection_at_most_the_timeout(
     assert len(inbox.wait(1)) == 1
 
 
+def test_a_timeout_changed_at_run_time_leaks_no_connection(
+    inbox: Inbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23, item 21: max_connections is per broker URL, whatever the
+    timeout; the connections opened with an old timeout are closed."""
+    opened: list[pika.BlockingConnection] = []
+    real = link_module.connect
+
+    def spy(config: Any, name: str, **kwargs: Any) -> pika.BlockingConnection:
+        connection = real(config, name, **kwargs)
+        if "publisher" in name:
+            opened.append(connection)
+        return connection
+
+    monkeypatch.setattr(link_module, "connect", spy)
+    configure(max_connections=2)
+    published = 0
+
+    def work(thread: int) -> None:
+        nonlocal published
+        for n in range(10):
+            configure(timeout=5 + (thread * 10 + n) / 100)
+            publish_domain_event(inbox.key, {"t": thread, "n": n})
+            published += 1
+
+    work(0)  # 10 timeouts one after the other
+    assert sum(connection.is_open for connection in opened) <= 1
+    run_threads(3, work)  # 30 more, by threads publishing at the same time
+    assert len(publish_module._shared) == 1
+    assert sum(connection.is_open for connection in opened) <= 2
+    assert len(inbox.wait(published)) == published == 40
+
+
 @pytest.mark.parametrize("value", [0, -1, 1.5, "4", True, None])
 def test_max_connections_must_be_a_positive_int(value: Any) -> None:
     with pytest.raises(ConfigurationError, match="max_connections"):

@@ -191,6 +191,58 @@ def test_unroutable_events_are_named_when_mandatory(channel: BlockingChannel, na
     assert len(queue.take_until(4)) == 4
 
 
+@pytest.fixture
+def own_exchange(channel: BlockingChannel, names: Names) -> tuple[str, Queue]:
+    """An exchange of its own (nothing else binds there) and a queue bound to
+    it; exclusive (not durable), so that the broker confirms what it routes
+    there at once, often in the same ``basic.ack`` as a returned event."""
+    exchange = names.new("test-batch-exchange")
+    names.exchanges.append(exchange)
+    name = f"test-batch-{uuid.uuid4().hex[:10]}"  # deleted with its connection
+    channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+    channel.queue_declare(name, exclusive=True)
+    channel.queue_bind(name, exchange, routing_key=f"{name}.#")
+    return exchange, Queue(channel, name)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    plan=st.lists(st.tuples(st.booleans(), st.integers(0, 2)), min_size=2, max_size=60),
+    uuids=st.lists(st.uuids().map(str), min_size=3, max_size=3),
+)
+def test_the_returned_events_are_named_even_when_they_share_a_uuid(
+    own_exchange: tuple[str, Queue], plan: list[tuple[bool, int]], uuids: list[str]
+) -> None:
+    """Issue 23, item 6: returns are matched by the publish sequence, so
+    events sharing a ``uuid_string``, some routable and some not, are each
+    reported as what they were."""
+    exchange, queue = own_exchange
+    nowhere = f"nowhere-{uuid.uuid4().hex}.happened"
+    events = [
+        DomainEvent(queue.key if routable else nowhere, {"n": n}, uuid_string=uuids[which])
+        for n, (routable, which) in enumerate(plan)
+    ]
+    unroutable = [event for event in events if event.routing_key == nowhere]
+    with Publisher(exchange=exchange) as publisher:
+        if not unroutable:
+            publisher.publish_many(events, require_route=True)
+            confirmed = events
+        else:
+            with pytest.raises(BatchPublishError) as info:
+                publisher.publish_many(events, require_route=True)
+            assert [event for event, _ in info.value.failed] == unroutable
+            assert all(isinstance(cause, UnroutableError) for _, cause in info.value.failed)
+            confirmed = info.value.confirmed
+    assert confirmed == [event for event in events if event.routing_key == queue.key]
+    assert [body["data"] for body in queue.take_until(len(confirmed))] == [
+        event.data for event in confirmed
+    ]
+
+
 @pytest.mark.parametrize(
     "bad",
     [

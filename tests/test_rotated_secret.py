@@ -134,7 +134,7 @@ def test_each_rotation_is_followed(secret: Path, passwords: list[str]) -> None:
         assert config.urls == (url,)
 
 
-def test_a_link_reconnects_with_the_rotated_file(secret: Path) -> None:
+def test_a_link_reconnects_with_the_rotated_file(secret: Path, broker_url: str) -> None:
     """Against the broker: the link keeps its open connection, and its next
     connection reads the file again."""
     _write(secret, BROKER_URL)

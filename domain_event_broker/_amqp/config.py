@@ -669,8 +669,15 @@ def _pika_parameters(url: str) -> pika.URLParameters:
 
 @functools.lru_cache(maxsize=64)
 def _check_tls(urls: tuple[str, ...], own_context: bool) -> None:
-    """Read the TLS files of ``urls`` once, so that a typo fails before connecting."""
+    """Read the TLS files of ``urls`` once, so that a typo fails before connecting.
+
+    A plain ``amqp://`` URL touches no TLS machinery at all: building an
+    :class:`ssl.SSLContext` takes OpenSSL's locks, and a child forked while
+    another thread holds one would hang in its own first publish.
+    """
     for url in urls:
+        if not url.lower().startswith("amqps://"):
+            continue  # split_url() already refused TLS options on it
         shown = redact(url)
         _tls.check_settings(_tls.split_url(url, shown)[1], shown, own_context)
 

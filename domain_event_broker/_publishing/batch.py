@@ -64,6 +64,13 @@ def _unroutable(event: DomainEvent) -> UnroutableError:
 class _Confirms:
     """Confirms of one batch channel, whose delivery tags count from 1.
 
+    A returned message is matched to its publish by the publish sequence
+    (the delivery tag), not by its ``message_id``, which two events of a batch
+    may share: the broker returns unroutable messages in the order they were
+    published, each before its confirm. So a return belongs to the first
+    publish after the last returned one that is not confirmed yet and carries
+    the returned routing key and message id.
+
     Called by pika's I/O loop in the publishing thread, never concurrently.
     """
 
@@ -72,8 +79,10 @@ class _Confirms:
         #: delivery tag -> index in the current batch, of unconfirmed events
         self._waiting: dict[int, int] = {}
         self._order: deque[int] = deque()
-        #: message ids of the events the broker returned as unroutable
-        self._returned: set[str] = set()
+        #: delivery tags of the publishes the broker returned as unroutable
+        self._returned: set[int] = set()
+        #: the delivery tag of the last publish returned
+        self._last_returned = 0
         self._batch: Sequence[DomainEvent] = ()
         self._results: Results = {}
 
@@ -92,10 +101,16 @@ class _Confirms:
         self._order.append(self._next_tag)
         self._next_tag += 1
 
-    def on_return(self, properties: pika.BasicProperties) -> None:
-        # The broker sends basic.return before the message's basic.ack.
-        if properties.message_id is not None:
-            self._returned.add(properties.message_id)
+    def on_return(self, routing_key: str, properties: pika.BasicProperties) -> None:
+        message_id = properties.message_id
+        for tag in self._order:  # ascending; confirmed tags may linger: skipped
+            if tag <= self._last_returned or tag not in self._waiting:
+                continue
+            event = self._batch[self._waiting[tag]]
+            if event.routing_key == routing_key and event.uuid_string == message_id:
+                self._returned.add(tag)
+                self._last_returned = tag
+                return
 
     def on_confirm(self, tag: int, multiple: bool, refused: bool) -> None:
         if multiple:
@@ -113,8 +128,8 @@ class _Confirms:
         event = self._batch[index]
         if refused:
             self._results[index] = _refused(event)
-        elif event.uuid_string in self._returned:
-            self._returned.discard(event.uuid_string)
+        elif tag in self._returned:
+            self._returned.discard(tag)
             self._results[index] = _unroutable(event)
         else:
             self._results[index] = None
@@ -155,10 +170,12 @@ class BatchChannel:
         *,
         deadline: float,
         mandatory: bool,
+        written: set[int],
     ) -> None:
         """Send the events at indexes ``todo``; wait for their confirms.
 
-        Writes the outcome of each confirmed or refused event into ``results``.
+        Writes the outcome of each confirmed or refused event into ``results``,
+        and adds the index of each event sent (whatever came of it) to ``written``.
 
         Raises:
             NoConfirmInTime: ``deadline`` passed first.
@@ -167,7 +184,7 @@ class BatchChannel:
         line = self._pipeline
         if line is None:
             self._send_one_by_one(
-                exchange, todo, batch, bodies, properties, results, deadline, mandatory
+                exchange, todo, batch, bodies, properties, results, deadline, mandatory, written
             )
             return
         confirms = self._confirms
@@ -179,6 +196,7 @@ class BatchChannel:
                 self._wait(line, lambda: confirms.in_flight <= low_water, deadline)
             elif count % SEND_EVERY == 0:
                 line.run_until()  # send what is buffered; take confirms in
+            written.add(index)
             send(exchange, batch[index].routing_key, bodies[index], properties[index], mandatory)
             confirms.sent(index)
         self._wait(line, lambda: confirms.in_flight == 0, deadline)
@@ -193,12 +211,14 @@ class BatchChannel:
         results: Results,
         deadline: float,
         mandatory: bool,
+        written: set[int],
     ) -> None:
         """:meth:`send` on pika's own paths: each event waits for its confirm."""
         for index in todo:
             if time.monotonic() >= deadline:
                 raise NoConfirmInTime
             event = batch[index]
+            written.add(index)
             try:
                 self._channel.basic_publish(
                     exchange=exchange,

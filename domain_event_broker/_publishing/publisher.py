@@ -34,7 +34,13 @@ from ..errors import (
 from ..events import DomainEvent, check_event, new_event, validate_routing_key
 from .sender import Sender
 
-__all__ = ["Publisher", "close_shared_publishers", "publish_domain_event", "publish_settings"]
+__all__ = [
+    "Publisher",
+    "close_shared_publishers",
+    "publish_domain_event",
+    "publish_event_before",
+    "publish_settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +261,8 @@ class Publisher:
         body: bytes,
         headers: Mapping[str, Any] | None = None,
         mandatory: bool = False,
+        *,
+        deadline: float | None = None,
     ) -> DomainEvent:
         if _captured(event, mandatory, self.exchange):
             return event
@@ -264,7 +272,11 @@ class Publisher:
         sent_headers = dict(headers) if headers else {}
         with _instrument.publish_span(event, self.exchange, sent_headers):  # fills trace context
             self._sender.send(
-                body, event.routing_key, _event_properties(event, sent_headers), mandatory
+                body,
+                event.routing_key,
+                _event_properties(event, sent_headers),
+                mandatory,
+                deadline=deadline,
             )
         return event
 
@@ -386,9 +398,11 @@ def _batch_error(
         return None
     confirmed = [batch[index] for index, error in sorted(results.items()) if not error]
     first = failed[0][1]
+    maybe = sum(bool(getattr(error, "maybe_delivered", False)) for _, error in failed)
     error = BatchPublishError(
-        f"{len(failed)} of {len(batch)} event(s) not confirmed; the first, "
-        f"{failed[0][0].routing_key!r} (uuid {failed[0][0].uuid_string}): {first}",
+        f"{len(failed)} of {len(batch)} event(s) not confirmed"
+        + (f" ({maybe} of them may have reached the broker all the same)" if maybe else "")
+        + f"; the first, {failed[0][0].routing_key!r} (uuid {failed[0][0].uuid_string}): {first}",
         failed,
         confirmed,
     )
@@ -463,11 +477,14 @@ def _captured_batch(
 class _PublisherPool:
     """The publishers :func:`publish_domain_event` uses for one broker.
 
-    A thread checks one out for each publish and gives it back after the
+    One pool per broker (its URLs and SSL context), whatever the timeout:
+    ``configure(max_connections=...)`` is a limit per broker URL. A thread
+    checks one publisher out for each publish and gives it back after the
     confirm, so threads publishing at the same moment each have their own
-    connection. The pool grows on demand up to ``configure(max_connections=...)``;
-    past it, threads wait (at most the timeout, then BrokerUnavailableError)
-    for a publisher to be free.
+    connection. The pool grows on demand up to that limit; past it, threads
+    wait (at most the timeout, then BrokerUnavailableError) for a publisher
+    to be free. When the timeout changes (``configure(timeout=...)``), the
+    publishers opened with the old one are closed as they come back.
     The most recently used publisher is handed out first, so that spare
     connections stay idle.
     """
@@ -480,10 +497,23 @@ class _PublisherPool:
         self._free = threading.Condition(self._lock)
         self._waiting = 0
 
-    def publish(self, event: DomainEvent, body: bytes, mandatory: bool = False) -> DomainEvent:
-        publisher = self._check_out()
+    def publish(
+        self,
+        event: DomainEvent,
+        body: bytes,
+        mandatory: bool = False,
+        *,
+        config: BrokerConfig | None = None,
+        deadline: float | None = None,
+    ) -> DomainEvent:
+        """Publish with a publisher of ``config`` (default: the pool's).
+
+        ``deadline`` (``time.monotonic()``), when given, bounds the wait for
+        a free publisher and the publish, before the timeout does.
+        """
+        publisher = self._check_out(config or self.config, deadline)
         try:
-            return publisher._publish_event(event, body, None, mandatory)
+            return publisher._publish_event(event, body, None, mandatory, deadline=deadline)
         finally:
             self._check_in(publisher)
 
@@ -493,43 +523,59 @@ class _PublisherPool:
         with self._lock:
             return len(self._all)
 
-    def _check_out(self) -> Publisher:
-        with self._lock:
-            if self._idle:  # the usual case: no clock, no condition
-                return self._idle.pop()
-            deadline = time.monotonic() + self.config.timeout
-            while True:
-                if self._idle:
+    def _check_out(self, config: BrokerConfig, deadline: float | None) -> Publisher:
+        stale: list[Publisher] = []
+        try:
+            with self._lock:
+                if config != self.config:  # a new timeout: retire the old publishers
+                    self.config = config
+                    stale = [p for p in self._idle if p._config != config]
+                    self._idle = [p for p in self._idle if p._config == config]
+                    self._all = [p for p in self._all if p not in stale]
+                if self._idle:  # the usual case: no clock, no condition
                     return self._idle.pop()
-                if len(self._all) < _config.max_connections():
-                    publisher = Publisher(
-                        list(self.config.urls),
-                        timeout=self.config.timeout,
-                        ssl_context=self.config.ssl_context,
-                    )
-                    self._all.append(publisher)
-                    return publisher
-                time_left = deadline - time.monotonic()
-                if time_left <= 0:
-                    raise BrokerUnavailableError(
-                        f"no publishing connection to {self.config.display} was free within "
-                        f"{self.config.timeout:g}s (all {len(self._all)} busy; see "
-                        f"configure(max_connections=...))"
-                    )
-                self._waiting += 1
-                try:
-                    self._free.wait(time_left)
-                finally:
-                    self._waiting -= 1
+                time_limit = time.monotonic() + config.timeout
+                if deadline is not None:
+                    time_limit = min(time_limit, deadline)
+                while True:
+                    if self._idle:
+                        return self._idle.pop()
+                    if len(self._all) < _config.max_connections():
+                        publisher = Publisher(
+                            list(config.urls),
+                            timeout=config.timeout,
+                            ssl_context=config.ssl_context,
+                        )
+                        self._all.append(publisher)
+                        return publisher
+                    time_left = time_limit - time.monotonic()
+                    if time_left <= 0:
+                        raise BrokerUnavailableError(
+                            f"no publishing connection to {config.display} was free within "
+                            f"{config.timeout:g}s (all {len(self._all)} busy; see "
+                            f"configure(max_connections=...))"
+                        )
+                    self._waiting += 1
+                    try:
+                        self._free.wait(time_left)
+                    finally:
+                        self._waiting -= 1
+        finally:
+            for publisher in stale:
+                publisher.close()
 
     def _check_in(self, publisher: Publisher) -> None:
         with self._lock:
             if publisher in self._all:
-                self._idle.append(publisher)
+                if publisher._config == self.config:
+                    self._idle.append(publisher)
+                    if self._waiting:
+                        self._free.notify()
+                    return
+                self._all.remove(publisher)  # opened with an old timeout
                 if self._waiting:
                     self._free.notify()
-                return
-        publisher.close()  # the pool was closed meanwhile
+        publisher.close()  # the pool was closed, or the timeout changed, meanwhile
 
     def close(self) -> None:
         with self._lock:
@@ -538,19 +584,29 @@ class _PublisherPool:
         for publisher in publishers:
             publisher.close()
 
+    def after_fork_in_child(self) -> None:
+        """In a forked child: the parent's threads may have held the lock, and
+        the publishers they had checked out never come back here."""
+        self._lock = threading.Lock()
+        self._free = threading.Condition(self._lock)
+        self._waiting = 0
+        self._idle, self._all = [], []
 
-_shared: dict[BrokerConfig, _PublisherPool] = {}
+
+#: The pools, by broker: its URLs and SSL context (not the timeout).
+_shared: dict[tuple[tuple[str, ...], ssl.SSLContext | None], _PublisherPool] = {}
 _shared_lock = threading.Lock()
 
 
 def _shared_pool(config: BrokerConfig) -> _PublisherPool:
-    pool = _shared.get(config)
+    key = (config.urls, config.ssl_context)
+    pool = _shared.get(key)
     if pool is None:
         with _shared_lock:
-            pool = _shared.get(config)
+            pool = _shared.get(key)
             if pool is None:
                 pool = _PublisherPool(config)
-                _shared[config] = pool
+                _shared[key] = pool
     return pool
 
 
@@ -572,6 +628,8 @@ def _reinit_after_fork() -> None:
     global _shared_lock, _captures_lock  # noqa: PLW0603
     _captures_lock = threading.Lock()
     _shared_lock = threading.Lock()
+    for pool in list(_shared.values()):
+        pool.after_fork_in_child()  # in case a caller still holds one
     _shared.clear()
     for publisher in list(_live_publishers):
         if publisher._sender is not None:
@@ -633,7 +691,24 @@ def publish_domain_event(
     config, mandatory = publish_settings(connection_settings, require_route)
     if _captured(event, mandatory) or config is None:
         return event
-    return _shared_pool(config).publish(event, body.encode("utf-8"), mandatory)
+    return _shared_pool(config).publish(event, body.encode("utf-8"), mandatory, config=config)
+
+
+def publish_event_before(
+    event: DomainEvent, body: bytes, config: BrokerConfig | None, mandatory: bool, deadline: float
+) -> DomainEvent:
+    """Publish an event that :func:`~domain_event_broker.events.new_event` built
+    (``body`` encoded), as :func:`publish_domain_event` does, but give up at
+    ``deadline`` (``time.monotonic()``) if the timeout has not ended it
+    before: ``publish_on_commit`` bounds a transaction's events by one deadline.
+
+    Raises:
+        BrokerError: as :func:`publish_domain_event`; ``BrokerUnavailableError``
+            also when ``deadline`` passed.
+    """
+    if _captured(event, mandatory) or config is None:
+        return event
+    return _shared_pool(config).publish(event, body, mandatory, config=config, deadline=deadline)
 
 
 def publish_settings(

@@ -26,9 +26,11 @@ from .._amqp.failures import describe_error, translate_pika_error
 from .._amqp.link import Link, Recovery
 from ..errors import (
     AuthenticationError,
+    BrokerError,
     BrokerUnavailableError,
     DomainEventBrokerError,
     PublishError,
+    PublishTimeoutError,
 )
 from ..events import DomainEvent
 from .batch import BatchChannel, NoConfirmInTime, Results
@@ -59,6 +61,32 @@ def _chained(error: DomainEventBrokerError, cause: BaseException) -> DomainEvent
     return error
 
 
+#: What an error says when the message was sent and no answer came.
+MAYBE_DELIVERED: Final = (
+    "it was sent, so it may or may not have reached the broker: do not take it "
+    "for lost (publishing it again may make a duplicate)"
+)
+
+
+def _maybe_delivered(error: BrokerError) -> BrokerError:
+    """``error`` for a message that was sent without an answer: the same kind
+    of error, saying so, with :attr:`~BrokerError.maybe_delivered` set."""
+    if error.maybe_delivered:
+        return error
+    flagged = type(error)(f"{error}; {MAYBE_DELIVERED}")
+    flagged.maybe_delivered = True
+    flagged.__cause__ = error.__cause__
+    return flagged
+
+
+def _blocked_too_long(what: str, config: BrokerConfig) -> PublishTimeoutError:
+    return PublishTimeoutError(
+        f"{what} to {config.display}: the broker blocked the connection (a memory or "
+        f"disk alarm) and did not confirm within {config.timeout:g}s; {MAYBE_DELIVERED}: "
+        f"the broker publishes what it took in when the alarm clears"
+    )
+
+
 class Sender:
     """Sends to one exchange over one lazily opened connection, thread-safely.
 
@@ -83,6 +111,8 @@ class Sender:
         self._recovery = Recovery(log, config.display, component="publisher")
         #: When the connection last carried a publish (or was opened).
         self._last_used = time.monotonic()
+        #: Whether the broker blocked the connection (a resource alarm).
+        self._blocked = False
 
     def channel(self) -> BlockingChannel:
         """The confirm channel, opened if needed.
@@ -100,15 +130,24 @@ class Sender:
         routing_key: str,
         properties: pika.BasicProperties,
         mandatory: bool = False,
+        *,
+        deadline: float | None = None,
     ) -> None:
         """Publish one message and wait for its confirm (see :meth:`_attempts`).
+
+        ``deadline`` (``time.monotonic()``), when given and sooner than the
+        timeout, ends the attempts.
 
         Raises:
             PublishError: nacked; :class:`UnroutableError` when returned.
             BrokerError: as :meth:`_attempts`.
         """
 
+        written = False
+
         def publish_once(channel: BlockingChannel, deadline: float) -> None:
+            nonlocal written
+            written = True
             try:
                 channel.basic_publish(
                     exchange=self.exchange,
@@ -121,11 +160,17 @@ class Sender:
                 raise translate_pika_error(exc, f"publishing {routing_key!r}") from exc
 
         with self.lock:
-            self._attempts(
-                f"publishing {routing_key!r}",
-                time.monotonic() + self.config.timeout,
-                publish_once,
-            )
+            time_limit = time.monotonic() + self.config.timeout
+            try:
+                self._attempts(
+                    f"publishing {routing_key!r}",
+                    time_limit if deadline is None else min(time_limit, deadline),
+                    publish_once,
+                )
+            except BrokerUnavailableError as exc:
+                if not written:
+                    raise
+                raise _maybe_delivered(exc) from exc.__cause__
 
     def send_batch(
         self,
@@ -143,6 +188,8 @@ class Sender:
         """
         config = self.config
         results: Results = {}
+        #: indexes of the events sent at least once
+        written: set[int] = set()
 
         def send_the_rest(channel: BlockingChannel, deadline: float) -> None:
             todo = [index for index in range(len(batch)) if index not in results]
@@ -155,6 +202,7 @@ class Sender:
                 results,
                 deadline=deadline,
                 mandatory=mandatory,
+                written=written,
             )
 
         error: DomainEventBrokerError | None = None
@@ -165,16 +213,23 @@ class Sender:
                     self._attempts("publishing a batch", deadline, send_the_rest)
             except NoConfirmInTime:
                 self._batch = None
+                blocked = self._was_blocked()
                 self.link.abort("no confirm in time: connection dropped")
-                error = BrokerUnavailableError(
-                    f"publishing a batch of {len(batch)} to {config.display}: no "
-                    f"confirm within {config.timeout:g}s (connection dropped)"
-                )
+                if blocked:
+                    error = _blocked_too_long(f"publishing a batch of {len(batch)}", config)
+                else:
+                    error = BrokerUnavailableError(
+                        f"publishing a batch of {len(batch)} to {config.display}: no "
+                        f"confirm within {config.timeout:g}s (connection dropped)"
+                    )
             except DomainEventBrokerError as exc:
                 error = exc
         if error is not None:
+            sent_error = error
+            if isinstance(error, (BrokerUnavailableError, PublishTimeoutError)):
+                sent_error = _maybe_delivered(error)
             for index in range(len(batch)):
-                results.setdefault(index, error)
+                results.setdefault(index, sent_error if index in written else error)
         return results
 
     def close(self) -> None:
@@ -242,7 +297,7 @@ class Sender:
             return exc, exc  # AuthenticationError, PublishError: final
         if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):
             self._drop()
-            return _chained(translate_pika_error(exc, what), exc), exc
+            return _chained(_blocked_too_long(what, self.config), exc), exc
         if (
             isinstance(exc, pika.exceptions.ChannelClosedByBroker)
             and exc.reply_code in _FATAL_CHANNEL_CODES
@@ -282,6 +337,10 @@ class Sender:
             PublishError: the broker refused it (e.g. PRECONDITION_FAILED: it exists
                 with another type or durability; ACCESS_REFUSED).
         """
+        self._blocked = False
+        connection = channel.connection
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
         try:
             channel.exchange_declare(
                 exchange=self.exchange,
@@ -297,6 +356,28 @@ class Sender:
                 f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"
             ) from exc
         log.debug("Publisher connected to %s", self.config.display)
+
+    def _was_blocked(self) -> bool:
+        """Whether the broker blocked the connection. Caller holds the lock.
+
+        pika hands a blocking connection's ``Connection.Blocked`` to its
+        callbacks only from ``process_data_events``, which a batch's wait for
+        confirms does not run: it is run here, once, without waiting.
+        """
+        connection = self.link.connection
+        if connection is not None and connection.is_open:
+            try:
+                connection.process_data_events(0)
+            except CONNECTION_ERRORS:
+                log.debug("Connection lost while looking for a block", exc_info=True)
+        return self._blocked
+
+    def _on_blocked(self, _connection: object, _frame: object) -> None:
+        # The broker blocks a publishing connection under a memory or disk alarm.
+        self._blocked = True
+
+    def _on_unblocked(self, _connection: object, _frame: object) -> None:
+        self._blocked = False
 
     def _batch_channel(self) -> BatchChannel:
         """The batch channel on the open connection. Caller holds the lock."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import pytest
@@ -11,6 +12,7 @@ from django.db import transaction
 from domain_event_broker import ConfigurationError, DomainEvent, UnroutableError, configure
 from domain_event_broker.django import publish_on_commit
 
+from ..faults.proxy import TcpProxy
 from ..helpers import wait_for
 from .support import DEAD_BROKER_URL, EventQueue
 
@@ -100,6 +102,58 @@ def test_failure_after_commit_is_logged_not_raised(
     assert "test.lost" in record.getMessage()
     assert uuid_string in record.getMessage()
     assert record.exc_info is not None
+
+
+def test_a_dead_broker_holds_the_commit_up_once_not_once_per_event(
+    db_alias: str, event_queue: EventQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23, item 20: one deadline bounds a transaction's events (10
+    events x 1 s held the commit up for 10 s)."""
+    configure(timeout=1.0)
+    caplog.set_level(logging.ERROR, logger="domain_event_broker.django")
+    started = time.monotonic()
+    with transaction.atomic(using=db_alias):
+        lost = [
+            publish_on_commit(
+                "test.lost", {"n": n}, connection_settings=DEAD_BROKER_URL, using=db_alias
+            )
+            for n in range(10)
+        ]
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0 + 1.0, elapsed
+    records = [r for r in caplog.records if r.name == "domain_event_broker.django.transaction"]
+    assert len(records) == len(lost)
+    assert all(e.uuid_string in r.getMessage() for e, r in zip(lost, records, strict=True))
+    for record in records:
+        assert "lost" in record.getMessage()
+        assert "may or may not" not in record.getMessage()  # never sent: certainly lost
+    # The next transaction has a deadline of its own.
+    with transaction.atomic(using=db_alias):
+        kept = publish_on_commit(event_queue.key("kept"), {}, using=db_alias)
+    assert [b["uuid_string"] for b in event_queue.take_until(1)] == [kept.uuid_string]
+
+
+def test_an_event_sent_and_not_confirmed_is_not_logged_as_lost(
+    db_alias: str, broker_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23, item 19: an event that was sent, then no confirm came (here:
+    the network goes silent after the publish), may have reached the broker;
+    the log line says so instead of "the event is lost"."""
+    configure(timeout=2.0)
+    caplog.set_level(logging.ERROR, logger="domain_event_broker.django")
+    with TcpProxy.for_url(broker_url) as proxy:
+        url = proxy.url(broker_url, heartbeat="1")  # a silent peer is noticed in ~2 s
+        publish_on_commit("test.warm", {}, connection_settings=url, using=db_alias)
+        proxy.freeze()  # nothing goes through any more, nothing is closed
+        proxy.refuse()  # and no new connection gets through
+        with transaction.atomic(using=db_alias):
+            event = publish_on_commit("test.maybe", {}, connection_settings=url, using=db_alias)
+    (record,) = [r for r in caplog.records if r.name == "domain_event_broker.django.transaction"]
+    assert event.uuid_string in record.getMessage()
+    assert "may or may not have reached the broker" in record.getMessage()
+    assert "is lost" not in record.getMessage()
+    assert record.exc_info is not None
+    assert getattr(record.exc_info[1], "maybe_delivered", None) is True
 
 
 def test_bad_input_raises_before_the_commit(db_alias: str) -> None:

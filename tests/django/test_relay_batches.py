@@ -270,7 +270,7 @@ def test_long_running_relay_says_so_when_it_stops(
     )
 
 
-def test_a_row_set_aside_again_counts_once(db_alias: str) -> None:
+def test_a_row_set_aside_again_counts_once(db_alias: str, broker_url: str) -> None:
     for body in BAD_BODIES[:3]:
         write_bad_row(db_alias, body)
     with OutboxRelay(using=db_alias, batch_size=2) as relay:

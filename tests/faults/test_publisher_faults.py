@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from domain_event_broker import (
+    BatchPublishError,
     BrokerUnavailableError,
     DomainEvent,
     Publisher,
@@ -122,16 +123,56 @@ def test_blocked_publish_fails_within_its_timeout(rabbitmq: RabbitControl, names
         rabbitmq.set_memory_alarm()
 
         started = time.monotonic()
-        with pytest.raises(PublishTimeoutError):
+        with pytest.raises(PublishTimeoutError) as info:
             publisher.publish_event(DomainEvent(routing_key, {"n": "blocked"}))
         elapsed = time.monotonic() - started
         assert elapsed < 3 + 2, elapsed
+        # Issue 23, item 19: it was sent, so it may have reached the broker.
+        assert info.value.maybe_delivered is True
+        assert "blocked the connection" in str(info.value)
+        assert "may or may not have reached the broker" in str(info.value)
 
         rabbitmq.clear_memory_alarm()
         publisher.publish_event(DomainEvent(routing_key, {"n": 2}))
     # The blocked message may or may not have been taken in before the
     # alarm; the two others were confirmed.
     wait_for(lambda: (queue_size(name) or 0) >= 2)
+
+
+def test_blocked_batch_fails_with_publish_timeout_error(
+    rabbitmq: RabbitControl, names: Any
+) -> None:
+    """Issue 23, item 7: a batch on a blocked connection fails with the
+    documented PublishTimeoutError, each event marked as maybe delivered."""
+    name, routing_key = _queue_for(names)
+    events = [DomainEvent(routing_key, {"n": n}) for n in range(100)]
+    with Publisher(BROKER_URL, timeout=3) as publisher:
+        publisher.publish_many(events[:1])
+        rabbitmq.set_memory_alarm()
+        started = time.monotonic()
+        with pytest.raises(BatchPublishError) as info:
+            publisher.publish_many(events[1:])
+        elapsed = time.monotonic() - started
+        assert elapsed < 3 + 2, elapsed
+        error = info.value
+        assert [event for event, _ in error.failed] == events[1:]
+        for _, cause in error.failed:
+            assert isinstance(cause, PublishTimeoutError), cause
+            assert cause.maybe_delivered is True
+        assert error.maybe_delivered is True
+        assert "blocked the connection" in str(error)
+        assert "99 of them may have reached the broker" in str(error)
+        rabbitmq.clear_memory_alarm()
+        publisher.publish_many([event for event, _ in error.failed])
+    # At least once: each arrived, some maybe twice.
+    wanted = {event.uuid_string for event in events}
+    seen: set[str] = set()
+
+    def all_arrived() -> bool:
+        seen.update(_uuids_in(name))
+        return seen >= wanted
+
+    wait_for(all_arrived, timeout=20, message="every event of the batch")
 
 
 def test_publisher_fails_over_to_the_next_url(
