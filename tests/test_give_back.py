@@ -4,10 +4,12 @@ version is in ``tests/faults/test_quorum_delivery_limit.py``."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import pika
+import pytest
 
 from domain_event_broker import DomainEvent, Subscriber
 
@@ -81,3 +83,40 @@ def test_unstarted_events_come_back_whole_and_keep_the_redelivered_hint(names: N
     assert queue_size(f"{name}-dl") == 0
     redelivered = {event.uuid_string: event.redelivered for event in seen}
     assert redelivered == {uuid: index < 2 for index, uuid in enumerate(uuids)}
+
+
+def test_a_copy_that_cannot_be_routed_returns_the_event_instead(
+    names: Names, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler's queue no longer bound to ``name-retry-durable``: the
+    unstarted events go back as they are (counted), with a WARNING, and the
+    connection stays up."""
+    name = names.new("giveback")
+    seen: list[DomainEvent] = []
+    subscriber = Subscriber()
+
+    def handler(event: DomainEvent) -> None:
+        seen.append(event)
+        if len(seen) == 1:
+            subscriber.stop_consuming()
+
+    subscriber.register(handler, name, ["giveback.x"], queue_type="quorum")
+    connection = raw_connection()
+    try:
+        connection.channel().queue_unbind(name, f"{name}-retry-durable", routing_key="")
+    finally:
+        connection.close()
+    caplog.set_level(logging.WARNING, logger="domain_event_broker")
+    try:
+        uuids = _publish(name, 5)
+        wait_for(lambda: queue_size(name) == 5, timeout=10, message="the events")
+        subscriber.start_consuming(timeout=10)
+        assert len(seen) == 1
+        wait_for(lambda: queue_size(name) == 4, timeout=10, message="the events back")
+        _run_until(subscriber, lambda: len(seen) == 5)
+    finally:
+        subscriber.close()
+    assert sorted(event.uuid_string for event in seen) == sorted(uuids)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("domain_event_broker")]
+    assert any("Could not give an unstarted event" in m for m in messages), messages
+    assert not any("Lost the connection" in m for m in messages), messages

@@ -144,23 +144,14 @@ class Settler:
         }
         if delivery.redelivered:
             headers[_dispatch.REDELIVERED_HEADER] = True
-        try:
-            channel.basic_publish(
-                exchange=_names.durable_retry_exchange(name),
-                routing_key=delivery.routing_key,
-                body=delivery.body,
-                properties=_headers.copy_properties(delivery.properties, headers),
-                mandatory=True,
-            )
-        except CONNECTION_ERRORS:
-            raise
-        except Exception as exc:  # noqa: BLE001  # not placed: return it, counted
+        refused = _copy_to_queue(channel, delivery, headers)
+        if refused is not None:
             log.warning(
                 "Could not give an unstarted event of %s back to its queue as a copy "
                 "(%s: %s); returning it, which counts towards its delivery limit",
                 name,
-                type(exc).__name__,
-                exc,
+                type(refused).__name__,
+                refused,
                 extra=_dispatch.fields(delivery),
             )
             self._requeue(channel, tag)
@@ -270,6 +261,37 @@ class Settler:
                 properties=properties,
                 mandatory=True,
             )
+
+
+def _copy_to_queue(
+    channel: BlockingChannel, delivery: Delivery, headers: dict[str, Any]
+) -> Exception | None:
+    """Publish a confirmed copy of ``delivery`` to its handler's queue only
+    (through ``name-retry-durable``).
+
+    Returns:
+        Why the broker or pika refused it (the channel is still open), or
+        ``None`` once confirmed.
+
+    Raises:
+        pika errors of a lost connection or channel.
+    """
+    try:
+        channel.basic_publish(
+            exchange=_names.durable_retry_exchange(delivery.registration.name),
+            routing_key=delivery.routing_key,
+            body=delivery.body,
+            properties=_headers.copy_properties(delivery.properties, headers),
+            mandatory=True,
+        )
+    except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+        refused: Exception = exc  # returned or nacked: the channel is still open
+        return refused
+    except CONNECTION_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001  # e.g. a header pika cannot encode
+        return exc
+    return None
 
 
 def _encode_check(headers: dict[str, Any]) -> None:
