@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain_event_broker import ConfigurationError, Publisher, Retry, Subscriber, configure
+from domain_event_broker import (
+    ConfigurationError,
+    Publisher,
+    Retry,
+    Subscriber,
+    configure,
+    migrate_queue_type,
+)
 from domain_event_broker._amqp import config as _config
 from domain_event_broker._amqp import names as _names
 from domain_event_broker._amqp.failures import denied_feature, translate_pika_error
@@ -128,6 +135,39 @@ def test_queue_of_the_other_type_is_taken_over_with_a_warning(
         and f"domain-event-broker migrate {name} --queue-type quorum" in message
         for message in warnings
     ), warnings
+
+
+def test_a_quorum_dead_letter_queue_of_4_1_is_taken_over_and_migrate_renews_it(
+    names: Names, channel: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """4.1 declared a quorum ``-dl`` without a delivery limit (RabbitMQ 4's
+    default of 20 applies); this version declares one. The old queue is taken
+    over as it is, with a warning naming ``migrate``, which renews it, and a
+    dead letter in it survives."""
+    name = names.new("legacydl")
+    dlq = f"{name}-dl"
+    channel.queue_declare(dlq, durable=True, arguments={"x-queue-type": "quorum"})
+    caplog.set_level(logging.WARNING, logger="domain_event_broker")
+    with Subscriber() as subscriber:
+        subscriber.register(_noop, name, ["legacydl.x"], dead_letter=True, queue_type="quorum")
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("domain_event_broker")]
+    assert any(
+        f"Queue {dlq} exists as a quorum queue with arguments this version no longer declares"
+        in message
+        and "x-delivery-limit" in message
+        and f"domain-event-broker migrate {name} --queue-type quorum" in message
+        for message in warnings
+    ), warnings
+    channel.basic_publish("", dlq, b"{}", pika.BasicProperties(delivery_mode=2))
+    wait_for(lambda: queue_size(dlq) == 1, timeout=10, message="the dead letter")
+    migrate_queue_type(name, "quorum", ["legacydl.x"])
+    # Declared again with this version's arguments: the broker accepts them.
+    channel.queue_declare(dlq, durable=True, arguments=_names.dead_letter_queue_arguments("quorum"))
+    assert queue_size(dlq) == 1
+    caplog.clear()
+    with Subscriber() as subscriber:
+        subscriber.register(_noop, name, ["legacydl.x"], dead_letter=True, queue_type="quorum")
+    assert not [r for r in caplog.records if r.name.startswith("domain_event_broker")]
 
 
 def test_retry_returns_whatever_its_routing_key(names: Names, channel: Any) -> None:

@@ -33,6 +33,13 @@ QUEUE_TYPES = ("classic", "quorum")
 #: dead-letters the event (reason ``delivery_limit``).
 QUORUM_DELIVERY_LIMIT = 20
 
+#: ``x-delivery-limit`` of quorum ``name-dl`` queues (4.2): high enough never
+#: to be reached by looking (each ``inspect`` returns what it looked at, and
+#: that counts), but not ``-1``, which RabbitMQ 3.x takes as "dead-letter at
+#: the first return" (4.x as "no limit"). A ``name-dl`` declared by 4.1 has
+#: none, so RabbitMQ 4's default of 20 applies to it until it is migrated.
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000_000
+
 
 def retry_exchange(name: str) -> str:
     """Topic exchange where delayed retries and replays re-enter ``name``."""
@@ -139,8 +146,25 @@ def inbox_arguments(name: str, dead_letter: bool, queue_type: str | None) -> dic
 
 
 def dead_letter_queue_arguments(queue_type: str | None) -> dict[str, object]:
-    """The arguments of ``name-dl`` (3.0.2's: none)."""
+    """The arguments of ``name-dl`` (3.0.2's: none).
+
+    A quorum ``name-dl`` gets :data:`DEAD_LETTER_DELIVERY_LIMIT`: looking at a
+    dead letter (``inspect``) or walking past it returns it to the queue,
+    which counts as a delivery, and RabbitMQ 4 would otherwise drop it (there
+    is no dead-letter exchange behind ``name-dl``) after 20.
+    """
+    if queue_type == "quorum":
+        return {"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}
     return {} if queue_type is None else {"x-queue-type": queue_type}
+
+
+def legacy_dead_letter_queue_arguments(queue_type: str | None) -> dict[str, object] | None:
+    """The arguments 4.1 declared ``name-dl`` of ``queue_type`` with, where they
+    differ from :func:`dead_letter_queue_arguments` (else ``None``): such a
+    queue is taken over as it is, and ``migrate`` renews it."""
+    if queue_type == "quorum":
+        return {"x-queue-type": "quorum"}
+    return None
 
 
 def delay_queues(name: str, milliseconds: int) -> tuple[str, ...]:

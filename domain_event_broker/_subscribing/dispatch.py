@@ -66,6 +66,12 @@ class Delivery:
     generation: int = 0
 
 
+#: Header on the copy of a delivery no handler started, given back to its
+#: queue when a worker stopped (see :mod:`.settle`), if the broker had marked
+#: the original redelivered: the copy's handler sees ``redelivered`` too.
+REDELIVERED_HEADER: Final = "x-redelivered"
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What must happen to one delivery."""
@@ -97,6 +103,11 @@ def dispatch(delivery: Delivery) -> Outcome:
             return _last_resort(delivery)
 
 
+def _given_back_redelivered(delivery: Delivery) -> bool:
+    headers = delivery.properties.headers
+    return bool(headers) and headers.get(REDELIVERED_HEADER) is True
+
+
 def _dispatch(delivery: Delivery) -> Outcome:
     registration = delivery.registration
     retries = _safe_retry_count(delivery)
@@ -110,7 +121,7 @@ def _dispatch(delivery: Delivery) -> Outcome:
     except Exception as exc:  # noqa: BLE001  # anything the decoder raises: malformed
         return _failure(delivery, exc, retries=retries, malformed=True)
     event.retries = retries
-    event.redelivered = delivery.redelivered
+    event.redelivered = delivery.redelivered or _given_back_redelivered(delivery)
     try:
         registration.handler(event)
     except Retry as request:

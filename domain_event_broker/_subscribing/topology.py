@@ -55,6 +55,7 @@ __all__ = [
     "declare_handler",
     "declare_inbox_exchanges",
     "inbox_bindings",
+    "queue_type",
     "requested_queue_type",
 ]
 
@@ -101,7 +102,7 @@ def declare_handler(
             dlq,
             wanted,
             {"durable": True},
-            [(t, _names.dead_letter_queue_arguments(t)) for t in _candidates(wanted)],
+            _dead_letter_candidates(wanted),
             name,
         )
         for source, key in dead_letter_bindings(name, registration.binding_keys):
@@ -207,6 +208,16 @@ def declare_delay(
     return delay_name, ""
 
 
+def queue_type(channel: BlockingChannel, name: str) -> str:
+    """The type of handler ``name``'s queue: as declared on ``channel``, else
+    asked of the broker (and remembered for the channel)."""
+    known = _queue_types.get(channel, {}).get(name)
+    if known is None:
+        known = _probe_type(channel, name)
+        _queue_types.setdefault(channel, {})[name] = known
+    return known
+
+
 def dead_letter_route(registration: Registration) -> tuple[str, str]:
     """The exchange and routing key a dead letter of a handler is published with.
 
@@ -229,6 +240,28 @@ def _candidates(wanted: str | None) -> list[str | None]:
     return order
 
 
+def _renewal_reason(queue: str, handler: str) -> str:
+    """Why a queue taken over with earlier arguments should be migrated."""
+    if queue == _names.dead_letter_queue(handler):
+        return (
+            "no x-delivery-limit: on RabbitMQ 4 a dead letter returned 20 times, e.g. "
+            "inspected 20 times, is dropped"
+        )
+    return "an earlier version's arguments"
+
+
+def _dead_letter_candidates(wanted: str | None) -> list[tuple[str | None, dict[str, object]]]:
+    """Argument sets to try for ``name-dl``: this version's of each type, each
+    followed by 4.1's where they differ."""
+    candidates: list[tuple[str | None, dict[str, object]]] = []
+    for queue_type in _candidates(wanted):
+        candidates.append((queue_type, _names.dead_letter_queue_arguments(queue_type)))
+        legacy = _names.legacy_dead_letter_queue_arguments(queue_type)
+        if legacy is not None:
+            candidates.append((queue_type, legacy))
+    return candidates
+
+
 def _declare_queue(
     channel: BlockingChannel,
     queue: str,
@@ -246,7 +279,7 @@ def _declare_queue(
         The queue's type.
     """
     first_error: pika.exceptions.ChannelClosedByBroker | None = None
-    for queue_type, arguments in candidates:
+    for index, (queue_type, arguments) in enumerate(candidates):
         probe = channel.connection.channel()
         try:
             probe.queue_declare(queue=queue, arguments=arguments, **options)
@@ -268,21 +301,26 @@ def _declare_queue(
         else:
             probe.close()
         actual = queue_type or _probe_type(channel, queue, arguments, options)
-        if queue_type is not wanted and wanted is not None:
-            hint = (
-                f"run `domain-event-broker migrate {handler} --queue-type {wanted}` to move it"
-                if actual != wanted
-                else "its arguments are not those this version declares; migrate it to "
-                f"renew them (`domain-event-broker migrate {handler} --queue-type {wanted}`)"
-            )
-            log.warning(
-                "Queue %s exists as a %s queue, not as the %s queue asked for: "
-                "taken over as it is; %s",
-                queue,
-                actual,
-                wanted,
-                hint,
-            )
+        if index > 0 and wanted is not None:
+            migrate = f"`domain-event-broker migrate {handler} --queue-type {wanted}`"
+            if actual != wanted:
+                log.warning(
+                    "Queue %s exists as a %s queue, not as the %s queue asked for: "
+                    "taken over as it is; run %s to move it",
+                    queue,
+                    actual,
+                    wanted,
+                    migrate,
+                )
+            else:
+                log.warning(
+                    "Queue %s exists as a %s queue with arguments this version no longer "
+                    "declares (%s): taken over as it is; run %s to renew them",
+                    queue,
+                    actual,
+                    _renewal_reason(queue, handler),
+                    migrate,
+                )
         return actual
     assert first_error is not None
     if registration is None:
