@@ -17,7 +17,7 @@ from .conftest import Names
 from .helpers import queue_size, raw_connection, wait_for
 
 
-def _publish(name: str, count: int) -> list[str]:
+def _publish(name: str, count: int, expiration: str | None = None) -> list[str]:
     """Publish ``count`` events straight to queue ``name``, with a header of their own."""
     uuids = []
     connection = raw_connection()
@@ -31,7 +31,10 @@ def _publish(name: str, count: int) -> list[str]:
                 name,
                 event.to_json(),
                 pika.BasicProperties(
-                    delivery_mode=2, message_id=event.uuid_string, headers={"tenant": "t1"}
+                    delivery_mode=2,
+                    message_id=event.uuid_string,
+                    headers={"tenant": "t1"},
+                    expiration=expiration,
                 ),
             )
             uuids.append(event.uuid_string)
@@ -120,3 +123,35 @@ def test_a_copy_that_cannot_be_routed_returns_the_event_instead(
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("domain_event_broker")]
     assert any("Could not give an unstarted event" in m for m in messages), messages
     assert not any("Lost the connection" in m for m in messages), messages
+
+
+def test_given_back_copies_keep_the_publishers_expiration(names: Names) -> None:
+    """A given-back copy stands in for a requeue: unlike a retry or dead-letter
+    copy, it keeps the message's ``expiration``."""
+    name = names.new("giveback")
+    seen: list[DomainEvent] = []
+    subscriber = Subscriber()
+
+    def handler(event: DomainEvent) -> None:
+        seen.append(event)
+        subscriber.stop_consuming()
+
+    subscriber.register(handler, name, ["giveback.x"], queue_type="quorum")
+    try:
+        _publish(name, 3, expiration="600000")
+        wait_for(lambda: queue_size(name) == 3, timeout=10, message="the events")
+        subscriber.start_consuming(timeout=10)
+        assert len(seen) == 1
+        wait_for(lambda: queue_size(name) == 2, timeout=10, message="the events back")
+    finally:
+        subscriber.close()
+    connection = raw_connection()
+    try:
+        channel = connection.channel()
+        for _ in range(2):
+            method, properties, _ = channel.basic_get(name, auto_ack=True)
+            assert method is not None
+            assert properties.expiration == "600000"
+            assert "x-original-expiration" not in (properties.headers or {})
+    finally:
+        connection.close()

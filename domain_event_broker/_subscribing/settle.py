@@ -281,7 +281,9 @@ def _copy_to_queue(
             exchange=_names.durable_retry_exchange(delivery.registration.name),
             routing_key=delivery.routing_key,
             body=delivery.body,
-            properties=_headers.copy_properties(delivery.properties, headers),
+            # A given-back copy stands in for a requeue: the publisher's
+            # expiration still applies to it (unlike retry and dead-letter copies).
+            properties=_headers.copy_properties(delivery.properties, headers, keep_expiration=True),
             mandatory=True,
         )
     except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
