@@ -76,6 +76,10 @@ def _finish_imports_on_first_use() -> None:
     """
     for module in sorted(set(_ON_FIRST_USE.values())):
         _importlib.import_module(f"{__name__}.{module}")
+    # pika resolves host names with socket.getaddrinfo(), which imports the
+    # "idna" codec on first use: a child forked in the middle of that import
+    # would find the codec half-made ("unknown encoding: idna").
+    _importlib.import_module("encodings.idna")
     _importlib.import_module(f"{__name__}._subscribing.consume_loop")
     _importlib.import_module(f"{__name__}._telemetry.otel").load()
 

@@ -5,12 +5,6 @@ This is the one place where pika's connection errors are translated.
 
 from __future__ import annotations
 
-# pika resolves host names with socket.getaddrinfo(), which encodes them
-# with the "idna" codec, imported on first use. Imported here instead, once,
-# with the package: a child forked while another thread of its parent was in
-# the middle of that import finds the codec half-initialized ("unknown
-# encoding: idna") in its own first connection.
-import encodings.idna  # noqa: F401
 import logging
 import random
 import time
