@@ -243,6 +243,84 @@ def test_the_returned_events_are_named_even_when_they_share_a_uuid(
     ]
 
 
+def _broker_frames(routable: list[bool], flushes: list[int]) -> list[tuple[Any, ...]]:
+    """What RabbitMQ sends a confirm channel for publishes 1..n: each
+    unroutable publish is returned at once and confirmed at once, a routable
+    one when its queue confirms it (here at a flush drawn by the test); the
+    confirms gathered at a flush go out as RabbitMQ coalesces them: one
+    ``multiple`` ack up to the smallest tag still unconfirmed, single acks
+    after it, ascending."""
+    frames: list[tuple[Any, ...]] = []
+    unconfirmed = set(range(1, len(routable) + 1))
+    gathered: set[int] = set()
+    queued: list[int] = []  # routable publishes waiting for their queue's confirm
+
+    def flush() -> None:
+        nonlocal gathered
+        if not gathered:
+            return
+        unconfirmed.difference_update(gathered)
+        cutoff = min(unconfirmed, default=max(gathered) + 1)
+        below = sorted(tag for tag in gathered if tag < cutoff)
+        if below:
+            frames.append(("ack", below[-1], True))
+        frames.extend(("ack", tag, False) for tag in sorted(gathered) if tag >= cutoff)
+        gathered = set()
+
+    for tag, ok in enumerate(routable, 1):
+        if ok:
+            queued.append(tag)
+        else:
+            frames.append(("return", tag))
+            gathered.add(tag)
+        take = flushes[tag - 1] % (len(queued) + 1)
+        gathered.update(queued[:take])  # the queue confirms the oldest first, or not
+        del queued[:take]
+        if flushes[tag - 1] % 2:
+            flush()
+    gathered.update(queued)
+    flush()
+    return frames
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    routable=st.lists(st.booleans(), min_size=1, max_size=40),
+    flushes=st.lists(st.integers(0, 7), min_size=40, max_size=40),
+)
+def test_returns_are_matched_to_their_publish_whatever_the_confirms_order(
+    routable: list[bool], flushes: list[int]
+) -> None:
+    """Offline, the confirms bookkeeping against every order RabbitMQ can send
+    returns and acks in: events sharing ``uuid_string`` and routing key (a
+    binding removed mid-batch makes some of them unroutable) are each reported
+    as what they were. Matching by key and id alone gave a return to an
+    earlier publish of the same key and id still waiting for its confirm (the
+    attack: 606 of 160,000 reported confirmed were discarded)."""
+    from domain_event_broker._publishing.batch import _Confirms
+
+    shared = str(uuid.uuid4())
+    events = [DomainEvent("same.key", {"n": n}, uuid_string=shared) for n in range(len(routable))]
+    bodies = [event.to_json().encode() for event in events]
+    results: dict[int, Any] = {}
+    confirms = _Confirms()
+    confirms.start(events, bodies, results)
+    for index in range(len(events)):
+        confirms.sent(index)
+    for frame in _broker_frames(routable, flushes):
+        if frame[0] == "return":
+            index = frame[1] - 1
+            properties = pika.BasicProperties(message_id=shared)
+            confirms.on_return("same.key", properties, bodies[index])
+        else:
+            confirms.on_confirm(frame[1], frame[2], False)
+    assert confirms.in_flight == 0
+    assert [results[index] is None for index in range(len(events))] == routable
+    assert all(
+        isinstance(results[index], UnroutableError) for index, ok in enumerate(routable) if not ok
+    )
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -562,15 +562,15 @@ class Pipeline:
 def pipeline(
     channel: BlockingChannel,
     on_confirm: Callable[[int, bool, bool], None],
-    on_return: Callable[[str, pika.BasicProperties], None],
+    on_return: Callable[[str, pika.BasicProperties, bytes], None],
 ) -> Pipeline | None:
     """Put ``channel`` in confirm mode with publishes that do not wait.
 
     pika's blocking channel waits for each confirm inside ``basic_publish``;
     here confirms reach ``on_confirm(delivery_tag, multiple, refused)`` (a
     nack is refused) and messages the broker returned reach
-    ``on_return(routing_key, properties)`` (in publish order, each before
-    its confirm), from pika's I/O loop.
+    ``on_return(routing_key, properties, body)`` (in publish order, each
+    before its confirm), from pika's I/O loop.
 
     Fallback: ``None``, the channel untouched; the caller puts it in confirm
     mode itself (``channel.confirm_delivery()``) and publishes one message
@@ -588,8 +588,8 @@ def pipeline(
         method = frame.method
         on_confirm(method.delivery_tag, method.multiple, isinstance(method, pika.spec.Basic.Nack))
 
-    def returned(_channel: object, method: Any, properties: Any, _body: bytes) -> None:
-        on_return(method.routing_key, properties)
+    def returned(_channel: object, method: Any, properties: Any, body: bytes) -> None:
+        on_return(method.routing_key, properties, body)
 
     impl.add_on_return_callback(returned)
     impl.confirm_delivery(

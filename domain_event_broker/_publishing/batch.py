@@ -65,11 +65,14 @@ class _Confirms:
     """Confirms of one batch channel, whose delivery tags count from 1.
 
     A returned message is matched to its publish by the publish sequence
-    (the delivery tag), not by its ``message_id``, which two events of a batch
-    may share: the broker returns unroutable messages in the order they were
-    published, each before its confirm. So a return belongs to the first
+    (the delivery tag), not by its ``message_id`` alone, which two events of a
+    batch may share: the broker returns unroutable messages in the order they
+    were published, each before its confirm. So a return belongs to the first
     publish after the last returned one that is not confirmed yet and carries
-    the returned routing key and message id.
+    the returned routing key, message id and body. (An earlier publish of the
+    same key and id may still wait for its confirm, e.g. for a disk write,
+    while a later one is returned: the body tells them apart. Publishes equal
+    in all three are the same event to the caller.)
 
     Called by pika's I/O loop in the publishing thread, never concurrently.
     """
@@ -84,14 +87,17 @@ class _Confirms:
         #: the delivery tag of the last publish returned
         self._last_returned = 0
         self._batch: Sequence[DomainEvent] = ()
+        self._bodies: Sequence[bytes] = ()
         self._results: Results = {}
 
     @property
     def in_flight(self) -> int:
         return len(self._waiting)
 
-    def start(self, batch: Sequence[DomainEvent], results: Results) -> None:
-        self._batch, self._results = batch, results
+    def start(
+        self, batch: Sequence[DomainEvent], bodies: Sequence[bytes], results: Results
+    ) -> None:
+        self._batch, self._bodies, self._results = batch, bodies, results
         self._waiting.clear()
         self._order.clear()
         self._returned.clear()
@@ -101,13 +107,18 @@ class _Confirms:
         self._order.append(self._next_tag)
         self._next_tag += 1
 
-    def on_return(self, routing_key: str, properties: pika.BasicProperties) -> None:
+    def on_return(self, routing_key: str, properties: pika.BasicProperties, body: bytes) -> None:
         message_id = properties.message_id
         for tag in self._order:  # ascending; confirmed tags may linger: skipped
             if tag <= self._last_returned or tag not in self._waiting:
                 continue
-            event = self._batch[self._waiting[tag]]
-            if event.routing_key == routing_key and event.uuid_string == message_id:
+            index = self._waiting[tag]
+            event = self._batch[index]
+            if (
+                event.routing_key == routing_key
+                and event.uuid_string == message_id
+                and self._bodies[index] == body
+            ):
                 self._returned.add(tag)
                 self._last_returned = tag
                 return
@@ -188,7 +199,7 @@ class BatchChannel:
             )
             return
         confirms = self._confirms
-        confirms.start(batch, results)
+        confirms.start(batch, bodies, results)
         send = line.send_without_waiting
         low_water = MAX_IN_FLIGHT // 2
         for count, index in enumerate(todo, 1):

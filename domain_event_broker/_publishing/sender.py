@@ -79,6 +79,19 @@ def _maybe_delivered(error: BrokerError) -> BrokerError:
     return flagged
 
 
+def _not_sent(error: DomainEventBrokerError) -> DomainEventBrokerError:
+    """``error`` for an event of a batch that was never written to the
+    connection, so never reached the broker: the same kind of error, with
+    :attr:`~BrokerError.maybe_delivered` ``False`` and a text that says so."""
+    if not getattr(error, "maybe_delivered", False):
+        return error
+    text = str(error).split(f"; {MAYBE_DELIVERED}")[0]
+    unsent = type(error)(f"{text}; this event was not sent, so it did not reach the broker")
+    unsent.maybe_delivered = False  # type: ignore[attr-defined]  # a BrokerError
+    unsent.__cause__ = error.__cause__
+    return unsent
+
+
 def _blocked_too_long(what: str, config: BrokerConfig) -> PublishTimeoutError:
     return PublishTimeoutError(
         f"{what} to {config.display}: the broker blocked the connection (a memory or "
@@ -228,8 +241,9 @@ class Sender:
             sent_error = error
             if isinstance(error, (BrokerUnavailableError, PublishTimeoutError)):
                 sent_error = _maybe_delivered(error)
+            unsent_error = _not_sent(error)
             for index in range(len(batch)):
-                results.setdefault(index, sent_error if index in written else error)
+                results.setdefault(index, sent_error if index in written else unsent_error)
         return results
 
     def close(self) -> None:
