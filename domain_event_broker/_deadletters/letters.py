@@ -694,6 +694,10 @@ def _check_property(name: str, value: object) -> None:
             raise RecordError(field, f"not a whole number but {_kind(value)}")
         if not low <= value <= high:
             raise RecordError(field, f"{value} is out of range ({low} to {high})")
+        if name == "delivery_mode" and value not in (1, 2):
+            raise RecordError(
+                field, f"{value}: RabbitMQ before 4.3 accepts only 1 (transient) or 2 (persistent)"
+            )
         return
     _short_string(value, field)
     if name == "expiration":

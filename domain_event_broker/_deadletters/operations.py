@@ -23,7 +23,7 @@ from .._amqp import management as _management
 from .._amqp import names as _names
 from .._amqp.config import UNSET, BrokerConfig, ConnectionSettings
 from .._amqp.connect import CONNECTION_ERRORS, close_quietly, connect
-from .._amqp.failures import translate_pika_error
+from .._amqp.failures import message_size_limit, translate_pika_error
 from .._amqp.probes import exchange_exists, probe_queue
 from ..errors import ConfigurationError, DomainEventBrokerError, PublishError
 from .letters import (
@@ -830,6 +830,11 @@ def import_dead_letters(
                 size = check_sendable(properties, routing_key)
             except ValueError as exc:
                 raise ValueError(f"line {number}: {exc}") from None
+            except RecursionError:
+                raise ValueError(
+                    f"line {number}: nested too deeply to check or send "
+                    f"(more levels than Python's recursion limit)"
+                ) from None
             if size > frame_max:
                 raise ValueError(
                     f"line {number}: properties: {size} bytes with the headers, more than "
@@ -841,34 +846,55 @@ def import_dead_letters(
         return 0
     queue = _names.dead_letter_queue(name)
     imported = 0
-    number = 0
     with Session(name, config, "import") as session:
         channel = session.channel
-        batch = 0
+        #: (line number, body size) of the transaction not committed yet
+        pending: list[tuple[int, int]] = []
         try:
-            for number, line in enumerate(file, 1):  # noqa: B007  # the failing line is told
+            for number, line in enumerate(file, 1):
                 if not line.strip():
                     continue
                 routing_key, properties, body = from_record(line)
+                pending.append((number, len(body)))
                 channel.basic_publish(
                     "", queue, body, parked_properties(properties, routing_key), mandatory=True
                 )
-                batch += 1
-                if batch >= BATCH_SIZE:
+                if len(pending) >= BATCH_SIZE:
                     channel.tx_commit()
-                    imported += batch
-                    batch = 0
-            if batch:
+                    imported += len(pending)
+                    pending = []
+            if pending:
                 channel.tx_commit()
-                imported += batch
+                imported += len(pending)
         except CONNECTION_ERRORS as exc:
             raise translate_pika_error(
-                exc,
-                f"importing line {number} into {queue!r} ({imported} dead letter(s) were "
-                f"put back before: the file's first {imported}; the rest were not)",
+                exc, _import_failure(queue, imported, pending, message_size_limit(exc))
             ) from exc
     log.info("Put %d dead letter(s) back into %s", imported, queue)
     return imported
+
+
+def _import_failure(
+    queue: str, imported: int, pending: list[tuple[int, int]], size_limit: int | None
+) -> str:
+    """What an import that the broker stopped midway says: the line (or the
+    lines of the transaction it refused), and how many were put back."""
+    put_back = (
+        f"{imported} dead letter(s) were put back before: the file's first {imported}; "
+        f"the rest were not"
+    )
+    too_large = [(n, size) for n, size in pending if size_limit is not None and size > size_limit]
+    if too_large:
+        number, size = too_large[0]
+        return (
+            f"importing into {queue!r}: line {number}: body: {size} bytes, more than the "
+            f"broker's max_message_size of {size_limit} ({put_back})"
+        )
+    if not pending:
+        return f"importing into {queue!r} ({put_back})"
+    first, last = pending[0][0], pending[-1][0]
+    lines = f"line {first}" if first == last else f"one of lines {first} to {last}"
+    return f"importing {lines} into {queue!r} ({put_back})"
 
 
 def handler_status(
