@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from domain_event_broker import DomainEvent
@@ -68,11 +68,15 @@ def test_an_unknown_answer_is_asked_again() -> None:
 
 
 @given(st.text(max_size=12))
+@example("di\u017fcard")  # the long s: casefold() made it "discard" (found by the attack)
+@example("DISCARD")
 def test_no_answer_but_d_or_discard_discards(text: str) -> None:
     action, _, reader = ask(text, "")
-    expected = ANSWERS.get(text.strip().casefold(), LEAVE)
+    word = text.strip()
+    understood = word.isascii() and word.lower() in ANSWERS
+    expected = ANSWERS[word.lower()] if understood else LEAVE
     assert action == expected
     if action == DISCARD:
-        assert text.strip().casefold() in {"d", "discard"}
+        assert word.lower() in {"d", "discard"} and word.isascii()
     # Understood at once, or asked again (then left by the empty answer).
-    assert reader.asked == (1 if text.strip().casefold() in ANSWERS or not text.strip() else 2)
+    assert reader.asked == (1 if understood or not word else 2)

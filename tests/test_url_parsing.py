@@ -156,3 +156,11 @@ def test_every_url_parses_as_pika_does_or_is_refused_naming_the_part(
         assert any(word in message for word in PARTS), message
         if password:
             assert f":{part(password)}@" not in message
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "a" * 300, "x..y"])
+def test_a_host_name_dns_cannot_hold_is_a_configuration_error(host: str) -> None:
+    """Found by the attack: a label longer than 63 characters ended in a
+    bare UnicodeError from the idna codec, when connecting."""
+    with pytest.raises(ConfigurationError, match="not a valid DNS name"):
+        resolve(f"amqp://guest:guest@{host}:5672/%2F")

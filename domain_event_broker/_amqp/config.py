@@ -531,6 +531,12 @@ def _netloc_problem(url: str, parts: urllib.parse.SplitResult) -> str | None:  #
         return "the port must be a number from 0 to 65535"
     if parts.netloc and not parts.hostname:
         return "no host name"
+    host = parts.hostname or ""
+    if not host.startswith("[") and ":" not in host:  # not an IPv6 address
+        try:
+            host.encode("idna")  # as socket.getaddrinfo() will, when connecting
+        except UnicodeError as exc:
+            return f"the host name is not a valid DNS name ({exc})"
     return None
 
 

@@ -192,7 +192,8 @@ class InteractivePrompt:
             if not answer:  # also the end of the input: the events after it are not shown
                 self._write("Message left in queue.", "\n")
                 return replay.LEAVE
-            choice = ANSWERS.get(answer.casefold())
+            # Case is ignored in ASCII only: casefold() would read a long s as "s".
+            choice = ANSWERS.get(answer.lower()) if answer.isascii() else None
             if choice == replay.RETRY:
                 # Said once the broker took the copy: see progress().
                 self._retried = True

@@ -70,6 +70,9 @@ def test_once_fails_and_keeps_rows_when_the_broker_is_down(
         (["--retry-failed", "3", "--database", "nope"], "no database 'nope'"),
         (["--database", "nope"], "no database 'nope'"),
         (["--once", "--max-message-size", "0"], "max-message-size"),
+        (["--retry-failed", "99999999999999999999999"], "not a row id"),
+        (["--retry-failed", "0"], "not a row id"),
+        (["--retry-failed", "x"], "not a row id"),
     ],
 )
 def test_bad_options_are_command_errors(args: list[str], message: str) -> None:

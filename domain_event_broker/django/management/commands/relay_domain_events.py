@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import threading
 from typing import Any
 
@@ -18,6 +19,17 @@ from ...relay import DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL, OutboxRelay
 #: Exit status of ``--once`` when every publishable row was relayed but some
 #: rows were set aside as failed (1 means relaying failed).
 EXIT_ROWS_SET_ASIDE = 2
+
+
+def _row_id(text: str) -> int:
+    """An outbox row id: a whole number a database column can hold."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a row id: {text!r}") from None
+    if not 1 <= value <= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"not a row id: {text} (ids run from 1 to 2**63-1)")
+    return value
 
 
 class Command(BaseCommand):
@@ -45,7 +57,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--retry-failed",
             nargs="*",
-            type=int,
+            type=_row_id,
             metavar="ID",
             default=None,
             help=(
