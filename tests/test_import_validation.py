@@ -252,3 +252,23 @@ def test_a_line_nested_too_deeply_is_named() -> None:
     text = '{"routing_key": "a.b", "body": "", "headers": {"deep": ' + nested + "}}"
     with pytest.raises(ValueError, match="line 2: nested too deeply"):
         import_dead_letters("never-declared", io.StringIO(line() + "\n" + text + "\n"))
+
+
+def test_text_that_was_not_utf8_round_trips_through_an_export() -> None:
+    """Found by the attack: a dead letter with a header key that is not UTF-8
+    (pika hands it over as bytes) made export raise a bare TypeError. Such
+    bytes are kept as escapes, and an import sends the same bytes again."""
+    from domain_event_broker._deadletters.letters import DeadLetter, to_record
+
+    properties = pika.BasicProperties(
+        app_id=b"app-\xff",
+        headers={b"key-\xfe": 1, "nested": {b"\xc3(": b"\x00\xff"}, "plain": "text"},
+    )
+    letter = DeadLetter("a.b", b"{}", properties, None)
+    line = to_record(letter)
+    json.loads(line)  # plain JSON
+    routing_key, back, body = from_record(line)
+    assert (routing_key, body) == ("a.b", b"{}")
+    assert back.app_id == b"app-\xff"
+    assert back.headers == properties.headers
+    check_sendable(back, routing_key)

@@ -540,13 +540,15 @@ def to_record(letter: DeadLetter) -> str:
         "routing_key": letter.routing_key,
         "body": base64.b64encode(letter.body).decode("ascii"),
         "properties": {
-            name: getattr(properties, name)
+            name: _encode_key(value) if isinstance(value, bytes) else value
             for name in _PROPERTY_NAMES
-            if getattr(properties, name) is not None
+            if (value := getattr(properties, name)) is not None
         },
     }
     if properties.headers is not None:
-        record["headers"] = {key: _encode_value(value) for key, value in properties.headers.items()}
+        record["headers"] = {
+            _encode_key(key): _encode_value(value) for key, value in properties.headers.items()
+        }
     return json.dumps(record, separators=(",", ":"), allow_nan=False)
 
 
@@ -616,6 +618,10 @@ def from_record(line: str) -> tuple[str, pika.BasicProperties, bytes]:
     headers = record.get("headers")
     if headers is not None and not isinstance(headers, dict):
         raise RecordError("headers", f"not an object but {_kind(headers)}")
+    values = {
+        name: _decode_key(value) if isinstance(value, str) else value
+        for name, value in values.items()
+    }
     properties = pika.BasicProperties(
         headers=None if headers is None else _decode_table(headers, "headers"), **values
     )
@@ -780,15 +786,37 @@ def _encode_value(value: Any) -> Any:  # noqa: PLR0911  # one return per type
     if isinstance(value, (list, tuple)):
         return [_encode_value(item) for item in value]
     if isinstance(value, Mapping):
-        table = {str(key): _encode_value(item) for key, item in value.items()}
+        table = {_encode_key(key): _encode_value(item) for key, item in value.items()}
         if len(table) == 1 and next(iter(table)) in _TAGS:
             return {"$table": table}
         return table
     raise ValueError(f"cannot export a header value of type {type(value).__name__}")
 
 
-def _decode_table(table: dict[str, Any], field: str) -> dict[str, Any]:
-    return {key: _decode_value(value, f"{field}[{key!r:.60}]") for key, value in table.items()}
+def _encode_key(key: str | bytes) -> str:
+    """A table key as JSON can hold it: a key that was not UTF-8 (pika hands
+    it over as ``bytes``) keeps its bytes as lone surrogates (Python's
+    ``surrogateescape``), which JSON writes as ``\\udcXX`` escapes."""
+    if isinstance(key, bytes):
+        return key.decode("utf-8", "surrogateescape")
+    return str(key)
+
+
+def _decode_key(key: str) -> str | bytes:
+    """The inverse of :func:`_encode_key`: escaped bytes are bytes again."""
+    if any("\udc80" <= char <= "\udcff" for char in key):
+        try:
+            return key.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # other lone surrogates: refused when checked
+            return key
+    return key
+
+
+def _decode_table(table: dict[str, Any], field: str) -> dict[Any, Any]:
+    return {
+        _decode_key(key): _decode_value(value, f"{field}[{key!r:.60}]")
+        for key, value in table.items()
+    }
 
 
 def _decode_value(value: Any, field: str) -> Any:
