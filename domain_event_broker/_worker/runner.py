@@ -547,7 +547,19 @@ class Supervisor:
             self._stop_all()
             return
         if code == 0 or self._stopping:
-            if code != 0:
+            if code != 0 and not child.signalled and code != EXIT_CONFIGURATION:
+                # It ended before the stop reached it (e.g. killed just before
+                # the SIGTERM): it would have been restarted, and a stop was
+                # asked for. What it held goes back to the broker.
+                log.warning(
+                    "Worker %d (pid %d) exited with %d before the stop reached it; "
+                    "not restarting it",
+                    child.index,
+                    process.pid,
+                    code,
+                )
+                child.returncode = EXIT_OK
+            elif code != 0:
                 log.error("Worker %d (pid %d) exited with %d", child.index, process.pid, code)
             child.done = True
             return
