@@ -66,6 +66,20 @@ def test_a_config_from_the_file_follows_it(secret: Path) -> None:
     assert rotated == resolve(timeout=5)
 
 
+def test_a_rotation_that_keeps_size_and_times_is_followed(secret: Path) -> None:
+    """Found by the attack: a same-length password written with the old
+    modification time (``cp -p``, ``rsync -t``, one clock tick) was never
+    read by a reconnecting worker."""
+    config = resolve(timeout=5)
+    assert config is not None and config.urls == (OLD,)
+    same_length = OLD.replace("old-secret", "odd-secret")
+    before = secret.stat()
+    secret.write_text(same_length)
+    os.utime(secret, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert secret.stat().st_size == before.st_size
+    assert current(config).urls == (same_length,)
+
+
 def test_a_url_given_by_the_caller_is_kept(secret: Path) -> None:
     config = resolve(OLD)
     assert config is not None

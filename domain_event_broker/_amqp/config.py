@@ -639,7 +639,8 @@ def current(config: BrokerConfig) -> BrokerConfig:
     the environment, the broker file and :func:`configure` again: a secret
     manager that rewrote ``DOMAIN_EVENT_BROKER_FILE`` with a new password is
     followed by every reconnection, not only by new publishers. The file is
-    read again only when it changed. Other configs are returned as they are.
+    read again whatever its size and times say. Other configs are returned
+    as they are.
 
     If the source cannot be used now (a file half written, a malformed URL,
     the broker disabled), the previous URLs are kept, with a WARNING; the
@@ -647,6 +648,9 @@ def current(config: BrokerConfig) -> BrokerConfig:
     """
     if not config.reread:
         return config
+    # Read the file itself, not what its size and times say: a rotation that
+    # keeps both (same length, ``cp -p``, one clock tick) is still a change.
+    _read_broker_file.cache_clear()
     try:
         settings = _configured_settings()
         if settings is None:
@@ -733,11 +737,11 @@ def read_broker_file(path: str, *, source: str = "the broker file") -> str:
         raise ConfigurationError(
             f"{source} names {path!r}, which cannot be read: {exc.strerror or exc}"
         ) from None
-    return _read_broker_file(path, stat.st_mtime_ns, stat.st_size, source)
+    return _read_broker_file(path, stat.st_ino, stat.st_mtime_ns, stat.st_size, source)
 
 
 @functools.lru_cache(maxsize=8)
-def _read_broker_file(path: str, mtime_ns: int, size: int, source: str) -> str:
+def _read_broker_file(path: str, inode: int, mtime_ns: int, size: int, source: str) -> str:
     try:
         with open(path, "rb") as stream:
             data = stream.read()
