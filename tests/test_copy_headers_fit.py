@@ -355,3 +355,12 @@ def test_the_record_copy_is_independent_of_the_original() -> None:
     snapshot = copy.deepcopy(headers)
     frames.fit_headers(headers, 3)
     assert headers == snapshot
+
+
+def test_a_table_nested_too_deeply_to_encode_is_recorded() -> None:
+    nested: dict[str, Any] = {}
+    for _ in range(2_000):
+        nested = {"n": nested}
+    fitted = frames.fit_headers({"deep": nested, "tenant": "eu"}, 10_000)
+    assert fitted.headers["tenant"] == "eu"
+    assert "RecursionError" in fitted.headers[_headers.DROPPED_HEADERS]["deep"]
