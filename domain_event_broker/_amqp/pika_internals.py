@@ -9,6 +9,7 @@ what they do, not how pika does it:
 * :func:`pipeline`: publishes on a confirm channel that do not wait for
   their confirm (batches);
 * :func:`closing_reason`: why pika closed a channel;
+* :func:`frame_max`: the largest frame a connection may send (negotiated);
 * :func:`abort_connection`: drop a connection without the closing handshake;
 * :func:`ssl_socket`: the TLS socket under a connection;
 * :func:`lenient_decoding`: a delivery whose headers pika's decoder
@@ -80,6 +81,7 @@ __all__ = [
     "decide_fast_paths",
     "decide_repairs",
     "deliver_as_read",
+    "frame_max",
     "lean_io",
     "lenient_decoding",
     "mismatches",
@@ -600,6 +602,22 @@ def pipeline(
 
 
 # -- the state of channels and connections -------------------------------------------
+
+
+def frame_max(connection: pika.BlockingConnection) -> int:
+    """The largest frame ``connection`` may send, in bytes, as negotiated
+    with the broker (pika keeps it only on its private connection object).
+
+    Not a fast path, and used whatever :data:`ENVIRONMENT_VARIABLE` says: a
+    copy larger than this kills the connection. Fallback (pika keeps it
+    elsewhere): pika's own largest, ``pika.spec.FRAME_MAX_SIZE`` (131,072
+    bytes, RabbitMQ's default), which pika never exceeds when it negotiates.
+    """
+    params = getattr(getattr(connection, "_impl", None), "params", None)
+    value = getattr(params, "frame_max", None)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return int(pika.spec.FRAME_MAX_SIZE)
 
 
 def closing_reason(channel: BlockingChannel | None) -> BaseException | None:

@@ -27,6 +27,10 @@ ORIGINAL_EXPIRATION: Final = "x-original-expiration"
 #: Stands for the headers pika's decoder rejected on a delivery (a table:
 #: header key -> what its value was and why it could not be decoded).
 UNDECODABLE_HEADERS: Final = "x-undecodable-headers"
+#: On a copy this library makes (retry, dead letter): the headers it had to
+#: leave out, a table: header key -> its type, size and why (pika cannot
+#: encode it, or the copy would not fit in the connection's ``frame_max``).
+DROPPED_HEADERS: Final = "x-dropped-headers"
 
 #: Longest traceback (characters) kept in a dead letter's headers.
 MAX_TRACEBACK_CHARS: Final = 8_000

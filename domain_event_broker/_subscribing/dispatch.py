@@ -242,7 +242,7 @@ def _failure(
         )
         return Outcome(delivery, Action.DISCARD, headers=headers)
     log.error(
-        "Handler %s failed on %s (routing key %s): %s: %s; dead-lettered to %s",
+        "Handler %s failed on %s (routing key %s): %s: %s; dead-lettering it to %s",
         registration.name,
         what,
         delivery.routing_key,

@@ -35,7 +35,9 @@ import pika.data
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from .._amqp import frames as _frames
 from .._amqp import names as _names
+from .._amqp import pika_internals as _pika_internals
 from .._amqp.connect import CONNECTION_ERRORS
 from .._core import headers as _headers
 from . import dispatch as _dispatch
@@ -228,19 +230,7 @@ class Settler:
         headers: dict[str, Any],
     ) -> None:
         delivery = outcome.delivery
-        try:
-            properties = _headers.copy_properties(delivery.properties, headers)
-            _encode_check(headers)
-        except Exception:  # noqa: BLE001  # a header pika cannot encode: drop those
-            kept = _encodable(headers)
-            log.warning(
-                "Handler %s: dropped header(s) %s that cannot be encoded from a %s copy",
-                delivery.registration.name,
-                sorted(set(headers) - set(kept), key=repr),
-                outcome.action.value,
-                extra=_dispatch.fields(delivery),
-            )
-            properties = _headers.copy_properties(delivery.properties, kept)
+        properties = _fit_copy(channel, outcome, headers)
         try:
             channel.basic_publish(
                 exchange=exchange,
@@ -296,16 +286,34 @@ def _copy_to_queue(
     return None
 
 
-def _encode_check(headers: dict[str, Any]) -> None:
-    pika.data.encode_table([], headers)
-
-
-def _encodable(headers: dict[str, Any]) -> dict[str, Any]:
-    kept: dict[str, Any] = {}
-    for key, value in headers.items():
-        try:
-            _encode_check({key: value})
-        except Exception:  # noqa: BLE001, S112  # leave out what cannot be encoded
-            continue
-        kept[key] = value
-    return kept
+def _fit_copy(
+    channel: BlockingChannel, outcome: Outcome, headers: dict[str, Any]
+) -> pika.BasicProperties:
+    """The properties of ``outcome``'s copy, its headers made to encode and
+    fit in the connection's ``frame_max`` (a larger content header frame
+    would make the broker close the connection, and the delivery would come
+    back for ever). What had to go is recorded on the copy
+    (``x-dropped-headers``) and logged; see :mod:`.._amqp.frames`."""
+    delivery = outcome.delivery
+    properties = _headers.copy_properties(delivery.properties, headers)
+    limit = _pika_internals.frame_max(channel.connection)
+    fitted = _frames.fit_headers(
+        properties.headers or {},
+        _frames.header_budget(properties, limit),
+        added=set(outcome.headers),
+    )
+    if fitted.dropped or fitted.shortened:
+        log.warning(
+            "Handler %s: the %s copy of an event %s%s%s",
+            delivery.registration.name,
+            outcome.action.value,
+            f"has shortened header(s) {fitted.shortened}" if fitted.shortened else "",
+            " and " if fitted.shortened and fitted.dropped else "",
+            f"leaves out header(s) (recorded in {_headers.DROPPED_HEADERS}): "
+            + "; ".join(f"{key!r}: {why}" for key, why in fitted.dropped.items())
+            if fitted.dropped
+            else "",
+            extra=_dispatch.fields(delivery),
+        )
+    properties.headers = fitted.headers or None
+    return properties

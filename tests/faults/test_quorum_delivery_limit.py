@@ -143,8 +143,7 @@ def test_a_move_that_keeps_failing_ends_at_the_delivery_limit(
         raise RuntimeError("the copy cannot be made")
 
     # Every copy the worker makes fails for a reason other than the broker's.
-    monkeypatch.setattr(_settle, "_encode_check", cannot_copy)
-    monkeypatch.setattr(_settle, "_encodable", cannot_copy)
+    monkeypatch.setattr(_settle, "_fit_copy", cannot_copy)
     subscriber = Subscriber(BROKER_URL, timeout=10)
     subscriber.register(fail, name, [routing_key], dead_letter=True, queue_type="quorum")
     _publish(routing_key, 1)
