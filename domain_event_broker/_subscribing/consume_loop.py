@@ -462,13 +462,18 @@ class ConsumeLoop:
             return
         try:
             channel = self._link.channel()
+            connection = self._link.connection
+            assert connection is not None
+            # On pika's own paths (fast paths off) deliveries pika received
+            # wait in its buffer until dispatched, and basic_cancel would
+            # reject them (counted toward a quorum queue's delivery limit):
+            # take them in first, to be given back as the others are.
+            self._process_data_events(connection, 0)
             for tag in list(self._consumer_tags):
                 channel.basic_cancel(tag)
             self._consumer_tags.clear()
-            # What arrived while cancelling: skipped (stopping) and requeued.
+            # What arrived while cancelling: skipped (stopping) and given back.
             self._hand_over()
-            connection = self._link.connection
-            assert connection is not None
             while self._in_flight > 0:
                 self._process_data_events(connection, POLL_INTERVAL)
                 self._drain()
