@@ -35,7 +35,7 @@ from ..errors import (
 )
 from . import topology as _topology
 from .dispatch import Action, Delivery, Outcome
-from .handler_threads import HandlerThreads, Intake, Mailbox, ThreadDied
+from .handler_threads import Barrier, HandlerThreads, Intake, Mailbox, ThreadDied
 from .registration import Registration
 from .settle import Settler
 
@@ -121,6 +121,9 @@ class ConsumeLoop:
         self._live_generation = -1
         self._pending: list[PendingRegistration] = []
         self._pending_lock = threading.Lock()
+        #: Barriers taken from the mailbox, released once what was posted
+        #: before them is settled (or their channel is known gone).
+        self._barriers: list[Barrier] = []
         self.io_thread: threading.Thread | None = None
 
     @property
@@ -206,6 +209,8 @@ class ConsumeLoop:
                     self._wakeup.wait(pause)
             self._shutdown()
         finally:
+            self._live_generation = -1
+            self._release_barriers()
             self._stop_pools()
             self._fail_pending()
 
@@ -362,12 +367,43 @@ class ConsumeLoop:
     def _drain(self) -> None:
         outcomes = self._take_outcomes()
         if outcomes and self._link.is_open:
-            self._settler.settle(self._link.channel(), outcomes)
+            channel = self._link.channel()
+            if self._consumer_tags and any(o.action is Action.STOP for o in outcomes):
+                # A handler stopped the worker: its event goes back with a
+                # counted reject. Cancel first, or the broker hands it straight
+                # back to this channel, where (stopping) it would be given back
+                # as a fresh copy, its count reset: a loop the delivery limit
+                # never ends (RabbitMQ 4.3).
+                self._cancel_consumers(channel)
+            self._settler.settle(channel, outcomes)
+        if self._link.is_open:
+            self._release_barriers()
+
+    def _release_barriers(self) -> None:
+        barriers, self._barriers = self._barriers, []
+        for barrier in barriers:
+            barrier.done.set()
+
+    def _cancel_consumers(self, channel: BlockingChannel) -> None:
+        """Cancel every consumer of the channel; what it delivered stays ours."""
+        connection = self._link.connection
+        assert connection is not None
+        # On pika's own paths (fast paths off) deliveries pika received
+        # wait in its buffer until dispatched, and basic_cancel would
+        # reject them (counted toward a quorum queue's delivery limit):
+        # take them in first, to be given back as the others are.
+        self._process_data_events(connection, 0)
+        for tag in list(self._consumer_tags):
+            channel.basic_cancel(tag)
+        self._consumer_tags.clear()
 
     def _take_outcomes(self) -> list[Outcome]:
         """What handler threads reported; raises if one of them died."""
         outcomes: list[Outcome] = []
         for item in self._mailbox.take():
+            if isinstance(item, Barrier):
+                self._barriers.append(item)
+                continue
             if isinstance(item, ThreadDied):
                 raise HandlerThreadError(
                     f"the handler thread {item.thread_name} died: {item.error!r}; "
@@ -452,6 +488,7 @@ class ConsumeLoop:
         self._consuming_generation = -1
         # Settle nothing of the old channel; keep counting what is in flight.
         self._take_outcomes()
+        self._release_barriers()
 
     def _shutdown(self) -> None:
         """Graceful stop: no new deliveries, finish the running handlers."""
@@ -461,18 +498,10 @@ class ConsumeLoop:
         if not self._link.is_open:
             return
         try:
-            channel = self._link.channel()
+            self._cancel_consumers(self._link.channel())
+            # What arrived while cancelling: skipped (stopping) and given back.
             connection = self._link.connection
             assert connection is not None
-            # On pika's own paths (fast paths off) deliveries pika received
-            # wait in its buffer until dispatched, and basic_cancel would
-            # reject them (counted toward a quorum queue's delivery limit):
-            # take them in first, to be given back as the others are.
-            self._process_data_events(connection, 0)
-            for tag in list(self._consumer_tags):
-                channel.basic_cancel(tag)
-            self._consumer_tags.clear()
-            # What arrived while cancelling: skipped (stopping) and given back.
             self._hand_over()
             while self._in_flight > 0:
                 self._process_data_events(connection, POLL_INTERVAL)

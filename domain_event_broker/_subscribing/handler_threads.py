@@ -6,6 +6,15 @@ wakes the I/O thread. Threads never call their owner. If a thread dies
 anyway (a bug, or the mailbox failing), the death itself is posted, so the
 I/O thread can raise it instead of waiting in silence for outcomes that will
 never come.
+
+Before a handler thread starts a *suspect* delivery (one a quorum queue got
+back :data:`SUSPECT_COUNT` times or more: its worker died or lost its
+connection while holding it), it first has every other delivery it holds
+that was returned at least once given back as a fresh copy (see
+:mod:`.settle`), and waits until that is done. A crash or a lost connection
+while the suspect runs then charges the suspect, not the events that merely
+sat in the worker's prefetch beside it: a poison event reaches the queue's
+delivery limit, its neighbours never do.
 """
 
 from __future__ import annotations
@@ -23,11 +32,37 @@ from .._telemetry import otel as _instrument
 from .._telemetry.log_fields import event_log_context
 from .dispatch import Action, Delivery, Outcome, dispatch
 
-__all__ = ["HandlerThreads", "Intake", "Mailbox", "ThreadDied"]
+__all__ = ["SUSPECT_COUNT", "Barrier", "HandlerThreads", "Intake", "Mailbox", "ThreadDied"]
 
 log = logging.getLogger(__name__)
 
 _STOP: Final = object()
+
+#: A delivery whose ``x-delivery-count`` (the returns a quorum queue counted
+#: towards its delivery limit) is at least this is started alone: see the
+#: module docs. Well below the limit (20), above the one or two returns an
+#: ordinary restart or connection loss costs.
+SUSPECT_COUNT: Final = 3
+
+#: Longest wait (seconds) for the I/O thread to give deliveries back before a
+#: suspect starts; past it the suspect starts all the same.
+GIVE_BACK_WAIT: Final = 30.0
+
+
+def returns_counted(delivery: Delivery) -> int:
+    """How often a quorum queue counted this delivery's return (0 if unknown)."""
+    headers = delivery.properties.headers
+    count = headers.get("x-delivery-count") if isinstance(headers, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
+class Barrier:
+    """Posted to the mailbox after deliveries to give back: the I/O thread
+    sets :attr:`done` once it settled what was posted before it, or once it
+    knows their channel is gone."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
 
 
 class ThreadDied:
@@ -55,7 +90,7 @@ class Mailbox:
         self._wake = wake
         self._lock = threading.Lock()
         self._caught_up = threading.Condition(self._lock)
-        self._items: deque[Outcome | ThreadDied] = deque()
+        self._items: deque[Outcome | ThreadDied | Barrier] = deque()
         #: Deliveries handed over whose outcome is not posted yet.
         self._pending = 0
         #: Whether the I/O thread waits in :meth:`wait_for_outcomes`.
@@ -66,15 +101,15 @@ class Mailbox:
         with self._lock:
             self._pending += count
 
-    def post(self, item: Outcome | ThreadDied) -> None:
-        """Add one outcome, or a thread's death (any thread)."""
+    def post(self, item: Outcome | ThreadDied | Barrier) -> None:
+        """Add one outcome, a thread's death or a barrier (any thread)."""
         with self._lock:
             first = not self._items
             self._items.append(item)
             if isinstance(item, Outcome):
                 self._pending -= 1
             if self._waiting:  # it takes them as soon as it stops waiting
-                if self._pending <= 0 or isinstance(item, ThreadDied):
+                if self._pending <= 0 or not isinstance(item, Outcome):
                     self._caught_up.notify()
                 return
         if first:
@@ -92,7 +127,7 @@ class Mailbox:
             finally:
                 self._waiting = False
 
-    def take(self) -> list[Outcome | ThreadDied]:
+    def take(self) -> list[Outcome | ThreadDied | Barrier]:
         """Everything posted so far, oldest first (I/O thread)."""
         with self._lock:
             items = list(self._items)
@@ -168,20 +203,66 @@ class HandlerThreads:
 
     def _run(self) -> None:
         name = threading.current_thread().name
+        #: Deliveries (and stop marks) taken from the inbox, in order.
+        held: deque[Delivery | object] = deque()
         try:
             while True:
-                item = self._inbox.get()
+                if not held:
+                    held.append(self._inbox.get())
+                item = held.popleft()
                 if item is _STOP:
                     return
-                assert isinstance(item, list)
-                for delivery in item:
-                    self._mailbox.post(self._handle(delivery))
+                if isinstance(item, list):
+                    held.extendleft(reversed(item))
+                    continue
+                assert isinstance(item, Delivery)
+                if returns_counted(item) >= SUSPECT_COUNT:
+                    self._give_back_others(item, held)
+                self._mailbox.post(self._handle(item))
         except BaseException as exc:  # report any death, never die in silence
             log.critical("Handler thread %s died: %r", name, exc, exc_info=True)
             try:
                 self._mailbox.post(ThreadDied(name, exc))
             except BaseException:  # noqa: BLE001  # nothing left to tell; the owner polls is_alive
                 log.critical("Handler thread %s could not report its death", name)
+
+    def _give_back_others(self, suspect: Delivery, held: deque[Delivery | object]) -> None:
+        """Have the I/O thread give back, as fresh copies, the deliveries of
+        the suspect's channel this thread holds that were returned before,
+        and wait until it did (see the module docs)."""
+        if self._stopping or self._skip(suspect):
+            return  # it is not started: nothing to protect the others from
+        while True:  # everything queued for this thread so far, in order
+            try:
+                held.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        kept: list[Delivery | object] = []
+        given_back = 0
+        for item in _flatten(held):
+            if (
+                isinstance(item, Delivery)
+                and item.generation == suspect.generation
+                and returns_counted(item) >= 1
+            ):
+                self._mailbox.post(Outcome(item, Action.SKIP))
+                given_back += 1
+            else:
+                kept.append(item)
+        held.clear()
+        held.extend(kept)
+        if given_back:
+            barrier = Barrier()
+            self._mailbox.post(barrier)
+            if not barrier.done.wait(GIVE_BACK_WAIT):
+                log.warning(
+                    "Handler %s: %d event(s) held beside one delivered %d times were not "
+                    "given back within %gs; starting it all the same",
+                    suspect.registration.name,
+                    given_back,
+                    returns_counted(suspect) + 1,
+                    GIVE_BACK_WAIT,
+                )
 
     def _handle(self, delivery: Delivery) -> Outcome:
         if self._stopping or self._skip(delivery):
@@ -207,6 +288,16 @@ class HandlerThreads:
     def alive(self) -> bool:
         """Whether every thread is still running."""
         return all(thread.is_alive() for thread in self._threads)
+
+
+def _flatten(items: deque[Delivery | object]) -> list[Delivery | object]:
+    flat: list[Delivery | object] = []
+    for item in items:
+        if isinstance(item, list):
+            flat.extend(item)
+        else:
+            flat.append(item)
+    return flat
 
 
 class Intake:

@@ -8,8 +8,14 @@ and 4.3 (see :mod:`domain_event_broker._subscribing.settle`).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +25,8 @@ from domain_event_broker._amqp import names as _names
 from domain_event_broker._subscribing import settle as _settle
 from domain_event_broker.replay import inspect_dead_letters
 
-from ..helpers import BROKER_URL, queue_size, wait_for
-from .control import REPORTS, RabbitControl, unique
+from ..helpers import BROKER_URL, consumer_count, get_messages, queue_size, wait_for
+from .control import REPORTS, RabbitControl, RunningSubscriber, unique
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 
@@ -164,3 +170,141 @@ def test_a_move_that_keeps_failing_ends_at_the_delivery_limit(
     assert len(calls) <= _names.QUORUM_DELIVERY_LIMIT + 1
     wait_for(lambda: queue_size(dlq) == 1, timeout=20, message="the broker's dead letter")
     assert queue_size(name) == 0
+
+
+#: A worker process whose handler records each event's uuid and kills the
+#: process (``os._exit``) or stops the worker (``sys.exit``) on the poison one.
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+    from domain_event_broker import Subscriber
+    url, name, routing_key, record, how = sys.argv[1:6]
+    out = open(record, "a", buffering=1)
+    def handler(event):
+        out.write(event.uuid_string + "\\n")
+        out.flush()
+        if event.data.get("poison"):
+            if how == "os_exit":
+                os._exit(7)
+            sys.exit(3)
+    subscriber = Subscriber(url, timeout=10)
+    subscriber.register(handler, name, [routing_key], dead_letter=True, queue_type="quorum")
+    try:
+        subscriber.start_consuming(timeout=3)
+    finally:
+        subscriber.close()
+    """
+)
+
+
+def _publish_with_poison(routing_key: str, innocents: int) -> tuple[str, set[str]]:
+    """The poison event first, then ``innocents`` ordinary ones behind it."""
+    with Publisher(BROKER_URL, timeout=20) as publisher:
+        poison = DomainEvent(routing_key, {"poison": True})
+        publisher.publish_event(poison)
+        events = [DomainEvent(routing_key, {"n": n}) for n in range(innocents)]
+        for event in events:
+            publisher.publish_event(event)
+    return poison.uuid_string, {event.uuid_string for event in events}
+
+
+def _dead_letter_uuids(name: str) -> list[str]:
+    return [
+        json.loads(body)["uuid_string"]
+        for _, _, body in get_messages(_names.dead_letter_queue(name))
+    ]
+
+
+@pytest.mark.parametrize("how", ["os_exit", "sys_exit"])
+def test_a_handler_that_ends_its_worker_charges_only_its_own_event(
+    rabbitmq: RabbitControl, names: Any, tmp_path: Path, how: str
+) -> None:
+    """A handler that kills its worker (``os._exit``) or stops it
+    (``sys.exit``) on one event, the worker restarted each time, as a
+    supervisor does: that event alone is dead-lettered at the delivery
+    limit; every other event is handled, none dead-lettered.
+
+    Each crash used to return, and count, the 59 events the worker held
+    beside the poison one: they were dead-lettered with it, unseen (F1). And
+    on RabbitMQ 4.3 the ``sys.exit`` event came straight back to the
+    stopping worker, was given back as a fresh copy, its count reset, and ran
+    again without end (F4).
+    """
+    name = names.new("qpoison")
+    routing_key = unique("qpoison")
+    setup = Subscriber(BROKER_URL, timeout=10)
+    setup.register(lambda event: None, name, [routing_key], dead_letter=True, queue_type="quorum")
+    setup.close()
+    poison, innocents = _publish_with_poison(routing_key, 59)
+    record = tmp_path / "handled"
+    record.touch()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    dlq = _names.dead_letter_queue(name)
+    restarts = 0
+    for restarts in range(1, _names.QUORUM_DELIVERY_LIMIT + 10):  # noqa: B007
+        subprocess.run(
+            [sys.executable, "-c", WORKER, BROKER_URL, name, routing_key, str(record), how],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        handled = record.read_text().split()
+        if innocents <= set(handled) and queue_size(dlq) == 1:
+            break
+    handled = record.read_text().split()
+    dead = _dead_letter_uuids(name)
+    REPORTS.append(
+        f"RabbitMQ {'.'.join(map(str, rabbitmq.version()))}: a handler ending its worker "
+        f"({how}) on 1 of 60 quorum events, {restarts} restarts: poison handled "
+        f"{handled.count(poison)} times, {len(innocents - set(handled))} others never handled, "
+        f"{len(dead)} dead-lettered ({len(set(dead) - {poison})} of them others)"
+    )
+    assert innocents - set(handled) == set()
+    assert dead == [poison]
+    # The first delivery and one per counted return, then the broker's limit.
+    assert handled.count(poison) <= _names.QUORUM_DELIVERY_LIMIT + 1
+    assert queue_size(name) == 0
+
+
+def test_connection_losses_during_a_backlog_spend_no_delivery_limit(
+    rabbitmq: RabbitControl, names: Any
+) -> None:
+    """More connection losses than the delivery limit while a slow handler
+    works through a backlog held in its prefetch (100): every event is
+    handled, none dead-lettered.
+
+    Each loss returns, and counts, every event the worker held; the events at
+    the back of the backlog sat through all of them and were dead-lettered
+    unseen (F2: 41 of 100 on 3.10 with 24 losses).
+    """
+    name = names.new("qloss")
+    routing_key = unique("qloss")
+    handler = SlowRecorder(delay=0.5)
+    subscriber = Subscriber(BROKER_URL, timeout=10)
+    subscriber.register(handler, name, [routing_key], dead_letter=True, queue_type="quorum")
+    published = _publish(routing_key, 100)
+    running = RunningSubscriber(subscriber).start()
+    try:
+        for _ in range(STOPS):
+            wait_for(lambda: consumer_count(name) == 1, timeout=30, message="consuming again")
+            time.sleep(0.3)  # one event or two handled, the rest held
+            rabbitmq.close_all_connections()
+        during = len(set(handler.uuids))
+        handler.delay = 0.0
+        wait_for(
+            lambda: set(handler.uuids) >= published or queue_size(name) == 0,
+            timeout=60,
+            message="the backlog handled",
+        )
+        running.stop()
+    finally:
+        subscriber.close()
+    dead = queue_size(_names.dead_letter_queue(name))
+    REPORTS.append(
+        f"RabbitMQ {'.'.join(map(str, rabbitmq.version()))}: {STOPS} connection losses with "
+        f"100 quorum events held: {during} handled during the losses, "
+        f"{len(published - set(handler.uuids))} never handled, {dead} dead-lettered"
+    )
+    assert published - set(handler.uuids) == set()
+    assert dead == 0
