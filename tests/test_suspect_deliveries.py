@@ -107,7 +107,7 @@ def test_a_suspect_starts_only_after_the_returned_others_are_given_back(
         pool.stop(timeout=5)
     # Every delivery has exactly one outcome: handled, or skipped/given back.
     assert set(io.outcomes) == set(range(len(batch)))
-    for tag, (count, generation) in enumerate(batch):
+    for tag, (_, generation) in enumerate(batch):
         if generation != 0:
             assert io.outcomes[tag] is Action.SKIP  # its channel is gone
     for position, tag in enumerate(started):
