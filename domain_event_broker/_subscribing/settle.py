@@ -19,6 +19,9 @@ but not ``basic.nack`` nor ``basic.recover`` (they only raise
   acknowledged: a new message, counted from zero, at the tail of the queue
   (a classic queue, which has no limit, gets it back in place with
   ``basic.nack``). A stop, however often, spends nothing of the limit;
+* a delivery returned at least once is given back the same way, before a
+  handler thread starts a *suspect* one beside it (see
+  :mod:`.handler_threads`): a crash while the suspect runs charges only it;
 * a delivery that was handled, or whose handler stopped the worker, and
   could not be settled goes back with ``basic.reject``, which counts on
   every version: a move that keeps failing ends at the delivery limit rather
