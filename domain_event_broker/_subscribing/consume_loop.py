@@ -376,8 +376,14 @@ class ConsumeLoop:
                 # never ends (RabbitMQ 4.3).
                 self._cancel_consumers(channel)
             self._settler.settle(channel, outcomes)
-        if self._link.is_open:
-            self._release_barriers()
+        if self._barriers and self._link.is_open:
+            # What arrived while giving back goes to its thread before the
+            # suspect starts: that thread gives it back too, if returned.
+            connection = self._link.connection
+            assert connection is not None
+            self._process_data_events(connection, 0)
+            if self._link.is_open:
+                self._release_barriers()
 
     def _release_barriers(self) -> None:
         barriers, self._barriers = self._barriers, []

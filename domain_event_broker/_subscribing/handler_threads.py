@@ -229,9 +229,28 @@ class HandlerThreads:
     def _give_back_others(self, suspect: Delivery, held: deque[Delivery | object]) -> None:
         """Have the I/O thread give back, as fresh copies, the deliveries of
         the suspect's channel this thread holds that were returned before,
-        and wait until it did (see the module docs)."""
-        if self._stopping or self._skip(suspect):
-            return  # it is not started: nothing to protect the others from
+        and wait until it did (see the module docs). Again for those that
+        arrived meanwhile, until none is left to give back."""
+        while not (self._stopping or self._skip(suspect)):
+            given_back = self._post_give_backs(suspect, held)
+            if not given_back:
+                return
+            barrier = Barrier()
+            self._mailbox.post(barrier)
+            if not barrier.done.wait(GIVE_BACK_WAIT):
+                log.warning(
+                    "Handler %s: %d event(s) held beside one delivered %d times were not "
+                    "given back within %gs; starting it all the same",
+                    suspect.registration.name,
+                    given_back,
+                    returns_counted(suspect) + 1,
+                    GIVE_BACK_WAIT,
+                )
+                return
+
+    def _post_give_backs(self, suspect: Delivery, held: deque[Delivery | object]) -> int:
+        """Post SKIP for each held delivery of the suspect's channel returned
+        before; returns how many."""
         while True:  # everything queued for this thread so far, in order
             try:
                 held.append(self._inbox.get_nowait())
@@ -251,18 +270,7 @@ class HandlerThreads:
                 kept.append(item)
         held.clear()
         held.extend(kept)
-        if given_back:
-            barrier = Barrier()
-            self._mailbox.post(barrier)
-            if not barrier.done.wait(GIVE_BACK_WAIT):
-                log.warning(
-                    "Handler %s: %d event(s) held beside one delivered %d times were not "
-                    "given back within %gs; starting it all the same",
-                    suspect.registration.name,
-                    given_back,
-                    returns_counted(suspect) + 1,
-                    GIVE_BACK_WAIT,
-                )
+        return given_back
 
     def _handle(self, delivery: Delivery) -> Outcome:
         if self._stopping or self._skip(delivery):
