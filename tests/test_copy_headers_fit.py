@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pika
+import pika.data
 import pika.frame
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -324,6 +325,14 @@ def _float(value: float) -> bytes:
     return raw_field(b"f", struct.pack(">f", value))
 
 
+def _encodes(value: object) -> bool:
+    try:
+        pika.data.encode_value([], value)
+    except Exception:  # whatever pika's encoder raises
+        return False
+    return True
+
+
 def test_a_header_pika_cannot_encode_again_is_recorded_on_the_dead_letter(
     worker: Worker,
 ) -> None:
@@ -343,7 +352,11 @@ def test_a_header_pika_cannot_encode_again_is_recorded_on_the_dead_letter(
     assert worker.count("float") == 1
     [(_, dead, _)] = get_messages(dlq)
     record = dead.headers[_headers.DROPPED_HEADERS]
-    assert set(record) == {"huge", "wide", "past-63-bits"}
+    # 1e19 fits an unsigned 64-bit integer, which pika 1.3.0 still encodes
+    # (as RabbitMQ's "l" type) and 1.4 does not: whatever pika cannot encode.
+    assert set(record) == {"huge", "wide"} | (set() if _encodes(int(1e19)) else {"past-63-bits"})
+    if "past-63-bits" not in record:
+        assert dead.headers["past-63-bits"] == int(1e19)
     assert "int 1000000000000000019884624838656" in record["huge"]
     assert "pika cannot encode it" in record["huge"]
     assert dead.headers["fine"] == 2  # pika's truncation, kept
