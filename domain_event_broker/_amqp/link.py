@@ -215,6 +215,9 @@ class Recovery:
         resumed: what the INFO line says happens next (e.g. "consuming again").
         component: who reconnects, for the reconnects metric (default: the
             logger's last name part).
+        side: another side than the broker (e.g. "the outbox's database
+            'default'"): its lines say "<side> failed (...)" and "<side>
+            answers again after ...", and no reconnect is counted.
     """
 
     def __init__(
@@ -226,10 +229,12 @@ class Recovery:
         *,
         initial_backoff: float = INITIAL_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
+        side: str = "",
     ) -> None:
         self._log = logger
         self._component = component or logger.name.rsplit(".", 1)[-1]
         self._where = where
+        self._side = side
         self._resumed = f"; {resumed}" if resumed else ""
         self._limits = (initial_backoff, max_backoff)
         self._backoff = backoff_delays(*self._limits)
@@ -262,13 +267,17 @@ class Recovery:
                 self._log.info("%s (%s); reconnecting", expected, type(exc).__name__)
                 return self._backoff.next()
             self._log.warning(
-                "Lost the connection to the broker (%s: %s); reconnecting%s",
+                "%s (%s: %s); %s%s",
+                f"{self._side} failed" if self._side else "Lost the connection to the broker",
                 type(exc).__name__,
                 exc,
+                "retrying" if self._side else "reconnecting",
                 advice,
             )
         else:
-            self._log.debug("Reconnecting failed: %r", exc)
+            self._log.debug(
+                "%s: %r", f"{self._side} failed again" if self._side else "Reconnecting failed", exc
+            )
         return self._backoff.next()
 
     def on_connected(self) -> None:
@@ -276,14 +285,15 @@ class Recovery:
         if self._lost_since is None:
             return
         self._log.info(
-            "Reconnected to %s after %.1fs%s",
-            self._where,
+            "%s after %.1fs%s",
+            f"{self._side} answers again" if self._side else f"Reconnected to {self._where}",
             time.monotonic() - self._lost_since,
             self._resumed,
         )
         self._lost_since = None
         self._backoff = backoff_delays(*self._limits)
-        _instrument.record_reconnect(self._component)
+        if not self._side:
+            _instrument.record_reconnect(self._component)
 
 
 def _noop() -> None:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Final, NamedTuple
 
@@ -63,7 +62,6 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from .._amqp.config import UNSET, ConnectionSettings, _Unset
-from .._amqp.connect import backoff_delays
 from .._amqp.failures import message_size_limit
 from .._amqp.link import Recovery
 from .._publishing import publisher as _publishing
@@ -124,48 +122,6 @@ def _first_segment(rows: Sequence[_Row]) -> Sequence[_Row]:
         if len(row.body) > LARGE_EVENT_SIZE:
             return rows[:index] if index else rows[:1]
     return rows
-
-
-class _DatabaseOutage:
-    """Backoff and log lines for the outbox's database failing, and recovering.
-
-    One WARNING when it fails, DEBUG lines while it keeps failing, one INFO
-    when it answers again (the broker's side has its own :class:`Recovery`).
-    """
-
-    def __init__(self, using: str) -> None:
-        self._using = using
-        self._backoff = backoff_delays(INITIAL_BACKOFF, MAX_BACKOFF)
-        self._since: float | None = None
-
-    def on_failure(self, exc: BaseException) -> float:
-        """Note a failure; return how long to pause (seconds)."""
-        pause = self._backoff.next()
-        if self._since is None:
-            self._since = time.monotonic()
-            log.warning(
-                "The outbox's database %r failed (%s: %s); nothing more is published "
-                "until it answers; retrying in %.1fs",
-                self._using,
-                type(exc).__name__,
-                exc,
-                pause,
-            )
-        else:
-            log.debug("The outbox's database %r failed again: %r", self._using, exc)
-        return pause
-
-    def on_success(self) -> None:
-        """Note a working database; log the recovery if it had failed."""
-        if self._since is None:
-            return
-        log.info(
-            "The outbox's database %r answers again after %.1fs; relaying again",
-            self._using,
-            time.monotonic() - self._since,
-        )
-        self._since = None
-        self._backoff.reset()
 
 
 class OutboxRelay:
@@ -480,7 +436,14 @@ class OutboxRelay:
             initial_backoff=INITIAL_BACKOFF,
             max_backoff=MAX_BACKOFF,
         )
-        database = _DatabaseOutage(self.using)
+        database = Recovery(
+            log,
+            self.using,
+            "relaying again",
+            side=f"The outbox's database {self.using!r}",
+            initial_backoff=INITIAL_BACKOFF,
+            max_backoff=MAX_BACKOFF,
+        )
         while not stop.is_set():
             if not once:
                 close_old_connections()
@@ -490,15 +453,15 @@ class OutboxRelay:
                 if once:
                     raise
                 connections[self.using].close()
-                stop.wait(database.on_failure(exc))
+                stop.wait(database.on_lost(exc, "; nothing more is published until it answers"))
                 continue
             except BrokerError as exc:
                 if once:
                     raise
-                database.on_success()  # it answered, or the broker would not have been asked
+                database.on_connected()  # it answered, or the broker would not have been asked
                 stop.wait(broker.on_lost(exc))
                 continue
-            database.on_success()
+            database.on_connected()
             broker.on_connected()
             if fetched < self.batch_size:
                 if once:
